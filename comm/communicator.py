@@ -1,0 +1,193 @@
+"""The Communicator: the one object through which tokenloom code talks to other ranks.
+
+It wraps a ``torch.distributed`` ProcessGroup (NCCL on GPU, gloo on CPU) or a 1-D DeviceMesh and
+offers exactly what the strategies need: batched point-to-point returning a :class:`Handle`,
+all-to-all, all-gather, and a cheap agreement check. With one rank (or no process group at all)
+every operation is the identity, so single-process runs walk the same code path (STYLE.md §6).
+
+Why an agreement check: a send/recv size mismatch hangs NCCL or fills a buffer partially
+(REFERENCE.md §3). Every P2P size in tokenloom derives from the tensor shapes and the schedule, so
+:meth:`Communicator.check_agree` on the shapes, once per call, turns a would-be hang into an error
+naming the disagreeing ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_group(group: Any) -> dist.ProcessGroup | None:
+    """Accept a ProcessGroup, a 1-D DeviceMesh or None (the default group, if any)."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):  # DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(f"group: a DeviceMesh must be 1-D, got ndim={group.ndim}")
+        return group.get_group()
+    raise ValueError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+
+
+class CommError(RuntimeError):
+    """A collective or P2P operation failed or timed out; the message names the ranks involved."""
+
+
+class Handle:
+    """An in-flight communication; :meth:`wait` blocks until it is done (STYLE.md §7)."""
+
+    def __init__(self, works: Sequence[Any], what: str, timeout: datetime.timedelta | None,
+                 on_done: Any = None) -> None:
+        self._works = list(works)
+        self._what = what
+        self._timeout = timeout
+        self._on_done = on_done
+        self.done = False
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        try:
+            for work in self._works:
+                if self._timeout is None:
+                    work.wait()
+                else:
+                    work.wait(self._timeout)
+        except Exception as exc:  # gloo raises RuntimeError; NCCL may raise DistBackendError
+            raise CommError(f"{self._what} failed: {exc}") from exc
+        if self._on_done is not None:
+            self._on_done()
+        self.done = True
+
+
+@dataclass(frozen=True)
+class P2P:
+    """One point-to-point transfer as the runtime posts it: send ``tensor`` to / recv into it from ``peer``."""
+
+    op: str  # "send" | "recv"
+    peer: int  # rank within the communicator's group
+    tensor: torch.Tensor
+
+
+class Communicator:
+    """Rank-local view of a process group.
+
+    Args:
+        group: ProcessGroup, 1-D DeviceMesh, or None for the default group. When torch.distributed
+            is not initialised and ``group`` is None, the communicator is a world of one.
+        timeout: per-wait timeout; None uses the process group's own timeout.
+    """
+
+    def __init__(self, group: Any = None, *, timeout: datetime.timedelta | None = None) -> None:
+        self.group = resolve_group(group)
+        self.timeout = timeout
+        if self.group is None and not (dist.is_available() and dist.is_initialized()):
+            self.rank, self.world_size, self.backend = 0, 1, "local"
+        else:
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+            self.backend = str(dist.get_backend(self.group))
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend})"
+
+    @property
+    def device(self) -> torch.device:
+        """Device that collective scratch tensors must live on for this backend."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _global(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    # ---------------------------------------------------------------- point to point
+    def batch_p2p(self, ops: Sequence[P2P], what: str = "p2p") -> Handle:
+        """Post all ``ops`` at once; sends and receives progress concurrently until ``wait()``.
+
+        Transfers to oneself are copies (the world-of-one identity). The k-th send from a to b
+        matches the k-th receive at b from a, so callers must post in a consistent order (the
+        schedule checker proves this for every schedule).
+        """
+        self_sends = [o.tensor for o in ops if o.op == "send" and o.peer == self.rank]
+        self_recvs = [o.tensor for o in ops if o.op == "recv" and o.peer == self.rank]
+        if len(self_sends) != len(self_recvs):
+            raise CommError(f"{what}: rank {self.rank} posts {len(self_sends)} sends to itself "
+                            f"but {len(self_recvs)} receives")
+        for src, dst in zip(self_sends, self_recvs):
+            if src.shape != dst.shape:
+                raise CommError(f"{what}: rank {self.rank} self-transfer shape {tuple(src.shape)} "
+                                f"!= receive buffer {tuple(dst.shape)}")
+            dst.copy_(src)
+        remote = [o for o in ops if o.peer != self.rank]
+        for o in remote:
+            if o.op not in ("send", "recv"):
+                raise ValueError(f"P2P.op must be 'send' or 'recv', got {o.op!r}")
+            if not 0 <= o.peer < self.world_size:
+                raise CommError(f"{what}: rank {self.rank} addresses peer {o.peer} outside "
+                                f"world_size {self.world_size}")
+            if not o.tensor.is_contiguous():
+                raise CommError(f"{what}: P2P tensors must be contiguous")
+        if not remote:
+            return Handle([], what, self.timeout)
+        p2p_ops = [
+            dist.P2POp(dist.isend if o.op == "send" else dist.irecv, o.tensor,
+                       peer=self._global(o.peer), group=self.group)
+            for o in remote
+        ]
+        peers = sorted({o.peer for o in remote})
+        desc = f"{what} on rank {self.rank} with peers {peers}"
+        try:
+            works = dist.batch_isend_irecv(p2p_ops)
+        except Exception as exc:
+            raise CommError(f"{desc} failed to post: {exc}") from exc
+        return Handle(works, desc, self.timeout)
+
+    # ---------------------------------------------------------------- collectives
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, what: str = "all_to_all") -> Handle:
+        """Equal-split all-to-all along dim 0 (``input.shape[0]`` divisible by world size)."""
+        if self.world_size == 1:
+            output.copy_(input)
+            return Handle([], what, self.timeout)
+        work = dist.all_to_all_single(output, input, group=self.group, async_op=True)
+        return Handle([work], f"{what} on rank {self.rank}", self.timeout)
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "all_gather") -> torch.Tensor:
+        """Stack every rank's ``tensor`` along a new dim 0; shape ``(world_size, *tensor.shape)``."""
+        if self.world_size == 1:
+            return tensor.unsqueeze(0).clone()
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        work = dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group, async_op=True)
+        Handle([work], f"{what} on rank {self.rank}", self.timeout).wait()
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
+        """In-place sum over ranks."""
+        if self.world_size > 1:
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+            Handle([work], f"{what} on rank {self.rank}", self.timeout).wait()
+        return tensor
+
+    def check_agree(self, what: str, values: Sequence[int]) -> None:
+        """Raise ValueError unless every rank passes the same integers (e.g. tensor shapes).
+
+        One tiny all-gather; called before any P2P so that a mismatch is an error, not a hang.
+        """
+        if self.world_size == 1:
+            return
+        mine = torch.tensor([len(values), *values], dtype=torch.int64, device=self.device)
+        lengths = self.all_gather(mine[:1])
+        if not bool((lengths == lengths[0]).all()):
+            raise ValueError(f"{what}: ranks pass different numbers of values: "
+                             f"{lengths.flatten().tolist()}")
+        every = self.all_gather(mine).cpu()
+        ref = every[0]
+        bad = [r for r in range(self.world_size) if not torch.equal(every[r], ref)]
+        if bad:
+            shown = {r: every[r, 1:].tolist() for r in [0, *bad]}
+            raise ValueError(f"{what} differs across ranks (rank: values) {shown}")

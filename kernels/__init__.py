@@ -1,0 +1,1 @@
+"""tokenloom.kernels: pure-torch reference kernels (the CPU path) and Triton kernels."""

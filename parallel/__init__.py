@@ -1,0 +1,1 @@
+"""tokenloom.parallel: schedules, runtimes and the public sequence-parallel attention API."""
