@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renames the flat all-gather; older releases only have the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def resolve_group(group: Any) -> dist.ProcessGroup | None:
     """Accept a ProcessGroup, a 1-D DeviceMesh or None (the default group, if any)."""
     if group is None or isinstance(group, dist.ProcessGroup):
@@ -161,10 +165,10 @@ class Communicator:
         """Stack every rank's ``tensor`` along a new dim 0; shape ``(world_size, *tensor.shape)``."""
         if self.world_size == 1:
             return tensor.unsqueeze(0).clone()
-        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        work = dist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group, async_op=True)
+        flat = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        work = _all_gather_single(flat, tensor.contiguous().view(-1), group=self.group, async_op=True)
         Handle([work], f"{what} on rank {self.rank}", self.timeout).wait()
-        return out
+        return flat.view(self.world_size, *tensor.shape)
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
         """In-place sum over ranks."""
