@@ -1,0 +1,130 @@
+"""Advisor: rank (strategy, layout) pairs by simulated time and say why the winner wins.
+
+``choose_strategy`` is what ``sp_attention(strategy="auto")`` calls; it is cached per arguments so
+repeated layers cost a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from tokenloom.comm.topology import LAYOUTS
+from tokenloom.parallel.builders import STRATEGIES
+from tokenloom.simulator.cost import AttentionShape
+from tokenloom.simulator.hardware import LOCAL_CPU, Cluster, make_cluster
+from tokenloom.simulator.scenario import AttentionResult, simulate_attention
+
+# Substrings of torch.cuda.get_device_name() -> catalog name; first match wins (A100 before A10).
+_DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
+                 ("mi300", "mi300x"))
+DEFAULT_GPU = "h100-sxm"  # an unknown CUDA device is priced as the most common datacenter GPU
+
+
+@dataclass
+class Advice:
+    ranking: list[AttentionResult]  # fastest first
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (strategy, layout, why)
+
+    @property
+    def winner(self) -> AttentionResult:
+        return self.ranking[0]
+
+    def explain(self) -> str:
+        """One paragraph: the winner, its margin over the best other strategy, and the reason."""
+        best = self.winner
+        s_best = best.summary()
+        lines = [f"{best.strategy} ({best.layout}) wins: {s_best['total_ms']:.3f} ms."]
+        rival = next((r for r in self.ranking[1:] if r.strategy != best.strategy), None)
+        if rival is not None:
+            s_riv = rival.summary()
+            gain = s_riv["total_ms"] / s_best["total_ms"] - 1 if s_best["total_ms"] > 0 else 0.0
+            lines.append(
+                f"Next best: {rival.strategy} ({rival.layout}) {s_riv['total_ms']:.3f} ms (+{gain:.1%}). "
+                f"Bytes sent per rank {_gb(s_best['bytes_per_rank'])} vs {_gb(s_riv['bytes_per_rank'])}; "
+                f"exposed communication {s_best['exposed_comm_ms']:.3f} vs {s_riv['exposed_comm_ms']:.3f} ms; "
+                f"compute {s_best['compute_ms']:.3f} vs {s_riv['compute_ms']:.3f} ms.")
+        hidden = s_best["overlap_fraction"]
+        regime = ("compute-bound: communication is almost entirely hidden, so the winner is the one "
+                  "with the least kernel time" if s_best["exposed_comm_ms"] < 0.05 * s_best["total_ms"]
+                  else "communication-bound: exposed communication decides")
+        lines.append(f"Regime: {regime} ({hidden:.0%} of communication overlapped).")
+        return " ".join(lines)
+
+    def to_dict(self) -> dict:
+        keys = ("strategy", "layout", "total_ms", "compute_ms", "exposed_comm_ms", "overlap_fraction",
+                "bytes_per_rank")
+        return {
+            "winner": {"strategy": self.winner.strategy, "layout": self.winner.layout},
+            "ranking": [{k: r.summary()[k] for k in keys} for r in self.ranking],
+            "skipped": [{"strategy": s, "layout": lay, "reason": why} for s, lay, why in self.skipped],
+            "explanation": self.explain(),
+        }
+
+
+def _gb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.3f} GB"
+
+
+def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
+                     strategies: tuple[str, ...] = STRATEGIES, layouts: tuple[str, ...] = LAYOUTS) -> Advice:
+    """Simulate every feasible (strategy, layout); raise ValueError if none fits the shape."""
+    results, skipped = [], []
+    for strategy in strategies:
+        for layout in layouts:
+            try:
+                results.append(simulate_attention(strategy, cluster, shape, causal=causal,
+                                                  backward=backward, layout=layout))
+            except ValueError as exc:
+                skipped.append((strategy, layout, str(exc)))
+    if not results:
+        raise ValueError(f"no strategy fits this shape: {skipped[0][2]}")
+    order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
+    results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
+    return Advice(results, skipped)
+
+
+@functools.lru_cache(maxsize=1)
+def detect_hardware() -> str:
+    """Catalog name of this machine's accelerator, or ``local-cpu`` without CUDA. Never raises."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).lower()
+            return next((cat for key, cat in _DEVICE_NAMES if key in name), DEFAULT_GPU)
+    except (ImportError, RuntimeError, AssertionError):
+        pass  # a broken CUDA install is priced like no CUDA at all
+    return LOCAL_CPU
+
+
+def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_heads: int | None,
+                    head_dim: int, causal: bool, dtype_bytes: int = 2, batch: int = 1,
+                    hardware: str | None = None, backward: bool = True) -> tuple[str, str]:
+    """``(strategy, layout)`` with the least simulated time for one attention layer.
+
+    ``seq_len`` is the global sequence length (all ranks together); ``hardware`` a catalog name,
+    ``None`` to detect it. Cached per arguments.
+    """
+    hw = hardware if hardware is not None else detect_hardware()
+    return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
+                   dtype_bytes, batch, hw, bool(backward))
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool,
+            dtype_bytes: int, batch: int, hardware: str, backward: bool) -> tuple[str, str]:
+    cluster = _cluster_for(hardware, world_size)
+    shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
+    best = advise_attention(cluster, shape, causal=causal, backward=backward).winner
+    return best.strategy, best.layout
+
+
+def _cluster_for(hardware: str, world_size: int) -> Cluster:
+    """Fill whole nodes first: ``world_size`` ranks over as few nodes as the node size allows."""
+    node = make_cluster(hardware, 1).node
+    per_node = node.gpus_per_node
+    num_nodes = -(-world_size // per_node)
+    if world_size % num_nodes:
+        num_nodes = world_size  # uneven split: price it as one rank per node (pessimistic)
+    return make_cluster(hardware, world_size, num_nodes)

@@ -1,0 +1,118 @@
+"""Calibrate the ``local-cpu`` profile: measure this machine so the simulator predicts CPU runs.
+
+What is measured, each with one intra-op thread (as every rank of ``tokenloom.comm.spawn`` runs):
+
+- attention FLOP/s, forward with ``tokenloom.kernels.reference.attention_with_lse`` and backward
+  with ``attention_backward`` (FLOPs counted as in :mod:`tokenloom.simulator.cost`), and the fixed
+  cost of one call (a tiny call's time: Python and dispatch overhead);
+- memory bandwidth: an in-place add over 64 MiB tensors (reads two, writes one);
+- gloo over loopback between two forked ranks: a ping-pong at several message sizes, fitted by
+  least squares to ``one_way = latency + bytes / bandwidth`` (the alpha-beta model).
+
+The result is a hardware-file entry named ``local-cpu`` (fabric ``bus``: all transfers share the
+host), written atomically to ``cpu_profile_path()`` unless another path is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from tokenloom.io import atomic_write
+from tokenloom.simulator.hardware import LOCAL_CPU, Device, Link, NodeSpec, node_to_dict
+
+_PING_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)  # bytes
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_compute(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> dict:
+    """FLOP/s forward and backward, per-call overhead and memory bandwidth on one thread."""
+    import torch
+
+    from tokenloom.kernels.reference import attention_backward, attention_delta, attention_with_lse
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(1, seq, heads, head_dim, generator=gen) for _ in range(4))
+        flops = 4.0 * seq * seq * heads * head_dim
+        fwd = _best_time(lambda: attention_with_lse(q, k, v), repeats)
+        out, lse = attention_with_lse(q, k, v)
+        delta = attention_delta(out, dout)
+        bwd = _best_time(lambda: attention_backward(dout, q, k, v, lse, delta), repeats)
+        tiny = [t[:, :16].contiguous() for t in (q, k, v)]
+        launch = _best_time(lambda: attention_with_lse(*tiny), repeats * 3)
+        a, b = torch.ones(1 << 24), torch.ones(1 << 24)  # 64 MiB each
+        add = _best_time(lambda: a.add_(b), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"fwd_flops": flops / max(fwd - launch, 1e-9), "bwd_flops": 2.5 * flops / max(bwd - launch, 1e-9),
+            "launch_s": launch, "mem_bw": 3 * a.numel() * 4 / add}
+
+
+def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for size in sizes:
+        buf = torch.zeros(size // 4)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first round trip also sets up the connection
+            dist.barrier()
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best / 2)
+    return times
+
+
+def measure_gloo(sizes: tuple[int, ...] = _PING_SIZES, repeats: int = 5, timeout: float = 120.0
+                 ) -> dict:
+    """Latency (s) and bandwidth (bytes/s) of one gloo transfer between two local ranks."""
+    from tokenloom.comm.spawn import spawn_ranks
+
+    one_way = spawn_ranks(2, _ping_pong, tuple(sizes), repeats, timeout=timeout)[0]
+    slope, intercept = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(one_way), 1)
+    return {"latency_s": max(float(intercept), 1e-6), "bw": 1.0 / max(float(slope), 1e-12),
+            "samples": dict(zip(map(int, sizes), map(float, one_way)))}
+
+
+def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpec:
+    """The ``local-cpu`` node spec from measurements (FLOP/s measured are taken as achieved)."""
+    device = Device(LOCAL_CPU, 1, compute["fwd_flops"], compute["mem_bw"], 1.0,
+                    min(1.0, compute["bwd_flops"] / compute["fwd_flops"]), compute["launch_s"])
+    link = Link(gloo["bw"], gloo["latency_s"])
+    return NodeSpec(LOCAL_CPU, device, 64, "bus", link=link, nic=replace(link),
+                    host_cores=cores or os.cpu_count() or 1)
+
+
+def calibrate(out_path: str | os.PathLike, *, quick: bool = False) -> dict:
+    """Measure, write the profile atomically to ``out_path``, and return what was written."""
+    compute = measure_compute(seq=512 if quick else 1024, repeats=2 if quick else 3)
+    gloo = measure_gloo(_PING_SIZES[:4] if quick else _PING_SIZES, repeats=3 if quick else 5)
+    entry = node_to_dict(profile_from(compute, gloo))
+    entry["measured"] = {"compute": compute, "gloo": gloo, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with atomic_write(out_path, "w") as handle:
+        json.dump({LOCAL_CPU: entry}, handle, indent=2)
+    return entry

@@ -1,0 +1,158 @@
+"""Cost model: bytes of every buffer on the wire, seconds of every kernel.
+
+Formulas (``c`` tokens per chunk, ``B`` batch, ``H`` query heads of the op, ``d`` head_dim,
+``b`` bytes per input element; fp32 accumulators and lse take 4 bytes):
+
+- Wire bytes of a buffer: ``tokens * B * sum over its fields(heads * width * bytes)``, fields from
+  ``tokenloom.parallel.schedule.WIRE_FIELDS`` (e.g. ``out`` = out in the input dtype + fp32 lse).
+  Hence TokenRing/Ring bytes ~= g * (1 + 2/(d*b)) for GQA group g (REFERENCE.md §2, TokenRing,
+  arXiv 2412.20501).
+- Attention FLOPs of a kernel: ``B * H * d * c^2 * (4 * n_full + 2 * n_diag)`` over its (query
+  chunk, key chunk) pairs: two matmuls of ``2 c^2 d`` FLOPs per head, half of them for a
+  causal diagonal pair (FlashAttention-2, Dao 2023, §4 FLOP count). Backward = 2.5 x forward
+  (five matmuls instead of two, the same paper).
+- Kernel time (roofline with wave quantisation): ``launch + max(FLOPs / (F * eff * util),
+  bytes / HBM)`` where ``F`` is peak dense FLOP/s, ``eff`` the achieved attention fraction, and
+  ``util = tiles / (waves * SMs)`` for ``tiles = ceil(q_tokens / 128) * H * B`` thread blocks of
+  128 query rows (FlashAttention's tiling) run in ``waves = ceil(tiles / SMs)`` waves.
+- Memory-bound ops (merge of partials, packing ``qg``): ``launch + bytes moved / HBM``; a merge
+  reads the partial and the accumulator and writes the accumulator (3x the partial's bytes).
+- A CPU profile (``host_cores`` > 0) whose node runs more ranks than cores slows every kernel by
+  ``ranks_per_node / host_cores``: the ranks time-share the cores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tokenloom.comm.topology import chunk_len, chunks_of_rank
+from tokenloom.parallel.schedule import WIRE_FIELDS, AllToAll, Block, Buf, Compute, Merge, Pack
+from tokenloom.simulator.hardware import Cluster
+
+BWD_FLOP_FACTOR = 2.5
+TILE_ROWS = 128
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Global problem: ``seq_len`` tokens over all ranks, ``(batch, seq, heads, head_dim)``."""
+
+    seq_len: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    batch: int = 1
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "num_heads", "head_dim", "batch", "dtype_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.num_kv_heads}) must divide heads ({self.num_heads})")
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.num_kv_heads or self.num_heads)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.kv_heads
+
+
+class CostModel:
+    """Prices schedule ops for one shape on one cluster with a given layout (results cached)."""
+
+    def __init__(self, shape: AttentionShape, cluster: Cluster, layout: str) -> None:
+        self.shape = shape
+        self.cluster = cluster
+        self.world_size = cluster.num_gpus
+        self.layout = layout
+        self.chunk = chunk_len(shape.seq_len, self.world_size, layout, field="seq")
+        self.device = cluster.node.device
+        cores = cluster.node.host_cores
+        self.slowdown = max(1.0, cluster.gpus_per_node / cores) if cores else 1.0
+        self._cache: dict[tuple, float] = {}
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def _bytes_per_token(self, kind: str, shard: bool, kv_repeat: int) -> float:
+        s = self.shape
+        total = 0.0
+        for _name, head_kind, width, dtype in WIRE_FIELDS[kind]:
+            heads = s.num_heads if head_kind == "q" else s.kv_heads * kv_repeat
+            if shard:
+                heads /= self.world_size
+            total += heads * (s.head_dim if width == "d" else 1) * (s.dtype_bytes if dtype == "io" else 4)
+        return total * s.batch
+
+    def buf_bytes(self, buf: Buf, kv_repeat: int = 1) -> float:
+        """Bytes of ``buf`` as it travels (all its fields)."""
+        key = ("buf", buf.kind, len(buf.chunks), buf.shard >= 0, kv_repeat)
+        if key not in self._cache:
+            self._cache[key] = len(buf.chunks) * self.chunk * self._bytes_per_token(
+                buf.kind, buf.shard >= 0, kv_repeat)
+        return self._cache[key]
+
+    def a2a_pair_bytes(self, op: AllToAll) -> float:
+        """Bytes one rank sends to each other rank in an equal-split all-to-all (1/N of its part)."""
+        key = ("a2a", op.kind, op.kv_repeat)
+        if key not in self._cache:
+            tokens = len(chunks_of_rank(0, self.world_size, self.layout)) * self.chunk
+            self._cache[key] = tokens * self._bytes_per_token(op.kind, False, op.kv_repeat) / self.world_size
+        return self._cache[key]
+
+    # -- kernels -------------------------------------------------------------------------------
+    def block_flops(self, block: Block, heads: float, backward: bool) -> float:
+        if block.causal:  # causal_pair_kind: key chunk < query chunk is full, equal is diagonal
+            q = np.asarray(block.q_chunks)[:, None]
+            k = np.asarray(block.kv_chunks)[None, :]
+            n_full, n_diag = int((k < q).sum()), int((k == q).sum())
+        else:
+            n_full, n_diag = len(block.q_chunks) * len(block.kv_chunks), 0
+        s = self.shape
+        flops = s.batch * heads * s.head_dim * self.chunk ** 2 * (4 * n_full + 2 * n_diag)
+        return flops * (BWD_FLOP_FACTOR if backward else 1.0)
+
+    def _kernel_s(self, flops: float, num_bytes: float, q_tokens: int, heads: float, backward: bool) -> float:
+        dev = self.device
+        tiles = math.ceil(q_tokens / TILE_ROWS) * heads * self.shape.batch
+        util = tiles / (math.ceil(tiles / dev.sms) * dev.sms) if tiles else 1.0
+        eff = dev.attn_eff_bwd if backward else dev.attn_eff_fwd
+        busy = max(flops / (dev.flops * eff * util), num_bytes / dev.hbm_bw)
+        return (dev.launch_s + busy) * self.slowdown
+
+    def compute_s(self, op: Compute | Pack) -> float:
+        """Seconds of one Compute (one kernel per Block) or Pack on the compute stream."""
+        if isinstance(op, Pack):
+            key = ("pack", op.dst.kind, len(op.dst.chunks), op.dst.shard >= 0)
+            if key not in self._cache:
+                moved = sum(self.buf_bytes(b) for b in op.srcs) + self.buf_bytes(op.dst)
+                self._cache[key] = (self.device.launch_s + moved / self.device.hbm_bw) * self.slowdown
+            return self._cache[key]
+        backward = op.q_src.kind == "qg"
+        heads = self.shape.num_heads / op.head_shard[1]
+        key = ("compute", backward, heads, op.blocks)
+        if key not in self._cache:
+            self._cache[key] = sum(self._block_s(b, heads, backward) for b in op.blocks)
+        return self._cache[key]
+
+    def _block_s(self, block: Block, heads: float, backward: bool) -> float:
+        s = self.shape
+        q_tokens, kv_tokens = len(block.q_chunks) * self.chunk, len(block.kv_chunks) * self.chunk
+        kv_heads = heads / s.group
+        io = (2 * q_tokens * heads + 2 * kv_tokens * kv_heads) * s.head_dim * s.dtype_bytes * s.batch
+        moved = io * (BWD_FLOP_FACTOR if backward else 1.0)
+        return self._kernel_s(self.block_flops(block, heads, backward), moved, q_tokens, heads, backward)
+
+    def merge_s(self, op: Merge) -> float:
+        """Seconds to fold a received partial into its accumulator (memory-bound)."""
+        key = ("merge", op.src.kind, len(op.src.chunks), op.src.shard >= 0)
+        if key not in self._cache:
+            moved = 3 * self.buf_bytes(op.src)
+            self._cache[key] = (self.device.launch_s + moved / self.device.hbm_bw) * self.slowdown
+        return self._cache[key]

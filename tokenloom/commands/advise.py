@@ -1,0 +1,54 @@
+"""``tokenloom advise attention``: rank strategies and layouts by simulated time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tokenloom.commands.simulate import add_problem_args, problem_from_args
+
+_EPILOG = """\
+Every (strategy, layout) pair that fits the shape is simulated on the same hardware; the table is
+sorted by time and the winner is explained by bytes moved and exposed communication. Pairs that
+cannot run (e.g. Ulysses when heads do not divide by GPUs) are listed with the reason.
+'sp_attention(strategy="auto")' asks the same advisor (forward+backward).
+
+examples:
+  tokenloom advise attention --hardware h100-sxm --gpus 8 --seq 128K --heads 32 --head-dim 128 --causal --backward
+  tokenloom advise attention --hardware a10-pcie --gpus 4 --seq 32K --heads 32 --kv-heads 8 --head-dim 128 --json
+"""
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from tokenloom.simulator.advisor import advise_attention
+
+    cluster, shape = problem_from_args(args)
+    advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward)
+    if args.json:
+        print(json.dumps(advice.to_dict()))
+        return 0
+    print(f"{cluster.describe()}: seq {shape.seq_len}, heads {shape.num_heads}/{shape.kv_heads} kv, head_dim "
+          f"{shape.head_dim}, {'causal' if args.causal else 'full'}, "
+          f"{'forward+backward' if args.backward else 'forward'}")
+    print(f"  {'strategy':<11}{'layout':<12}{'total ms':>10}{'compute':>10}{'exposed':>10}{'overlap':>9}"
+          f"{'GB/rank':>10}")
+    for row in advice.to_dict()["ranking"]:
+        print(f"  {row['strategy']:<11}{row['layout']:<12}{row['total_ms']:>10.3f}{row['compute_ms']:>10.3f}"
+              f"{row['exposed_comm_ms']:>10.3f}{row['overlap_fraction']:>9.0%}{row['bytes_per_rank'] / 1e9:>10.3f}")
+    for strategy, layout, why in advice.skipped:
+        print(f"  {strategy} ({layout}) skipped: {why}")
+    print(advice.explain())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("advise", help="rank parallel-attention strategies by simulated time",
+                              description="Ask the simulator which strategy and layout to use.")
+    sub = p.add_subparsers(dest="what", metavar="WHAT")
+    sub.required = True
+    att = sub.add_parser("attention", help="rank tokenring / ring / ulysses x zigzag / contiguous",
+                         description="Rank sequence-parallel attention strategies by simulated time.",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_problem_args(att)
+    att.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    att.set_defaults(func=_advise)

@@ -1,0 +1,164 @@
+"""``tokenloom simulate attention`` and ``tokenloom simulate calibrate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+_EPILOG_ATTENTION = """\
+The simulator walks the same schedules the runtime executes (one compute stream per rank,
+communication beside it, links shared under contention) and prices them with the hardware
+catalog: h100-sxm, h200-sxm, a100-sxm (8 GPUs on NVSwitch), a10-pcie (4 GPUs behind PCIe
+switches), mi300x (8 GPUs, full mesh), local-cpu (this machine, see 'simulate calibrate').
+
+examples:
+  tokenloom simulate attention --hardware h100-sxm --gpus 8 --seq 128K --heads 32 --head-dim 128 --causal --backward
+  tokenloom simulate attention --hardware h100-sxm --gpus 32 --nodes 4 --seq 1M --heads 32 --kv-heads 8 \\
+      --head-dim 128 --causal --strategy ring --json
+  tokenloom simulate attention --hardware mi300x --gpus 8 --seq 32K --heads 16 --head-dim 128 \\
+      --chrome-trace trace.json --png gantt.png    # open trace.json in ui.perfetto.dev
+"""
+
+_DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def tokens(text: str) -> int:
+    """``131072``, ``128K`` or ``1M`` (K = 1024, M = 1024^2)."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    try:
+        return int(digits) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 128K or 1M, got {text!r}") from None
+
+
+def add_problem_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``simulate attention`` and ``advise attention``."""
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--hardware", default=None, metavar="NAME",
+                    help="catalog name (h100-sxm, h200-sxm, a100-sxm, a10-pcie, mi300x, local-cpu, or one "
+                         "from --hardware-file); default: this machine's GPU, else local-cpu")
+    hw.add_argument("--hardware-file", default=None, metavar="FILE",
+                    help="JSON adding or overriding catalog entries (format: docs/simulator.md)")
+    hw.add_argument("--gpus", type=int, required=True, metavar="N", help="total number of GPUs (ranks)")
+    hw.add_argument("--nodes", type=int, default=1, metavar="K",
+                    help="spread the GPUs evenly over K nodes; ranks are filled node by node (default 1)")
+    shape = p.add_argument_group("attention shape")
+    shape.add_argument("--seq", type=tokens, required=True, metavar="S",
+                       help="global sequence length over all ranks, e.g. 131072, 128K, 1M")
+    shape.add_argument("--heads", type=int, required=True, metavar="H", help="query heads")
+    shape.add_argument("--kv-heads", type=int, default=None, metavar="HK",
+                       help="key/value heads (GQA; must divide --heads); default: --heads")
+    shape.add_argument("--head-dim", type=int, required=True, metavar="D", help="head dimension")
+    shape.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
+    shape.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
+    shape.add_argument("--causal", action="store_true", help="causal mask (default: full attention)")
+    shape.add_argument("--backward", action="store_true",
+                       help="also simulate the backward pass (after the forward pass)")
+
+
+def problem_from_args(args: argparse.Namespace):
+    """(cluster, shape) from the shared flags; ValueError naming the field on bad input."""
+    from tokenloom.simulator.advisor import detect_hardware
+    from tokenloom.simulator.cost import AttentionShape
+    from tokenloom.simulator.hardware import make_cluster
+
+    hardware = args.hardware or detect_hardware()
+    cluster = make_cluster(hardware, args.gpus, args.nodes, args.hardware_file)
+    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+        raise ValueError(f"kv-heads ({args.kv_heads}) must be >= 1 and divide heads ({args.heads})")
+    shape = AttentionShape(args.seq, args.heads, args.head_dim, args.kv_heads, args.batch, _DTYPES[args.dtype])
+    return cluster, shape
+
+
+def _print_summary(s: dict, out=sys.stdout) -> None:
+    print(f"{s['strategy']} ({s['layout']}) on {s['hardware']}: seq {s['seq']}, heads {s['heads']}/"
+          f"{s['kv_heads']} kv, head_dim {s['head_dim']}, {'causal' if s['causal'] else 'full'}, "
+          f"{'forward+backward' if s['backward'] else 'forward'}", file=out)
+    rows = [("total", f"{s['total_ms']:.3f} ms"), ("compute", f"{s['compute_ms']:.3f} ms"),
+            ("exposed communication", f"{s['exposed_comm_ms']:.3f} ms"),
+            ("communication overlapped", f"{s['overlap_fraction']:.1%}"),
+            ("bubbles (idle after finishing)", f"{s['bubble_ms']:.3f} ms"),
+            ("bytes sent per rank (max)", f"{s['bytes_per_rank'] / 1e9:.3f} GB")]
+    for name, value in rows:
+        print(f"  {name:<32}{value}", file=out)
+    for name, p in s["passes"].items():
+        steps = " ".join(f"{x:.3g}" for x in p["step_ms"][:12]) + (" ..." if len(p["step_ms"]) > 12 else "")
+        print(f"  {name}: {p['total_ms']:.3f} ms over {p['num_steps']} steps (ms per step, max over ranks: "
+              f"{steps})", file=out)
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from tokenloom.simulator.export import write_chrome_trace, write_gantt
+    from tokenloom.simulator.scenario import simulate_attention
+
+    cluster, shape = problem_from_args(args)
+    result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
+                                layout=args.layout)
+    if args.chrome_trace:
+        write_chrome_trace(result, args.chrome_trace)
+    if args.png:
+        write_gantt(result, args.png)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+        for path in (args.chrome_trace, args.png):
+            if path:
+                print(f"wrote {path}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenloom.simulator.calibrate import calibrate
+    from tokenloom.simulator.hardware import cpu_profile_path
+
+    out = Path(args.out) if args.out else cpu_profile_path()
+    if not args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    entry = calibrate(out, quick=args.quick)
+    if args.json:
+        print(json.dumps({"path": str(out), "local-cpu": entry}))
+        return 0
+    dev, link = entry["device"], entry["link"]
+    print(f"wrote {out}")
+    print(f"  attention: {dev['flops'] / 1e9:.2f} GFLOP/s forward, x{dev['attn_eff_bwd']:.2f} backward, "
+          f"{dev['launch_s'] * 1e6:.0f} us per call; memory {dev['hbm_bw'] / 1e9:.2f} GB/s")
+    print(f"  gloo loopback: {link['bw'] / 1e9:.3f} GB/s, {link['latency_s'] * 1e6:.0f} us latency; "
+          f"{entry['host_cores']} cores")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from tokenloom.parallel.builders import STRATEGIES
+
+    p = subparsers.add_parser("simulate", help="predict the time of parallel attention on a cluster",
+                              description="Discrete-event simulation of the runtime's own schedules.")
+    sub = p.add_subparsers(dest="what", metavar="WHAT")
+    sub.required = True
+    att = sub.add_parser("attention", help="one attention layer: time, exposed communication, bytes",
+                         description="Simulate one sequence-parallel attention layer.", epilog=_EPILOG_ATTENTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_problem_args(att)
+    att.add_argument("--strategy", choices=STRATEGIES, default="tokenring", help="default tokenring")
+    att.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
+                     help="sequence layout over ranks (default zigzag: balanced causal work)")
+    out = att.add_argument_group("output")
+    out.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace (one track per "
+                     "rank and stream)")
+    out.add_argument("--png", metavar="FILE", help="write a Gantt chart (first 8 ranks)")
+    out.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    att.set_defaults(func=_attention)
+    cal = sub.add_parser("calibrate", help="measure this machine into the local-cpu profile",
+                         description="Measure attention FLOP/s, memory bandwidth and gloo loopback latency/"
+                         "bandwidth (2 forked ranks) and write the local-cpu hardware profile, so "
+                         "'--hardware local-cpu' predicts this machine's own CPU runs. Takes ~10 s.")
+    cal.add_argument("--out", metavar="FILE", help="where to write (default: $TOKENLOOM_CPU_PROFILE or "
+                     "~/.cache/tokenloom/local-cpu.json, which the catalog reads)")
+    cal.add_argument("--quick", action="store_true", help="smaller, faster measurements (tests)")
+    cal.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    cal.set_defaults(func=_calibrate)
