@@ -48,15 +48,31 @@ def _tile_rows(seq_q: int, seq_k: int, batch_heads: int) -> int:
     return max(1, min(seq_q, _MAX_SCORE_ELEMS // max(1, seq_k * batch_heads)))
 
 
+def _tiles(seq_q: int, seq_k: int, batch_heads: int, causal: bool):
+    """Query tiles ``(r0, r1, k_end)``: rows ``[r0, r1)`` see at most keys ``[0, k_end)``.
+
+    Causal work is cut into at least ~8 tiles so that keys past a tile's last visible one are
+    never touched: about half the FLOPs of the full square.
+    """
+    tile = _tile_rows(seq_q, seq_k, batch_heads)
+    if causal:
+        tile = min(tile, max(64, -(-seq_q // 8)))
+    for r0 in range(0, seq_q, tile):
+        r1 = min(seq_q, r0 + tile)
+        yield r0, r1, (seq_k if not causal else max(0, min(seq_k, r1 + seq_k - seq_q)))
+
+
 def _scores(q_t: torch.Tensor, k: torch.Tensor, scale: float, row0: int, causal: bool,
-            seq_q: int) -> torch.Tensor:
-    """Scaled, masked scores of a query tile: ``(batch, heads_kv, group, tile, seq_k)``."""
+            offset: int) -> torch.Tensor:
+    """Scaled, masked scores of a query tile: ``(batch, heads_kv, group, tile, keys)``.
+
+    ``offset = seq_k - seq_q`` of the whole block (bottom-right alignment); ``k`` may be a prefix.
+    """
     s = torch.einsum("bqhgd,bkhd->bhgqk", q_t, k) * scale
     if causal:
-        seq_k = k.shape[1]
         rows = torch.arange(row0, row0 + q_t.shape[1], device=s.device).unsqueeze(1)
-        cols = torch.arange(seq_k, device=s.device).unsqueeze(0)
-        s = s.masked_fill(cols > rows + (seq_k - seq_q), float("-inf"))
+        cols = torch.arange(k.shape[1], device=s.device).unsqueeze(0)
+        s = s.masked_fill(cols > rows + offset, float("-inf"))
     return s
 
 
@@ -79,15 +95,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     qa, ka, va = q.to(acc).view(b, sq, hkv, group, d), k.to(acc), v.to(acc)
     out = torch.empty((b, sq, hq, d), dtype=acc, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=acc, device=q.device)
-    tile = _tile_rows(sq, sk, b * hq)
-    for r0 in range(0, sq, tile):
-        r1 = min(sq, r0 + tile)
-        s = _scores(qa[:, r0:r1], ka, scale, r0, causal, sq)
+    for r0, r1, kend in _tiles(sq, sk, b * hq, causal):
+        if kend == 0:  # no visible key: empty rows
+            out[:, r0:r1] = 0
+            lse[:, :, r0:r1] = float("-inf")
+            continue
+        s = _scores(qa[:, r0:r1], ka[:, :kend], scale, r0, causal, sk - sq)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
         p = torch.exp(s - m)
         denom = p.sum(dim=-1, keepdim=True)
-        o = torch.einsum("bhgqk,bkhd->bqhgd", p / denom.clamp_min(torch.finfo(acc).tiny), va)
+        o = torch.einsum("bhgqk,bkhd->bqhgd", p / denom.clamp_min(torch.finfo(acc).tiny), va[:, :kend])
         out[:, r0:r1] = o.reshape(b, r1 - r0, hq, d)
         lse[:, :, r0:r1] = (m + torch.log(denom)).squeeze(-1).reshape(b, hq, r1 - r0)
     return out.to(out_dtype or q.dtype), lse
@@ -149,16 +167,38 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq = torch.empty((b, sq, hkv, group, d), dtype=acc, device=q.device)
     dk = torch.zeros((b, sk, hkv, d), dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
-    tile = _tile_rows(sq, sk, b * hq)
-    for r0 in range(0, sq, tile):
-        r1 = min(sq, r0 + tile)
-        s = _scores(qa[:, r0:r1], ka, scale, r0, causal, sq)
+    for r0, r1, kend in _tiles(sq, sk, b * hq, causal):
+        if kend == 0:  # rows that see no key have no gradient
+            dq[:, r0:r1] = 0
+            continue
+        kt, vt = ka[:, :kend], va[:, :kend]
+        s = _scores(qa[:, r0:r1], kt, scale, r0, causal, sk - sq)
         lse_t = lse_g[..., r0:r1].unsqueeze(-1)
         p = torch.exp(s - torch.where(torch.isneginf(lse_t), torch.zeros_like(lse_t), lse_t))
         do_t = doa[:, r0:r1]
-        dv += torch.einsum("bhgqk,bqhgd->bkhd", p, do_t)
-        dp = torch.einsum("bqhgd,bkhd->bhgqk", do_t, va)
+        dv[:, :kend] += torch.einsum("bhgqk,bqhgd->bkhd", p, do_t)
+        dp = torch.einsum("bqhgd,bkhd->bhgqk", do_t, vt)
         ds = p * (dp - delta_g[..., r0:r1].unsqueeze(-1))
-        dq[:, r0:r1] = torch.einsum("bhgqk,bkhd->bqhgd", ds, ka) * scale
-        dk += torch.einsum("bhgqk,bqhgd->bkhd", ds, qa[:, r0:r1]) * scale
+        dq[:, r0:r1] = torch.einsum("bhgqk,bkhd->bqhgd", ds, kt) * scale
+        dk[:, :kend] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qa[:, r0:r1]) * scale
     return dq.view(b, sq, hq, d), dk, dv
+
+
+# Error floors (relative to the reference's magnitude) added to "2x plain PyTorch's error in the same
+# dtype" when judging a result against fp64 (STYLE.md §5).
+ERROR_FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def tolerance(dtype: torch.dtype, plain_err: float, ref_absmax: float) -> float:
+    """Acceptable max |error| against fp64: ``2 * plain_err + floor * max(1, |ref|max)``."""
+    return 2.0 * plain_err + ERROR_FLOORS[dtype] * max(1.0, ref_absmax)
+
+
+def torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """torch's own SDPA in the input dtype (BSHD, GQA by repetition): the yardstick for how much
+    error plain PyTorch makes in a low precision."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)

@@ -22,8 +22,6 @@ from tokenloom.comm.launch import init_from_env, under_torchrun
 from tokenloom.comm.topology import chunks_of_rank
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-# Error floor added to "2x the error of plain PyTorch in the same dtype" (STYLE.md §5).
-ERROR_FLOOR = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3, "fp64": 1e-10}
 
 
 @dataclass(frozen=True)
@@ -63,15 +61,6 @@ class AttentionRun:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _plain_attention(q, k, v, causal: bool):
-    """torch's own SDPA in the input dtype: the yardstick for acceptable low-precision error."""
-    group = q.shape[2] // k.shape[2]
-    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
-    return out.transpose(1, 2)
 
 
 def attention_rank(rank: int, world_size: int, cfg: AttentionRun, device: torch.device | None = None,
@@ -131,6 +120,8 @@ def attention_rank(rank: int, world_size: int, cfg: AttentionRun, device: torch.
 
 def _check(got: dict, full: list, cfg: AttentionRun, device, attention_with_lse) -> dict:
     """Max |error| of every result against fp64, next to plain torch's error in the same dtype."""
+    from tokenloom.kernels.reference import torch_sdpa, tolerance
+
     dtype = DTYPES[cfg.dtype]
     q, k, v, dout = (t.double().requires_grad_(i < 3) for i, t in enumerate(full))
     ref_out, ref_lse = attention_with_lse(q, k, v, causal=cfg.causal)
@@ -139,7 +130,7 @@ def _check(got: dict, full: list, cfg: AttentionRun, device, attention_with_lse)
         ref_out.backward(dout)
         refs.update(dq=q.grad, dk=k.grad, dv=v.grad)
     ql, kl, vl = (t.detach().to(device, dtype).requires_grad_(cfg.backward) for t in (q, k, v))
-    plain = {"out": _plain_attention(ql, kl, vl, cfg.causal)}
+    plain = {"out": torch_sdpa(ql, kl, vl, cfg.causal)}
     if cfg.backward:
         plain["out"].backward(dout.to(device, dtype))
         plain.update(dq=ql.grad, dk=kl.grad, dv=vl.grad)
@@ -147,8 +138,7 @@ def _check(got: dict, full: list, cfg: AttentionRun, device, attention_with_lse)
     for name, ref in refs.items():
         err = (got[name].double() - ref.detach()).abs().max().item()
         base = (plain[name].detach().cpu().double() - ref.detach()).abs().max().item() if name in plain else 0.0
-        scale = max(1.0, ref.detach().abs().max().item())
-        tol = 2 * base + ERROR_FLOOR[cfg.dtype] * scale
+        tol = tolerance(dtype, base, ref.detach().abs().max().item())
         checks[name] = {"max_abs_err": err, "plain_torch_err": base if name in plain else None,
                         "tolerance": tol, "ok": err <= tol}
     return checks

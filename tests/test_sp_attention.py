@@ -1,0 +1,161 @@
+"""TokenRing, Ring and Ulysses on real gloo ranks against the fp64 single-process reference."""
+
+import itertools
+
+import pytest
+import torch
+
+from tokenloom.comm.spawn import RankError, spawn_ranks
+from tokenloom.kernels.reference import acc_dtype, attention_with_lse, tolerance, torch_sdpa
+from tokenloom.parallel import (
+    gather_sequence,
+    ring_attention,
+    shard_sequence,
+    sp_attention,
+    token_ring_attention,
+    ulysses_attention,
+)
+
+FN = {"tokenring": token_ring_attention, "ring": ring_attention, "ulysses": ulysses_attention}
+HEADS = 12  # divisible by world sizes 1..4 (Ulysses); GQA with 4 kv heads needs kv replication at 3
+
+
+def _inputs(batch, seq, heads, kv_heads, head_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim),
+              (batch, seq, kv_heads, head_dim), (batch, seq, heads, head_dim)]
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def _errors(rank, n, strategy, causal, layout, kv_heads, dtype, batch=2, head_dim=24, seed=0):
+    """(name, error, tolerance) of out, lse, dq, dk, dv on this rank's shard."""
+    q, k, v, dout = _inputs(batch, 8 * n, HEADS, kv_heads, head_dim, seed)
+    # fp64 reference with autograd
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention_with_lse(qr, kr, vr, causal=causal)
+    ref_out.backward(dout)
+    refs = {"out": ref_out.detach(), "lse": ref_lse.detach(), "dq": qr.grad, "dk": kr.grad, "dv": vr.grad}
+    # plain torch in the same dtype: how much error that precision costs anyway
+    qp, kp, vp = (t.to(dtype, copy=True).requires_grad_() for t in (q, k, v))
+    plain_out = torch_sdpa(qp, kp, vp, causal)
+    plain_out.backward(dout.to(dtype))
+    plain = {"out": plain_out, "dq": qp.grad, "dk": kp.grad, "dv": vp.grad}
+    # the distributed run
+    ql, kl, vl = (shard_sequence(t, rank, n, layout).to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = FN[strategy](ql, kl, vl, causal=causal, layout=layout, return_lse=True)
+    out.backward(shard_sequence(dout, rank, n, layout).to(dtype))
+    got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+    assert out.dtype == dtype and lse.dtype == acc_dtype(dtype) and lse.shape == (batch, HEADS, 8)
+    rows = []
+    for name, ref in refs.items():
+        dim = 2 if name == "lse" else 1
+        mine = shard_sequence(ref, rank, n, layout, dim=dim)
+        plain_err = 0.0
+        if name in plain:
+            plain_err = (shard_sequence(plain[name].detach().double(), rank, n, layout, dim=dim)
+                         - mine).abs().max().item()
+        err = (got[name].detach().double() - mine).abs().max().item()
+        rows.append((name, err, tolerance(dtype, plain_err, mine.abs().max().item())))
+    return rows
+
+
+def _matrix(rank, n, strategy):
+    results = []
+    for causal, layout, kv_heads, dtype in itertools.product(
+            (False, True), ("contiguous", "zigzag"), (HEADS, 4), (torch.float32, torch.bfloat16)):
+        for name, err, tol in _errors(rank, n, strategy, causal, layout, kv_heads, dtype):
+            results.append((f"causal={causal} {layout} kv={kv_heads} {dtype} {name}", err, tol))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("strategy", ["tokenring", "ring", "ulysses"])
+def test_matches_fp64_reference(strategy, world_size):
+    """out, lse, dq, dk, dv for causal/non-causal x both layouts x MHA/GQA x fp32/bf16."""
+    per_rank = spawn_ranks(world_size, _matrix, strategy, timeout=120)
+    bad = [(r, what, err, tol) for r, rows in enumerate(per_rank) for what, err, tol in rows
+           if not err <= tol]
+    assert not bad, bad[:5]
+    assert len(per_rank[0]) == 16 * 5
+
+
+def _world5(rank, n):
+    return _errors(rank, n, "tokenring", True, "zigzag", 3, torch.float32, batch=1, head_dim=7)
+
+
+def test_tokenring_on_five_ranks_gqa_causal():
+    for rows in spawn_ranks(5, _world5, timeout=60):
+        for name, err, tol in rows:
+            assert err <= tol, (name, err, tol)
+
+
+def test_fp64_is_exact_to_rounding():
+    for strategy in FN:
+        rows = spawn_ranks(2, _errors, strategy, True, "zigzag", 4, torch.float64)[0]
+        assert max(err for _, err, _ in rows) < 1e-12, rows
+
+
+def test_world_of_one_without_process_group():
+    q, k, v, dout = _inputs(1, 16, 4, 2, 8, seed=3)
+    ref = attention_with_lse(q, k, v, causal=True)[0]
+    for fn in FN.values():
+        out = fn(q, k, v, causal=True)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_uneven_sequence_says_what_must_divide():
+    q = torch.randn(1, 7, 2, 4)
+    with pytest.raises(ValueError, match=r"seq_local \(q.shape\[1\]=7\) must be a positive multiple of 2"):
+        token_ring_attention(q, q, q, layout="zigzag")
+    token_ring_attention(q, q, q, layout="contiguous")  # one chunk per rank: any length
+
+
+def test_bad_arguments():
+    q = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(q, q, q, layout="striped")
+    with pytest.raises(ValueError, match="dtype"):
+        ring_attention(q, q.double(), q.double())
+    with pytest.raises(ValueError, match="heads of q"):
+        ring_attention(q, q[:, :, :3], q[:, :, :3])
+    with pytest.raises(ValueError, match="strategy must be"):
+        sp_attention(q, q, q, strategy="magic")
+
+
+def _ulysses_bad_heads(rank, n):
+    q = torch.randn(1, 4, 3, 4)
+    ulysses_attention(q, q, q)
+
+
+def test_ulysses_heads_not_divisible_is_a_clear_error():
+    with pytest.raises(RankError, match=r"heads \(3\) must be divisible by world_size \(2\)"):
+        spawn_ranks(2, _ulysses_bad_heads)
+
+
+def _mismatched(rank, n):
+    q = torch.randn(1, 4 if rank == 0 else 6, 2, 4)
+    token_ring_attention(q, q, q)
+
+
+def test_mismatched_shapes_across_ranks_error_not_hang():
+    with pytest.raises(RankError, match=r"differs across ranks .*1: \[1, 6, 2, 4"):
+        spawn_ranks(2, _mismatched, timeout=30)
+
+
+def _roundtrip(rank, n):
+    x = torch.arange(2 * 12 * n * 3, dtype=torch.float32).view(2, 12 * n, 3)
+    out = []
+    for layout in ("zigzag", "contiguous"):
+        local = shard_sequence(x, rank, n, layout)
+        out.append(bool(torch.equal(gather_sequence(local, layout=layout), x)))
+        xt = x.transpose(1, 2).contiguous()
+        local_t = shard_sequence(xt, rank, n, layout, dim=2)
+        out.append(bool(torch.equal(gather_sequence(local_t, layout=layout, dim=2), xt)))
+    return out
+
+
+def test_shard_gather_roundtrip_is_exact():
+    assert spawn_ranks(3, _roundtrip) == [[True] * 4] * 3
+    x = torch.arange(8.0).view(1, 8)
+    assert shard_sequence(x, 1, 2, "zigzag").tolist() == [[2.0, 3.0, 4.0, 5.0]]
+    assert shard_sequence(x, 0, 2, "zigzag").tolist() == [[0.0, 1.0, 6.0, 7.0]]
