@@ -1,0 +1,76 @@
+"""The `tokenloom run attention`, `topo` and error paths, as users call them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tokenloom.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "tokenloom", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_torchrun_two_ranks_check():
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "tokenloom",
+                           "run", "attention", "--check", "--seq", "256", "--heads", "4",
+                           "--kv-heads", "2", "--causal", "--json", "--iters", "1"],
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 only
+    rep = json.loads(lines[0])
+    assert rep["world_size"] == 2 and rep["backend"] == "gloo"
+    assert set(rep["check"]) == {"out", "lse", "dq", "dk", "dv"}
+    assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in rep["check"].values())
+    assert len(rep["forward_ms"]) == 2 and all(t > 0 for t in rep["forward_ms"])
+
+
+def test_local_launcher_table(capsys):
+    rc = main(["run", "attention", "--launcher", "local", "--world-size", "3", "--seq", "96",
+               "--heads", "6", "--strategy", "ulysses", "--check", "--iters", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "ulysses attention on 3 rank(s) (gloo, cpu)" in out
+    assert out.count(" ok") == 5 and "FAILED" not in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq", "100", "--world-size", "3"], "--seq (100) must be a multiple of 6"),
+    (["--heads", "6", "--kv-heads", "4"], "--kv-heads (4) must divide --heads (6)"),
+    (["--strategy", "ulysses", "--heads", "3"], "--heads (3) must be divisible by the world size (2)"),
+    (["--world-size", "0"], "--world-size must be >= 1"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    proc = _cli("run", "attention", "--launcher", "local", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenloom run: error: ") and message in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_argparse_errors_exit_2():
+    proc = _cli("run", "attention", "--strategy", "nope")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_topo_without_gpus_is_clear():
+    proc = _cli("topo", "--json")
+    assert proc.returncode == 0
+    topo = json.loads(proc.stdout)
+    if not topo["gpus"]:
+        assert topo["nvml"].startswith("unavailable")
+
+
+def test_help_lists_every_command():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for name in ("demo", "run", "topo"):
+        assert name in proc.stdout
