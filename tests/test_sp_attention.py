@@ -159,3 +159,21 @@ def test_shard_gather_roundtrip_is_exact():
     x = torch.arange(8.0).view(1, 8)
     assert shard_sequence(x, 1, 2, "zigzag").tolist() == [[2.0, 3.0, 4.0, 5.0]]
     assert shard_sequence(x, 0, 2, "zigzag").tolist() == [[0.0, 1.0, 6.0, 7.0]]
+
+
+def _auto(rank, n):
+    from tokenloom.simulator import choose_strategy
+
+    q, k, v, dout = _inputs(1, 16 * n, 4, 2, 8, seed=5)
+    ref = attention_with_lse(q, k, v, causal=True)[0]
+    out = sp_attention(*(shard_sequence(t, rank, n, "zigzag") for t in (q, k, v)), causal=True,
+                       strategy="auto", hardware="h100-sxm")
+    chosen = choose_strategy(world_size=n, seq_len=16 * n, num_heads=4, num_kv_heads=2, head_dim=8,
+                             causal=True, dtype_bytes=8, batch=1, hardware="h100-sxm", backward=False)
+    return (out - shard_sequence(ref, rank, n, "zigzag")).abs().max().item(), chosen[0]
+
+
+def test_auto_strategy_asks_the_advisor_and_is_correct():
+    res = spawn_ranks(2, _auto)
+    assert all(err < 1e-12 for err, _ in res)
+    assert res[0][1] == res[1][1] and res[0][1] in FN  # every rank got the same advice
