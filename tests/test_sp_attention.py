@@ -177,3 +177,42 @@ def test_auto_strategy_asks_the_advisor_and_is_correct():
     res = spawn_ranks(2, _auto)
     assert all(err < 1e-12 for err, _ in res)
     assert res[0][1] == res[1][1] and res[0][1] in FN  # every rank got the same advice
+
+
+def _event_log(rank, n):
+    """Record, on this rank, the order of P2P posts, block computes and waits in one forward."""
+    import tokenloom.parallel.runtime as rt
+
+    log = []
+    post, compute, wait = rt.Communicator.batch_p2p, rt.Runner._compute, rt.Handle.wait
+
+    def logged_post(self, ops, what="p2p"):
+        log.append(("post", sorted({(o.op, (o.peer - rank) % n) for o in ops})))
+        return post(self, ops, what)
+
+    def logged_compute(self, store, op):
+        log.append(("compute", None))
+        return compute(self, store, op)
+
+    def logged_wait(self):
+        if "p2p" in self._what:
+            log.append(("wait", None))
+        return wait(self)
+
+    rt.Communicator.batch_p2p, rt.Runner._compute, rt.Handle.wait = logged_post, logged_compute, logged_wait
+    q = torch.randn(1, 8, 2, 4)
+    token_ring_attention(q, q, q, causal=True, layout="zigzag")
+    return log
+
+
+def test_tokenring_overlaps_both_directions_with_compute():
+    """In the middle steps one batch posts sends to r-1 (queries) and to the owner the other
+    way (partial outputs) before the block compute, and waits only after it."""
+    n = 4
+    for log in spawn_ranks(n, _event_log):
+        overlapped = 0
+        for i, (kind, detail) in enumerate(log[:-2]):
+            if kind == "post" and log[i + 1][0] == "compute" and log[i + 2][0] == "wait":
+                sends = {hop for op, hop in detail if op == "send"}
+                overlapped += (n - 1) in sends and bool(sends - {n - 1})  # to r-1 and the other way
+        assert overlapped >= 1, log
