@@ -44,11 +44,16 @@ class Advice:
                 f"Bytes sent per rank {_gb(s_best['bytes_per_rank'])} vs {_gb(s_riv['bytes_per_rank'])}; "
                 f"exposed communication {s_best['exposed_comm_ms']:.3f} vs {s_riv['exposed_comm_ms']:.3f} ms; "
                 f"compute {s_best['compute_ms']:.3f} vs {s_riv['compute_ms']:.3f} ms.")
-        hidden = s_best["overlap_fraction"]
-        regime = ("compute-bound: communication is almost entirely hidden, so the winner is the one "
-                  "with the least kernel time" if s_best["exposed_comm_ms"] < 0.05 * s_best["total_ms"]
-                  else "communication-bound: exposed communication decides")
-        lines.append(f"Regime: {regime} ({hidden:.0%} of communication overlapped).")
+            gap = s_riv["total_ms"] - s_best["total_ms"]
+            d_exposed = s_riv["exposed_comm_ms"] - s_best["exposed_comm_ms"]
+            if gap > 0:
+                why = ("exposed communication" if abs(d_exposed) >= 0.5 * gap
+                       else "kernel time (compute, merges, launches)")
+                lines.append(f"Most of the {gap:.3f} ms gap is {why}.")
+        exposed_share = s_best["exposed_comm_ms"] / s_best["total_ms"] if s_best["total_ms"] > 0 else 0.0
+        regime = "compute-bound" if exposed_share < 0.05 else "communication-bound"
+        lines.append(f"The winner is {regime}: {exposed_share:.1%} of its time is exposed communication, "
+                     f"{s_best['overlap_fraction']:.0%} of its communication overlaps compute.")
         return " ".join(lines)
 
     def to_dict(self) -> dict:
@@ -100,23 +105,27 @@ def detect_hardware() -> str:
 
 def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_heads: int | None,
                     head_dim: int, causal: bool, dtype_bytes: int = 2, batch: int = 1,
-                    hardware: str | None = None, backward: bool = True) -> tuple[str, str]:
+                    hardware: str | None = None, backward: bool = True,
+                    layout: str | None = None) -> tuple[str, str]:
     """``(strategy, layout)`` with the least simulated time for one attention layer.
 
     ``seq_len`` is the global sequence length (all ranks together); ``hardware`` a catalog name,
-    ``None`` to detect it. Cached per arguments.
+    ``None`` to detect it; ``layout`` fixes the layout when the data is already sharded (``None``:
+    rank both). Cached per arguments.
     """
     hw = hardware if hardware is not None else detect_hardware()
+    layouts = LAYOUTS if layout is None else (layout,)
     return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
-                   dtype_bytes, batch, hw, bool(backward))
+                   dtype_bytes, batch, hw, bool(backward), layouts)
 
 
 @functools.lru_cache(maxsize=256)
 def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool,
-            dtype_bytes: int, batch: int, hardware: str, backward: bool) -> tuple[str, str]:
+            dtype_bytes: int, batch: int, hardware: str, backward: bool, layouts: tuple[str, ...]
+            ) -> tuple[str, str]:
     cluster = _cluster_for(hardware, world_size)
     shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
-    best = advise_attention(cluster, shape, causal=causal, backward=backward).winner
+    best = advise_attention(cluster, shape, causal=causal, backward=backward, layouts=layouts).winner
     return best.strategy, best.layout
 
 

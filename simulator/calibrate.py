@@ -1,9 +1,11 @@
 """Calibrate the ``local-cpu`` profile: measure this machine so the simulator predicts CPU runs.
 
-What is measured, each with one intra-op thread (as every rank of ``tokenloom.comm.spawn`` runs):
+What is measured, in forked ranks with one intra-op thread each (as ``tokenloom.comm.spawn`` runs
+the runtime), one rank per core measuring at the same time:
 
 - attention FLOP/s, forward with ``tokenloom.kernels.reference.attention_with_lse`` and backward
-  with ``attention_backward`` (FLOPs counted as in :mod:`tokenloom.simulator.cost`), and the fixed
+  with ``attention_backward``, on blocks shaped like the runtime's, FLOPs counted as in
+  :mod:`tokenloom.simulator.cost` (so the rate is in the cost model's own units), and the fixed
   cost of one call (a tiny call's time: Python and dispatch overhead);
 - memory bandwidth: an in-place add over 64 MiB tensors (reads two, writes one);
 - gloo over loopback between two forked ranks: a ping-pong at several message sizes, fitted by
@@ -39,30 +41,50 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def measure_compute(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> dict:
-    """FLOP/s forward and backward, per-call overhead and memory bandwidth on one thread."""
+def _compute_rank(rank: int, world_size: int, chunks: tuple[int, ...], heads: int, head_dim: int,
+                  repeats: int) -> dict:
+    """One rank's kernel times on blocks shaped like the runtime's, per chunk size ``c``: a c x c
+    full block plus a causal c x 2c block. FLOPs are counted as the cost model counts them
+    (4 c^2 H d full, 2 c^2 H d diagonal)."""
     import torch
 
     from tokenloom.kernels.reference import attention_backward, attention_delta, attention_with_lse
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v, dout = (torch.randn(1, seq, heads, head_dim, generator=gen) for _ in range(4))
-        flops = 4.0 * seq * seq * heads * head_dim
-        fwd = _best_time(lambda: attention_with_lse(q, k, v), repeats)
-        out, lse = attention_with_lse(q, k, v)
-        delta = attention_delta(out, dout)
-        bwd = _best_time(lambda: attention_backward(dout, q, k, v, lse, delta), repeats)
-        tiny = [t[:, :16].contiguous() for t in (q, k, v)]
-        launch = _best_time(lambda: attention_with_lse(*tiny), repeats * 3)
-        a, b = torch.ones(1 << 24), torch.ones(1 << 24)  # 64 MiB each
-        add = _best_time(lambda: a.add_(b), repeats)
-    finally:
-        torch.set_num_threads(threads)
-    return {"fwd_flops": flops / max(fwd - launch, 1e-9), "bwd_flops": 2.5 * flops / max(bwd - launch, 1e-9),
-            "launch_s": launch, "mem_bw": 3 * a.numel() * 4 / add}
+    gen = torch.Generator().manual_seed(rank)
+    tiny = [torch.randn(1, 16, heads, head_dim, generator=gen) for _ in range(3)]
+    launch = _best_time(lambda: attention_with_lse(*tiny), repeats * 3)
+    rows = []  # (flops, forward s, backward s) per chunk size
+    for c in chunks:
+        q, dout = (torch.randn(1, c, heads, head_dim, generator=gen) for _ in range(2))
+        k, v = (torch.randn(1, 2 * c, heads, head_dim, generator=gen) for _ in range(2))
+        fwd = bwd = 0.0
+        for kb, vb, causal in ((k[:, :c], v[:, :c], False), (k, v, True)):
+            fwd += _best_time(lambda: attention_with_lse(q, kb, vb, causal=causal), repeats) - launch
+            out, lse = attention_with_lse(q, kb, vb, causal=causal)
+            delta = attention_delta(out, dout)
+            bwd += _best_time(lambda: attention_backward(dout, q, kb, vb, lse, delta, causal=causal),
+                              repeats) - launch
+        rows.append((10.0 * c * c * heads * head_dim, fwd, bwd))
+    a, b = torch.ones(1 << 23), torch.ones(1 << 23)  # 32 MiB each
+    add = _best_time(lambda: a.add_(b), repeats)
+    return {"launch_s": launch, "mem_bw": 3 * a.numel() * 4 / add, "rows": rows}
+
+
+def measure_compute(chunks: tuple[int, ...] = (256, 512, 1024, 2048), heads: int = 4, head_dim: int = 64,
+                    repeats: int = 2, ranks: int | None = None, timeout: float = 300.0) -> dict:
+    """Kernel rates while ``ranks`` (default: every core) forked ranks measure at once, so shared
+    caches and memory bandwidth are in the numbers as in real runs; rank times averaged, then
+    pooled over the chunk sizes (total FLOPs / total seconds)."""
+    from tokenloom.comm.spawn import spawn_ranks
+
+    ranks = ranks or os.cpu_count() or 1
+    per_rank = spawn_ranks(ranks, _compute_rank, tuple(chunks), heads, head_dim, repeats, timeout=timeout)
+    rows = np.mean([np.asarray(r["rows"]) for r in per_rank], axis=0)
+    flops = rows[:, 0].sum()
+    return {"fwd_flops": flops / rows[:, 1].sum(), "bwd_flops": 2.5 * flops / rows[:, 2].sum(),
+            "launch_s": float(np.mean([r["launch_s"] for r in per_rank])),
+            "mem_bw": float(np.mean([r["mem_bw"] for r in per_rank])), "chunks": list(chunks),
+            "rows": rows.tolist()}
 
 
 def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int) -> list[float]:
@@ -101,7 +123,7 @@ def measure_gloo(sizes: tuple[int, ...] = _PING_SIZES, repeats: int = 5, timeout
 def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpec:
     """The ``local-cpu`` node spec from measurements (FLOP/s measured are taken as achieved)."""
     device = Device(LOCAL_CPU, 1, compute["fwd_flops"], compute["mem_bw"], 1.0,
-                    min(1.0, compute["bwd_flops"] / compute["fwd_flops"]), compute["launch_s"])
+                    compute["bwd_flops"] / compute["fwd_flops"], compute["launch_s"])
     link = Link(gloo["bw"], gloo["latency_s"])
     return NodeSpec(LOCAL_CPU, device, 64, "bus", link=link, nic=replace(link),
                     host_cores=cores or os.cpu_count() or 1)
@@ -109,7 +131,7 @@ def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpe
 
 def calibrate(out_path: str | os.PathLike, *, quick: bool = False) -> dict:
     """Measure, write the profile atomically to ``out_path``, and return what was written."""
-    compute = measure_compute(seq=512 if quick else 1024, repeats=2 if quick else 3)
+    compute = measure_compute((128, 256, 512) if quick else (256, 512, 1024, 2048), repeats=1 if quick else 2)
     gloo = measure_gloo(_PING_SIZES[:4] if quick else _PING_SIZES, repeats=3 if quick else 5)
     entry = node_to_dict(profile_from(compute, gloo))
     entry["measured"] = {"compute": compute, "gloo": gloo, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -72,7 +72,8 @@ def problem_from_args(args: argparse.Namespace):
     return cluster, shape
 
 
-def _print_summary(s: dict, out=sys.stdout) -> None:
+def _print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout
     print(f"{s['strategy']} ({s['layout']}) on {s['hardware']}: seq {s['seq']}, heads {s['heads']}/"
           f"{s['kv_heads']} kv, head_dim {s['head_dim']}, {'causal' if s['causal'] else 'full'}, "
           f"{'forward+backward' if s['backward'] else 'forward'}", file=out)
