@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tokenloom.placement.balance import assignment_matrix, row_from_assignment
 from tokenloom.placement.problem import PlacementProblem
-from tokenloom.placement.solver import FEASIBLE, OPTIMAL, solve
+from tokenloom.placement.solver import FEASIBLE, OPTIMAL, binary_matrix, read_binary_matrix, solve
 
 MAX_EXACT_STATES = 3000  # placements per layer for the exact chain model
 MAX_MILP_VARS = 1024  # the per-layer MILP runs only below this many x[e, g] (HiGHS is slow beyond)
@@ -299,7 +299,7 @@ def _capped_assignment(cost, shares, cap, start, problem, time_limit) -> np.ndar
     scale = float(cap) if cap > 0 else 1.0
     cost_scale = float(np.abs(cost).max()) or 1.0
     prob = pulp.LpProblem("traffic", pulp.LpMinimize)
-    x = [[pulp.LpVariable(f"x_{e}_{g}", cat=pulp.LpBinary) for g in range(num_gpus)] for e in range(num_experts)]
+    x = binary_matrix(prob, num_experts, num_gpus)
     prob += pulp.LpAffineExpression([(x[e][g], float(cost[e, g] / cost_scale)) for e in range(num_experts) for g in range(num_gpus)])
     for e in range(num_experts):
         prob += pulp.lpSum(x[e]) == int(counts[e])
@@ -312,7 +312,7 @@ def _capped_assignment(cost, shares, cap, start, problem, time_limit) -> np.ndar
     result = solve(prob, time_limit, gap_rel=1e-3)
     if result.status not in (OPTIMAL, FEASIBLE):
         return None
-    held = np.array([[(v.varValue or 0.0) > 0.5 for v in x_e] for x_e in x], dtype=np.int64)
+    held = read_binary_matrix(x)
     ok = (held.sum(axis=1) == counts).all() and (held.sum(axis=0) == problem.slots_per_gpu).all()
     if not ok or (held * shares[:, None]).sum(axis=0).max() > cap * (1 + 1e-7):
         return None

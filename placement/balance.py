@@ -9,6 +9,7 @@ Model (one layer; replica counts ``c_e`` fixed by EPLB's rule, which minimises t
          sum_e share_e x[e, g] <= t          t is the busiest GPU's load
          t >= max(max_e share_e, total / G)  the lower-bound cut
          x binary                            (at most one replica of an expert per GPU)
+         load_g >= load_{g+1}                symmetry breaking: GPUs are interchangeable here
 
 The greedy packing, improved by swaps, is the MIP start, so a stopped search is never worse than
 greedy; when that start already meets the lower bound the layer is proven optimal without a
@@ -26,7 +27,7 @@ import pulp
 
 from tokenloom.placement.metrics import gpu_loads
 from tokenloom.placement.problem import PlacementProblem
-from tokenloom.placement.solver import FEASIBLE, OPTIMAL, solve
+from tokenloom.placement.solver import FEASIBLE, OPTIMAL, binary_matrix, read_binary_matrix, solve
 
 _REL_TOL = 1e-9
 SKIP_GAP = 1e-3  # a start within 0.1% of the bound is kept without a solve (status feasible, gap recorded)
@@ -63,7 +64,7 @@ def balance_layer(
     scale = loads.sum() / num_gpus  # keep coefficients near 1 for the solver's tolerances
     shares = loads / counts / scale
     prob, x, t = _model(shares, counts, problem, bound / scale)
-    _set_start(x, t, warm_row, problem, warm_max / scale)
+    _set_start(x, t, _by_load(loads, warm_row, num_gpus), problem, warm_max / scale)
     result = solve(prob, time_limit)
     row = _row_from_x(x, problem) if result.status in (OPTIMAL, FEASIBLE) else None
     new_max = float(gpu_loads(loads, row, num_gpus).max()) if row is not None else np.inf
@@ -108,6 +109,12 @@ def improve_by_swaps(loads: np.ndarray, row: np.ndarray, problem: PlacementProbl
     return np.sort(experts, axis=1).reshape(-1)
 
 
+def _by_load(loads: np.ndarray, row: np.ndarray, num_gpus: int) -> np.ndarray:
+    """The same row with whole GPUs reordered busiest first (the model's symmetry breaking)."""
+    order = np.argsort(-gpu_loads(loads, row, num_gpus), kind="stable")
+    return row.reshape(num_gpus, -1)[order].reshape(-1)
+
+
 def _gap(value: float, bound: float) -> float:
     return max(0.0, (value - bound) / value) if value > 0 else 0.0
 
@@ -115,14 +122,17 @@ def _gap(value: float, bound: float) -> float:
 def _model(shares: np.ndarray, counts: np.ndarray, problem: PlacementProblem, t_min: float):
     num_experts, num_gpus = shares.shape[0], problem.num_gpus
     prob = pulp.LpProblem("balance", pulp.LpMinimize)
-    x = [[pulp.LpVariable(f"x_{e}_{g}", cat=pulp.LpBinary) for g in range(num_gpus)] for e in range(num_experts)]
-    t = pulp.LpVariable("t", lowBound=t_min)
+    x = binary_matrix(prob, num_experts, num_gpus)
+    t = prob.add_variable("t", lowBound=t_min)
     prob += t
     for e in range(num_experts):
         prob += pulp.lpSum(x[e]) == int(counts[e])
+    gpu_load = [pulp.LpAffineExpression([(x[e][g], float(shares[e])) for e in range(num_experts)]) for g in range(num_gpus)]
     for g in range(num_gpus):
         prob += pulp.lpSum(x[e][g] for e in range(num_experts)) == problem.slots_per_gpu
-        prob += pulp.LpAffineExpression([(x[e][g], float(shares[e])) for e in range(num_experts)]) <= t
+        if g + 1 < num_gpus:
+            prob += gpu_load[g] - gpu_load[g + 1] >= 0
+    prob += gpu_load[0] <= t  # the busiest GPU is GPU 0 under the ordering above
     return prob, x, t
 
 
@@ -135,7 +145,7 @@ def _set_start(x: list, t: pulp.LpVariable, row: np.ndarray, problem: PlacementP
 
 
 def _row_from_x(x: list, problem: PlacementProblem) -> np.ndarray | None:
-    held = np.array([[(v.varValue or 0.0) > 0.5 for v in x_e] for x_e in x], dtype=np.int64)
+    held = read_binary_matrix(x)
     return row_from_assignment(held, problem.slots_per_gpu)
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
 OPTIMAL = "optimal"
@@ -45,6 +46,16 @@ class _WarmHiGHS(pulp.HiGHS):  # type: ignore[misc, valid-type]
 
 
 _BANNER_SILENCED = False
+
+
+def binary_matrix(prob: pulp.LpProblem, rows: int, cols: int) -> list[list[pulp.LpVariable]]:
+    """``x[e][g]`` binaries owned by ``prob`` (PuLP 4's way; the bare constructor is deprecated)."""
+    return [[prob.add_variable(f"x_{e}_{g}", cat=pulp.LpBinary) for g in range(cols)] for e in range(rows)]
+
+
+def read_binary_matrix(x: list[list[pulp.LpVariable]]) -> "np.ndarray":
+    """The 0/1 values of ``x`` after a solve (unset variables read as 0)."""
+    return np.array([[(v.varValue or 0.0) > 0.5 for v in row] for row in x], dtype=np.int64)
 
 
 def highs_available() -> bool:

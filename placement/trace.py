@@ -80,7 +80,7 @@ def _as_counts(value: object, field: str, ndim: int) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except ValueError as exc:  # ragged nested lists from JSON
-        raise ValueError(f"{field}: not a rectangular array ({exc})") from None
+        raise ValueError(f"{field}: not a rectangular array ({str(exc).splitlines()[0]})") from None
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"{field}: dtype {arr.dtype} is not numeric; expected a {ndim}-D array of counts")
     if arr.dtype == bool or np.issubdtype(arr.dtype, np.complexfloating):
@@ -101,7 +101,12 @@ def trace_from_topk(topk_ids: object, num_experts: object, source: str = "") -> 
     ``topk_ids``: integer ``(num_layers, num_tokens, top_k)``; ``num_experts``: positive int scalar.
     Pairs for ``top_k > 1`` are counted as the module docstring says (``1/K`` per pair).
     """
-    ids = np.asarray(topk_ids)
+    try:
+        ids = np.asarray(topk_ids)
+    except ValueError:  # ragged nested lists from JSON
+        raise ValueError("topk_ids: not a rectangular array; expected (num_layers, num_tokens, top_k)") from None
+    if ids.size == 0:
+        raise ValueError(f"topk_ids: empty trace, shape {ids.shape}; need >= 1 layer, token and top-k entry")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"topk_ids: dtype {ids.dtype}; expected an integer array of expert ids")
     if ids.ndim != 3:
