@@ -32,6 +32,8 @@ from tokenloom.placement.solver import FEASIBLE, OPTIMAL, binary_matrix, read_bi
 
 MAX_EXACT_STATES = 3000  # placements per layer for the exact chain model
 MAX_MILP_VARS = 1024  # the per-layer MILP runs only below this many x[e, g] (HiGHS is slow beyond)
+MAX_MILP_SECONDS = 2.0  # per layer and sweep
+MAX_SWEEPS = 8
 
 
 @dataclass(frozen=True)
@@ -155,20 +157,24 @@ def _layer_costs(l: int, fracs: list[np.ndarray], transitions: np.ndarray, weigh
 
 
 def _sweeps(rows, loads, caps, transitions, problem, deadline, progress) -> np.ndarray:
+    """Forward pass (each layer follows the one before), then backward/forward sweeps with both
+    neighbours fixed, until a sweep changes nothing, ``MAX_SWEEPS`` or the deadline."""
     num_layers, num_experts = rows.shape[0], loads.shape[1]
     weights = problem.link_weights()
     fracs = [_fractions(r, num_experts, problem.num_gpus) for r in rows]
-    order = list(range(1, num_layers))  # forward pass: each layer follows the one before it
-    passes = [order, list(range(num_layers - 1, -1, -1)), list(range(num_layers))]
-    for sweep, layers in enumerate(passes):
+    for sweep in range(MAX_SWEEPS):
+        if sweep == 0:
+            layers = list(range(1, num_layers))
+        else:
+            layers = list(range(num_layers - 1, -1, -1)) if sweep % 2 else list(range(num_layers))
         changed = False
         for i, l in enumerate(layers):
             if time.perf_counter() >= deadline:
                 return rows
             counts = np.bincount(rows[l], minlength=num_experts)
             cost = _layer_costs(l, fracs, transitions, weights) / counts[:, None]  # per replica
-            remaining = (deadline - time.perf_counter()) / (len(layers) - i + (len(passes) - sweep - 1) * num_layers)
-            new_row = _best_layer(rows[l], cost, loads[l] / counts, caps[l], problem, remaining)
+            milp_seconds = min(MAX_MILP_SECONDS, (deadline - time.perf_counter()) / (len(layers) - i + num_layers))
+            new_row = _best_layer(rows[l], cost, loads[l] / counts, caps[l], problem, milp_seconds)
             if not np.array_equal(new_row, rows[l]):
                 rows[l], changed = new_row, True
                 fracs[l] = _fractions(new_row, num_experts, problem.num_gpus)
@@ -234,17 +240,22 @@ class _Swaps:
     def gpu_load(self) -> np.ndarray:
         return self.shares[self.experts].sum(axis=1)
 
-    def _tables(self, cost: np.ndarray):
-        """delta[s, t]: cost change of swapping slots s and t; after[s, t]: load of s's GPU after."""
+    def _tables(self, cost: np.ndarray, rows: np.ndarray | None = None):
+        """For slots s in ``rows`` (default all) and every slot t: the cost change of swapping them
+        (delta[s, t]), the loads of s's and t's GPUs afterwards, and whether the swap is legal."""
         ex, gpu_of = self.experts.ravel(), self.gpu_of
+        sub = np.arange(ex.shape[0]) if rows is None else rows
         sh = self.shares[ex]
+        gpu_load = self.gpu_load()
         own = cost[ex, gpu_of]
-        cross = cost[ex[:, None], gpu_of[None, :]]
-        delta = cross + cross.T - own[:, None] - own[None, :]
-        after = self.gpu_load()[gpu_of][:, None] - sh[:, None] + sh[None, :]
-        legal = gpu_of[:, None] != gpu_of[None, :]
-        legal &= ~self.held[ex[:, None], gpu_of[None, :]] & ~self.held[ex[None, :], gpu_of[:, None]]
-        return delta, after, legal
+        delta = cost[ex[sub][:, None], gpu_of[None, :]] + cost[ex[None, :], gpu_of[sub][:, None]]
+        delta -= own[sub][:, None] + own[None, :]
+        moved = sh[None, :] - sh[sub][:, None]  # load gained by s's GPU
+        after_s = gpu_load[gpu_of[sub]][:, None] + moved
+        after_t = gpu_load[gpu_of][None, :] - moved
+        legal = gpu_of[sub][:, None] != gpu_of[None, :]
+        legal &= ~self.held[ex[sub][:, None], gpu_of[None, :]] & ~self.held[ex[None, :], gpu_of[sub][:, None]]
+        return delta, after_s, after_t, legal
 
     def _swap(self, s: int, t: int) -> None:
         g, h = self.gpu_of[s], self.gpu_of[t]
@@ -257,12 +268,14 @@ class _Swaps:
         limit = cap * (1 + 1e-9)
         num_slots = self.gpu_of.shape[0]
         for _ in range(max_rounds):
-            delta, after, legal = self._tables(cost)
-            ok = legal & (delta < -1e-9) & (after <= limit) & (after.T <= limit)
+            delta, after_s, after_t, legal = self._tables(cost)
+            ok = legal & (delta < -1e-9) & (after_s <= limit) & (after_t <= limit)
             ok &= self.gpu_of[:, None] < self.gpu_of[None, :]
             cand = np.flatnonzero(ok)
             if cand.size == 0:
                 break
+            if cand.size > 8 * self.held.shape[1]:  # only the best few can land on disjoint GPUs
+                cand = cand[np.argpartition(delta.ravel()[cand], 8 * self.held.shape[1])[: 8 * self.held.shape[1]]]
             used = np.zeros(self.held.shape[1], dtype=bool)
             for flat in cand[np.argsort(delta.ravel()[cand], kind="stable")]:
                 s, t = divmod(int(flat), num_slots)
@@ -280,13 +293,13 @@ class _Swaps:
             if gpu_load.max() <= limit:
                 return True
             g = int(np.argmax(gpu_load))
-            delta, after, legal = self._tables(cost)
             rows = np.flatnonzero(self.gpu_of == g)
-            ok = legal[rows] & (after[rows] < gpu_load[g] * (1 - 1e-12)) & (after.T[rows] <= limit)
+            delta, after_s, after_t, legal = self._tables(cost, rows)
+            ok = legal & (after_s < gpu_load[g] * (1 - 1e-12)) & (after_t <= limit)
             if not ok.any():
                 return False
-            fixed = ok & (after[rows] <= limit)
-            score = np.where(fixed, delta[rows], np.inf) if fixed.any() else np.where(ok, after[rows], np.inf)
+            fixed = ok & (after_s <= limit)
+            score = np.where(fixed, delta, np.inf) if fixed.any() else np.where(ok, after_s, np.inf)
             i, t = np.unravel_index(np.argmin(score), score.shape)
             self._swap(int(rows[i]), int(t))
         return bool(self.gpu_load().max() <= limit)
