@@ -141,3 +141,29 @@ def test_help_teaches(capsys):
         assert done.value.code == 0
         text = capsys.readouterr().out
         assert "example" in text
+
+
+def test_subprocess_json_is_one_object_even_with_highs(tmp_path, trace_file):
+    """HiGHS prints a banner on fd 1 on first use; --json must still be exactly one JSON object."""
+    proc = subprocess.run([sys.executable, "-m", "tokenloom", "plan", "--trace", str(trace_file), "--gpus", "4",
+                           "--time-limit", "2", "--out", str(tmp_path / "p.json"), "--json"],
+                          capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1
+    assert json.loads(proc.stdout)["method"] == "ilp"
+    assert "\r" not in proc.stderr  # no progress bar when stdout is not a terminal
+
+
+def test_demo_section_writes_a_table():
+    import io
+
+    from tokenloom.placement.demo import demo_section
+
+    out = io.StringIO()
+    demo_section(out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("MoE expert placement")
+    rows = {line.split()[0]: line.split() for line in lines[2:5]}
+    assert set(rows) == {"contiguous", "greedy", "ilp"}
+    ilp, greedy = rows["ilp"], rows["greedy"]
+    assert float(ilp[1]) <= float(greedy[1]) and float(ilp[3]) < float(greedy[3])  # balance kept, fewer cross-node
