@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -66,6 +67,9 @@ def plan_placement(
     if (previous is None) != (max_moves is None):
         raise ValueError("max_moves: give both a previous plan and max_moves, or neither")
     if previous is not None:
+        if method != "ilp":
+            warnings.warn(f"method: {method!r} has no effect with a previous plan; re-planning is a local search from it",
+                          stacklevel=2)
         rows, solver = _migrate(trace, problem, previous, max_moves)
         method = "migrate"
     elif method == "ilp":

@@ -33,7 +33,8 @@ def draw_png(path: str | os.PathLike, plan: Plan, trace: Trace, metrics: PlanMet
         right.bar(x + 0.2, [m.cross_node_tokens for m in rows], 0.4, label="cross-node")
         right.set_xticks(x, names)
         right.set(ylabel="tokens between consecutive layers", title="traffic")
-        right.legend()
+        right.set_ylim(0, 1.25 * max(m.cross_gpu_tokens for m in rows))  # room for the legend
+        right.legend(loc="upper right")
     else:
         right.text(0.5, 0.5, "trace has no transitions:\nno traffic to compare", ha="center", va="center")
         right.set_axis_off()

@@ -148,18 +148,19 @@ def _brute_pairs_min_max(loads, counts):
     items = [loads[e] / counts[e] for e in range(len(loads)) for _ in range(counts[e])]
     names = [e for e in range(len(loads)) for _ in range(counts[e])]
 
-    def best(rest):
+    def best(rest, limit):
+        """Smallest achievable max pair sum below ``limit`` (else ``limit``): exhaustive with pruning."""
         if not rest:
             return 0.0
-        first, out = rest[0], np.inf
+        first, out = rest[0], limit
         for j in rest[1:]:
-            if names[first] != names[j]:
+            if names[first] != names[j] and items[first] + items[j] < out:
                 left = [k for k in rest[1:] if k != j]
-                out = min(out, max(items[first] + items[j], best(left)))
+                out = min(out, max(items[first] + items[j], best(left, out)))
         return out
 
     order = sorted(range(len(items)), key=lambda i: -items[i])
-    return best(order)
+    return best(order, np.inf)
 
 
 def test_replanning_moves_at_most_k_experts():

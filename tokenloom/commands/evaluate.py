@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tokenloom.commands.plan import add_bandwidth_flags
+
 _EPILOG = """\
 Metrics: per-layer max/mean GPU load (each expert's tokens split evenly over its replicas),
 tokens crossing GPUs and nodes between consecutive layers (needs transitions in the trace), and
@@ -66,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", required=True, help="plan JSON written by `tokenloom plan`")
     p.add_argument("--trace", required=True, help="trace file (.npz raw or aggregated, or .json aggregated)")
-    p.add_argument("--intra-node-gbps", type=float, default=None, help="override the plan's intra-node GB/s")
-    p.add_argument("--inter-node-gbps", type=float, default=None, help="override the plan's inter-node GB/s")
+    add_bandwidth_flags(p, defaults=False)
     p.add_argument("--png", default=None, help="also draw the GPU load heatmap and the traffic comparison here")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_evaluate)

@@ -27,6 +27,10 @@ examples:
 """
 
 
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
 def _positive(name: str, value: float | int | None) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{name}: must be > 0, got {value}")
@@ -62,12 +66,21 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     worst = max(metrics["max_mean_load"])
     print(f"{plan.method}: {plan.num_layers} layers, {plan.num_slots} slots on {plan.num_gpus} GPUs "
-          f"({plan.num_gpus // plan.gpus_per_node} nodes), {summary['status']} in {summary['seconds']:.1f} s")
+          f"({_nodes(plan.num_gpus // plan.gpus_per_node)}), {summary['status']} in {summary['seconds']:.1f} s")
     print(f"  worst max/mean GPU load {worst:.4f}")
     if metrics["cross_gpu_tokens"] is not None:
         print(f"  cross-GPU tokens {metrics['cross_gpu_tokens']:.0f}, cross-node tokens {metrics['cross_node_tokens']:.0f}")
     print(f"  wrote {args.out}")
     return 0
+
+
+def add_bandwidth_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """--intra-node-gbps / --inter-node-gbps; ``defaults=False`` (evaluate) keeps the plan's own values."""
+    for flag, value, where in (("--intra-node-gbps", DEFAULT_INTRA_NODE_GBPS, "inside a node, NVLink4"),
+                               ("--inter-node-gbps", DEFAULT_INTER_NODE_GBPS, "across nodes, a 400 Gb/s NIC")):
+        default = f"default {value:g}, {where}" if defaults else "default: the plan's"
+        p.add_argument(flag, type=float, default=value if defaults else None,
+                       help=f"GB/s per GPU and direction {where.split(',')[0]} ({default})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,10 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("ilp", "greedy", "round_robin", "contiguous"), default="ilp",
                    help="planner (default ilp; see below)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for the whole planning run (default 60)")
-    p.add_argument("--intra-node-gbps", type=float, default=DEFAULT_INTRA_NODE_GBPS,
-                   help=f"GB/s per GPU and direction inside a node (default {DEFAULT_INTRA_NODE_GBPS:g}, NVLink4)")
-    p.add_argument("--inter-node-gbps", type=float, default=DEFAULT_INTER_NODE_GBPS,
-                   help=f"GB/s per GPU and direction across nodes (default {DEFAULT_INTER_NODE_GBPS:g}, a 400 Gb/s NIC)")
+    add_bandwidth_flags(p, defaults=True)
     p.add_argument("--previous", default=None, help="an existing plan JSON to re-plan from (needs --max-moves)")
     p.add_argument("--max-moves", type=int, default=None, help="with --previous: move at most this many experts per layer")
     p.add_argument("--out", required=True, help="plan JSON to write (atomically)")
