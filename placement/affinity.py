@@ -10,10 +10,11 @@ With the neighbouring layers fixed, a layer's cost is linear in its assignment `
 
 - ``exact_chain``: tiny problems (few placements per layer) enumerate every placement that meets
   the cap and run a Viterbi pass over the layer chain: the proven optimum of the joint model.
-- otherwise ``sweep``: a forward pass then back-and-forth sweeps; each layer first tries the best
+- otherwise ``sweep``: a forward pass then back-and-forth sweeps; each layer takes the best
   permutation of its GPUs' contents (an assignment problem, ``linear_sum_assignment``; loads are
-  unchanged), then a small MILP that may move single replicas under the cap (a generalised
-  assignment problem, warm-started from that permutation). A layer changes only if its cost drops.
+  unchanged), then swap descent under the cap (with escapes through a briefly loosened cap, see
+  :func:`relaxed_descent`), then, for small layers only (``MAX_MILP_VARS``), the capped
+  generalised-assignment MILP warm-started from there. A layer changes only if its cost drops.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from tokenloom.placement.affinity import place_across_layers, weighted_cost
 from tokenloom.placement.balance import balance_layer, load_lower_bound
 from tokenloom.placement.greedy import baseline_plan, eplb_replica_counts, greedy_layer
-from tokenloom.placement.metrics import PlanMetrics, evaluate_layers, gpu_loads
+from tokenloom.placement.metrics import PlanMetrics, evaluate_layers
 from tokenloom.placement.migrate import count_moves, migrate_layer
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, PlacementProblem
@@ -205,4 +205,4 @@ def traffic_cost(plan: Plan, trace: Trace) -> float:
     return weighted_cost(plan.phy2log, trace.transitions, plan.problem())
 
 
-__all__ = ["METHODS", "plan_placement", "evaluate_plan", "baseline_metrics", "traffic_cost", "gpu_loads"]
+__all__ = ["METHODS", "plan_placement", "evaluate_plan", "baseline_metrics", "traffic_cost"]

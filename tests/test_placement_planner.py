@@ -63,6 +63,9 @@ def test_invariants_every_method(tmp_path, method, num_experts, num_gpus, gpn, r
     for l, row in enumerate(plan.phy2log):
         ref = _gpu_loads(trace.loads[l], row, num_gpus)
         assert metrics.max_mean_load[l] == pytest.approx(ref.max() / ref.mean())
+    if method == "ilp":  # never worse than greedy on any layer, whatever the shape
+        greedy = plan_placement(trace, num_gpus, gpus_per_node=gpn, num_redundant=redundant, method="greedy")
+        assert all(i <= g * (1 + 1e-12) for i, g in zip(plan.metrics["max_mean_load"], greedy.metrics["max_mean_load"]))
 
 
 def test_ilp_never_worse_than_greedy_and_cuts_traffic():
