@@ -22,7 +22,11 @@ IMPLS = ("torch", "triton")
 
 
 def triton_available() -> bool:
-    """True when the Triton kernels can run here (a CUDA device, or TRITON_INTERPRET=1)."""
+    """True when the Triton block kernels are present and can run here.
+
+    They live in ``tokenloom.kernels.triton_attention`` (``usable()``, ``forward``, ``backward``);
+    until that module ships, every device uses the torch path.
+    """
     try:
         from tokenloom.kernels import triton_attention  # noqa: F401
     except ImportError:
@@ -36,8 +40,9 @@ def select_impl(device: torch.device, impl: str | None = None) -> str:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
         if impl == "triton" and not triton_available():
-            raise ValueError("impl='triton' needs the triton package and a CUDA device "
-                             "(or TRITON_INTERPRET=1 on CPU)")
+            raise ValueError("impl='triton' is not available here: it needs "
+                             "tokenloom.kernels.triton_attention, the triton package and a CUDA "
+                             "device (or TRITON_INTERPRET=1); use impl='torch' or None")
         return impl
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
