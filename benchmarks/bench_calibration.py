@@ -2,8 +2,8 @@
 
 The measured side runs ``tokenloom.parallel`` (TokenRing, Ring, Ulysses) under
 ``tokenloom.comm.spawn.spawn_ranks`` (fork, gloo, one thread per rank); each rank times the
-forward (and forward+backward) of one attention call after a warm-up, and the slowest rank's best
-of ``--repeats`` counts. The predicted side simulates the same schedules with the ``local-cpu``
+forward (and forward+backward) of one attention call after a warm-up, and the slowest rank's
+median of ``--repeats`` counts (the calibration takes medians too). The predicted side simulates the same schedules with the ``local-cpu``
 profile (``tokenloom simulate calibrate`` writes it; ``--calibrate`` measures a fresh one first).
 
     python benchmarks/bench_calibration.py [--calibrate] [--seq 4096] [--heads 4] [--head-dim 64]
@@ -36,7 +36,7 @@ def _run_rank(rank: int, world_size: int, strategy: str, seq: int, heads: int, h
     local = seq // world_size
     q, k, v = (torch.randn(1, local, heads, head_dim, generator=gen, requires_grad=backward)
                for _ in range(3))
-    best = float("inf")
+    times = []
     for i in range(repeats + 1):  # the first call warms up (and builds the schedule)
         dist.barrier()
         t0 = time.perf_counter()
@@ -45,8 +45,8 @@ def _run_rank(rank: int, world_size: int, strategy: str, seq: int, heads: int, h
             out.sum().backward()
         elapsed = time.perf_counter() - t0
         if i:
-            best = min(best, elapsed)
-    return best
+            times.append(elapsed)
+    return float(sorted(times)[len(times) // 2])
 
 
 def measure(world_size: int, strategy: str, shape: AttentionShape, causal: bool, backward: bool,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     p.add_argument("--strategies", nargs="+", default=["tokenring", "ring", "ulysses"])
     args = p.parse_args(argv)

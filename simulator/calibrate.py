@@ -8,8 +8,9 @@ the runtime), one rank per core measuring at the same time:
   :mod:`tokenloom.simulator.cost` (so the rate is in the cost model's own units), and the fixed
   cost of one call (a tiny call's time: Python and dispatch overhead);
 - memory bandwidth: an in-place add over 64 MiB tensors (reads two, writes one);
-- gloo over loopback between two forked ranks: a ping-pong at several message sizes, fitted by
-  least squares to ``one_way = latency + bytes / bandwidth`` (the alpha-beta model).
+- gloo over loopback between two forked ranks: a ping-pong at several message sizes; bandwidth from
+  a least-squares fit of ``one_way = latency + bytes / bandwidth`` (the alpha-beta model), latency
+  from the smallest message.
 
 The result is a hardware-file entry named ``local-cpu`` (fabric ``bus``: all transfers share the
 host), written atomically to ``cpu_profile_path()`` unless another path is given.
@@ -31,14 +32,16 @@ from tokenloom.simulator.hardware import LOCAL_CPU, Device, Link, NodeSpec, node
 _PING_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)  # bytes
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median of ``repeats`` timed calls after a warm-up: the typical time, as runs see it (the best
+    of a few is too optimistic on a shared or virtual machine, where identical calls vary ~2x)."""
     fn()  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def _compute_rank(rank: int, world_size: int, chunks: tuple[int, ...], heads: int, head_dim: int,
@@ -52,26 +55,26 @@ def _compute_rank(rank: int, world_size: int, chunks: tuple[int, ...], heads: in
 
     gen = torch.Generator().manual_seed(rank)
     tiny = [torch.randn(1, 16, heads, head_dim, generator=gen) for _ in range(3)]
-    launch = _best_time(lambda: attention_with_lse(*tiny), repeats * 3)
+    launch = _median_time(lambda: attention_with_lse(*tiny), repeats * 3)
     rows = []  # (flops, forward s, backward s) per chunk size
     for c in chunks:
         q, dout = (torch.randn(1, c, heads, head_dim, generator=gen) for _ in range(2))
         k, v = (torch.randn(1, 2 * c, heads, head_dim, generator=gen) for _ in range(2))
         fwd = bwd = 0.0
         for kb, vb, causal in ((k[:, :c], v[:, :c], False), (k, v, True)):
-            fwd += _best_time(lambda: attention_with_lse(q, kb, vb, causal=causal), repeats) - launch
+            fwd += _median_time(lambda: attention_with_lse(q, kb, vb, causal=causal), repeats) - launch
             out, lse = attention_with_lse(q, kb, vb, causal=causal)
             delta = attention_delta(out, dout)
-            bwd += _best_time(lambda: attention_backward(dout, q, kb, vb, lse, delta, causal=causal),
+            bwd += _median_time(lambda: attention_backward(dout, q, kb, vb, lse, delta, causal=causal),
                               repeats) - launch
         rows.append((10.0 * c * c * heads * head_dim, fwd, bwd))
     a, b = torch.ones(1 << 23), torch.ones(1 << 23)  # 32 MiB each
-    add = _best_time(lambda: a.add_(b), repeats)
+    add = _median_time(lambda: a.add_(b), repeats)
     return {"launch_s": launch, "mem_bw": 3 * a.numel() * 4 / add, "rows": rows}
 
 
 def measure_compute(chunks: tuple[int, ...] = (256, 512, 1024, 2048), heads: int = 4, head_dim: int = 64,
-                    repeats: int = 2, ranks: int | None = None, timeout: float = 300.0) -> dict:
+                    repeats: int = 3, ranks: int | None = None, timeout: float = 300.0) -> dict:
     """Kernel rates while ``ranks`` (default: every core) forked ranks measure at once, so shared
     caches and memory bandwidth are in the numbers as in real runs; rank times averaged, then
     pooled over the chunk sizes (total FLOPs / total seconds)."""
@@ -115,8 +118,12 @@ def measure_gloo(sizes: tuple[int, ...] = _PING_SIZES, repeats: int = 5, timeout
     from tokenloom.comm.spawn import spawn_ranks
 
     one_way = spawn_ranks(2, _ping_pong, tuple(sizes), repeats, timeout=timeout)[0]
-    slope, intercept = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(one_way), 1)
-    return {"latency_s": max(float(intercept), 1e-6), "bw": 1.0 / max(float(slope), 1e-12),
+    slope, _ = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(one_way), 1)
+    bw = 1.0 / max(float(slope), 1e-12)
+    # The fitted intercept is dominated by the large messages' noise; the smallest message is
+    # almost pure latency, so take the latency from it.
+    latency = one_way[0] - sizes[0] / bw
+    return {"latency_s": max(float(latency), 1e-6), "bw": bw,
             "samples": dict(zip(map(int, sizes), map(float, one_way)))}
 
 
@@ -131,7 +138,7 @@ def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpe
 
 def calibrate(out_path: str | os.PathLike, *, quick: bool = False) -> dict:
     """Measure, write the profile atomically to ``out_path``, and return what was written."""
-    compute = measure_compute((128, 256, 512) if quick else (256, 512, 1024, 2048), repeats=1 if quick else 2)
+    compute = measure_compute((128, 256, 512) if quick else (256, 512, 1024, 2048), repeats=1 if quick else 3)
     gloo = measure_gloo(_PING_SIZES[:4] if quick else _PING_SIZES, repeats=3 if quick else 5)
     entry = node_to_dict(profile_from(compute, gloo))
     entry["measured"] = {"compute": compute, "gloo": gloo, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

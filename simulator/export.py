@@ -92,7 +92,7 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
     ranks = sorted({e["pid"] for e in events})
     colors = {"compute": "#4C72B0", "merge": "#8172B2", "exposed_comm": "#C44E52", "p2p": "#55A868",
               "all_to_all": "#DD8452"}
-    fig, ax = plt.subplots(figsize=(12, 0.6 + 0.55 * len(ranks)))
+    fig, ax = plt.subplots(figsize=(12, 1.4 + 0.6 * len(ranks)))
     rows = {}
     for r in ranks:
         rows[(r, "compute")] = len(rows)
@@ -108,7 +108,7 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
             height = 0.8 / max(len(lanes), 1)
             y = y - 0.4 + height * (channel_rows[(e["pid"], e["tid"])] + 0.5)
         ax.barh(-y, e["dur"] / 1e3, left=e["ts"] / 1e3, height=height * 0.9, color=colors[e["cat"]],
-                edgecolor="none")
+                edgecolor="white", linewidth=0.3)
     ax.set_yticks([-v for v in rows.values()])
     ax.set_yticklabels([f"r{r} {kind}" for r, kind in rows])
     ax.set_xlabel("time (ms)")
@@ -117,7 +117,8 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
                  f"{'causal' if s['causal'] else 'full'}, {'fwd+bwd' if s['backward'] else 'fwd'}: "
                  f"{s['total_ms']:.2f} ms")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), loc="upper right", fontsize=8, ncol=len(colors))
+    ax.legend(handles, list(colors), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(ranks)),
+              fontsize=8, ncol=len(colors), frameon=False)
     fig.tight_layout()
     with atomic_write(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tokenloom.commands.simulate import add_problem_args, problem_from_args
+from tokenloom.commands.simulate import add_attention_command, problem_from_args
 
 _EPILOG = """\
 Every (strategy, layout) pair that fits the shape is simulated on the same hardware; the table is
@@ -42,13 +42,9 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("advise", help="rank parallel-attention strategies by simulated time",
-                              description="Ask the simulator which strategy and layout to use.")
-    sub = p.add_subparsers(dest="what", metavar="WHAT")
-    sub.required = True
-    att = sub.add_parser("attention", help="rank tokenring / ring / ulysses x zigzag / contiguous",
-                         description="Rank sequence-parallel attention strategies by simulated time.",
-                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_problem_args(att)
+    _, att = add_attention_command(
+        subparsers, "advise", "rank parallel-attention strategies by simulated time",
+        "Ask the simulator which strategy and layout to use.",
+        "rank tokenring / ring / ulysses x zigzag / contiguous", _EPILOG)
     att.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     att.set_defaults(func=_advise)

@@ -134,17 +134,26 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_attention_command(subparsers: argparse._SubParsersAction, command: str, help_: str, description: str,
+                          attention_help: str, epilog: str) -> tuple[argparse._SubParsersAction,
+                                                                       argparse.ArgumentParser]:
+    """``tokenloom COMMAND attention`` with the shared problem flags; returns (its subparsers, it)."""
+    p = subparsers.add_parser(command, help=help_, description=description)
+    sub = p.add_subparsers(dest="what", metavar="WHAT")
+    sub.required = True
+    att = sub.add_parser("attention", help=attention_help, description=description,
+                         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_problem_args(att)
+    return sub, att
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenloom.parallel.builders import STRATEGIES
 
-    p = subparsers.add_parser("simulate", help="predict the time of parallel attention on a cluster",
-                              description="Discrete-event simulation of the runtime's own schedules.")
-    sub = p.add_subparsers(dest="what", metavar="WHAT")
-    sub.required = True
-    att = sub.add_parser("attention", help="one attention layer: time, exposed communication, bytes",
-                         description="Simulate one sequence-parallel attention layer.", epilog=_EPILOG_ATTENTION,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_problem_args(att)
+    sub, att = add_attention_command(
+        subparsers, "simulate", "predict the time of parallel attention on a cluster",
+        "Discrete-event simulation of the runtime's own schedules.",
+        "one attention layer: time, exposed communication, bytes", _EPILOG_ATTENTION)
     att.add_argument("--strategy", choices=STRATEGIES, default="tokenring", help="default tokenring")
     att.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
                      help="sequence layout over ranks (default zigzag: balanced causal work)")
