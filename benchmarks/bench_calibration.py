@@ -3,10 +3,11 @@
 The measured side runs ``tokenloom.parallel`` (TokenRing, Ring, Ulysses) under
 ``tokenloom.comm.spawn.spawn_ranks`` (fork, gloo, one thread per rank); each rank times the
 forward (and forward+backward) of one attention call after a warm-up, and the slowest rank's
-median of ``--repeats`` counts (the calibration takes medians too). The predicted side simulates the same schedules with the ``local-cpu``
-profile (``tokenloom simulate calibrate`` writes it; ``--calibrate`` measures a fresh one first).
+median of ``--repeats`` counts (the calibration takes medians too). The predicted side simulates
+the same schedules with the ``local-cpu`` profile (``tokenloom simulate calibrate`` writes it;
+``--calibrate`` measures a fresh one first).
 
-    python benchmarks/bench_calibration.py [--calibrate] [--seq 4096] [--heads 4] [--head-dim 64]
+    python benchmarks/bench_calibration.py [--calibrate] [--repeats 5] [--seq 4096] [--heads 4]
 """
 
 from __future__ import annotations

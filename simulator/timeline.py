@@ -120,4 +120,10 @@ class Timeline:
             "critical_rank": crit,
             "bytes_per_rank": float(self.bytes_sent.max(initial=0.0)),
             "bytes_total": float(self.bytes_sent.sum()),
+            "per_rank": {
+                "end_ms": [float(x) * ms for x in self.rank_end],
+                "compute_ms": [float(x) * ms for x in self.busy_s],
+                "exposed_comm_ms": [float(x) * ms for x in self.exposed_s],
+                "bytes_sent": [float(x) for x in self.bytes_sent],
+            },
         }

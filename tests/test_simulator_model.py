@@ -80,6 +80,10 @@ def test_summary_identities():
                            backward=True).summary()
     for p in s["passes"].values():
         assert p["compute_ms"] + p["exposed_comm_ms"] == pytest.approx(p["total_ms"], rel=1e-9)
+        ranks = p["per_rank"]
+        for end, busy, exposed in zip(ranks["end_ms"], ranks["compute_ms"], ranks["exposed_comm_ms"]):
+            assert busy + exposed == pytest.approx(end, rel=1e-9) and end <= p["total_ms"] * (1 + 1e-12)
+        assert max(ranks["end_ms"]) == pytest.approx(p["total_ms"]) and sum(ranks["bytes_sent"]) == p["bytes_total"]
     assert s["total_ms"] == pytest.approx(sum(p["total_ms"] for p in s["passes"].values()))
     assert len(s["step_ms"]) == sum(p["num_steps"] for p in s["passes"].values())
     assert 0.0 <= s["overlap_fraction"] <= 1.0
@@ -104,3 +108,22 @@ def test_mha_favours_tokenring_on_a_full_mesh_when_communication_bound():
     s = {r.strategy: r.summary() for r in advice.ranking}
     assert s["ring"]["exposed_comm_ms"] > 0  # the regime this test is about
     assert advice.winner.strategy == "tokenring"
+
+
+def test_simulator_imports_schedules_never_the_runtime():
+    """DESIGN.md: the simulator prices schedules; it must not depend on the runtime that runs them."""
+    import ast
+    import pathlib
+
+    import tokenloom.simulator as pkg
+
+    allowed = {"tokenloom.parallel.schedule", "tokenloom.parallel.builders", "tokenloom.parallel.check"}
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("tokenloom.parallel") or name.startswith("tokenloom.kernels"):
+                    # kernels only for calibration (it measures the reference kernel itself)
+                    assert name in allowed or (path.name == "calibrate.py" and name.startswith("tokenloom.kernels")), \
+                        f"{path.name} imports {name}"
