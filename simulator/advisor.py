@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from tokenloom.comm.topology import LAYOUTS
+from tokenloom.comm.topology import check_layout
 from tokenloom.parallel.builders import STRATEGIES
 from tokenloom.simulator.cost import AttentionShape
 from tokenloom.simulator.hardware import LOCAL_CPU, Cluster, make_cluster
@@ -19,6 +19,7 @@ from tokenloom.simulator.scenario import AttentionResult, simulate_attention
 _DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
                  ("mi300", "mi300x"))
 DEFAULT_GPU = "h100-sxm"  # an unknown CUDA device is priced as the most common datacenter GPU
+PREFERRED_LAYOUTS = ("zigzag", "contiguous")  # ties (e.g. Ulysses, whose cost ignores layout) go to zigzag
 
 
 @dataclass
@@ -72,7 +73,8 @@ def _gb(num_bytes: float) -> str:
 
 
 def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
-                     strategies: tuple[str, ...] = STRATEGIES, layouts: tuple[str, ...] = LAYOUTS) -> Advice:
+                     strategies: tuple[str, ...] = STRATEGIES,
+                     layouts: tuple[str, ...] = PREFERRED_LAYOUTS) -> Advice:
     """Simulate every feasible (strategy, layout); raise ValueError if none fits the shape."""
     results, skipped = [], []
     for strategy in strategies:
@@ -114,7 +116,7 @@ def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_hea
     rank both). Cached per arguments.
     """
     hw = hardware if hardware is not None else detect_hardware()
-    layouts = LAYOUTS if layout is None else (layout,)
+    layouts = PREFERRED_LAYOUTS if layout is None else (check_layout(layout),)
     return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
                    dtype_bytes, batch, hw, bool(backward), layouts)
 

@@ -7,11 +7,13 @@ passes up: the backward pass starts after the forward pass ends (other layers ru
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from tokenloom.parallel.builders import STRATEGIES, build_schedule
+from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import simulate
 from tokenloom.simulator.hardware import Cluster
@@ -61,6 +63,14 @@ class AttentionResult:
         return out
 
 
+@functools.lru_cache(maxsize=64)
+def _schedule(strategy: str, world_size: int, layout: str, causal: bool, backward: bool, num_heads: int,
+              num_kv_heads: int) -> Schedule:
+    """Schedules are pure data and depend on no sizes: build each once (the advisor asks often)."""
+    return build_schedule(strategy, world_size, layout=layout, causal=causal, backward=backward,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+
 def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *, causal: bool,
                        backward: bool = False, layout: str = "zigzag") -> AttentionResult:
     """Simulate ``strategy`` on ``cluster``; raises ValueError for shapes the schedule cannot take."""
@@ -69,7 +79,6 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
     cost = CostModel(shape, cluster, layout)  # validates seq against the layout
     passes = []
     for bwd in ((False, True) if backward else (False,)):
-        sched = build_schedule(strategy, cluster.num_gpus, layout=layout, causal=causal, backward=bwd,
-                               num_heads=shape.num_heads, num_kv_heads=shape.kv_heads)
+        sched = _schedule(strategy, cluster.num_gpus, layout, causal, bwd, shape.num_heads, shape.kv_heads)
         passes.append(simulate(sched, cost))
     return AttentionResult(strategy, layout, shape, passes)
