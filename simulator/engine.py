@@ -126,114 +126,141 @@ class _Plan:
 
 def simulate(sched: Schedule, cost: CostModel) -> Timeline:
     """Price ``sched`` on ``cost.cluster``; raise :class:`DeadlockError` if it cannot finish."""
-    n = sched.world_size
-    if cost.world_size != n:
-        raise ValueError(f"cost model is for {cost.world_size} ranks, schedule for {n}")
-    topo = Topology(cost.cluster)
-    plan = _Plan(sched, cost, topo)
-    num_flows = len(plan.src)
-    net = FluidNetwork(topo.capacity, num_flows)
-    for f in range(num_flows):
-        net.set_flow(f, plan.route[f], plan.nbytes[f])
-    steps = sched.num_steps
-    post, comp_end, comm_end, wait_end, step_end = (np.full((n, steps), np.nan) for _ in range(5))
-    pending = [[len(ops) for ops in per_rank] for per_rank in plan.ops]
-    arrivals = [0] * num_flows
-    coll_arrivals = [0] * len(plan.coll_flows)
-    coll_left = [len(f) for f in plan.coll_flows]
-    ready, started, ended = [math.nan] * num_flows, [math.nan] * num_flows, [math.nan] * num_flows
-    heap: list[tuple] = [(0.0, _POST, r, 0) for r in range(n) if sched.ranks[r]]
-    heapq.heapify(heap)
+    if cost.world_size != sched.world_size:
+        raise ValueError(f"cost model is for {cost.world_size} ranks, schedule for {sched.world_size}")
+    run = _Run(sched, cost)
+    run.loop()
+    run.raise_if_stuck()
+    return run.timeline()
 
-    def finish_step(r: int, s: int, t_comm: float) -> None:
-        comm_end[r, s] = t_comm
-        wait_end[r, s] = max(comp_end[r, s], t_comm)
-        step_end[r, s] = wait_end[r, s] + plan.merge[r][s]
-        if s + 1 < len(sched.ranks[r]):
-            heapq.heappush(heap, (step_end[r, s], _POST, r, s + 1))
 
-    def op_done(r: int, s: int, t: float) -> None:
-        pending[r][s] -= 1
-        if pending[r][s] == 0:
-            finish_step(r, s, t)
+class _Run:
+    """State of one simulation: per (rank, step) times, per transfer arrivals and times."""
 
-    def do_post(r: int, s: int, t: float) -> None:
-        post[r, s] = t
-        comp_end[r, s] = t + plan.compute[r][s]
+    def __init__(self, sched: Schedule, cost: CostModel) -> None:
+        n, steps = sched.world_size, sched.num_steps
+        topo = Topology(cost.cluster)
+        self.sched, self.cost, self.plan = sched, cost, _Plan(sched, cost, topo)
+        num_flows = len(self.plan.src)
+        self.net = FluidNetwork(topo.capacity, num_flows)
+        for f in range(num_flows):
+            self.net.set_flow(f, self.plan.route[f], self.plan.nbytes[f])
+        self.post, self.comp_end, self.comm_end, self.wait_end, self.step_end = (
+            np.full((n, steps), np.nan) for _ in range(5))
+        self.pending = [[len(ops) for ops in per_rank] for per_rank in self.plan.ops]
+        self.arrivals = [0] * num_flows
+        self.coll_arrivals = [0] * len(self.plan.coll_flows)
+        self.coll_left = [len(f) for f in self.plan.coll_flows]
+        self.ready, self.started, self.ended = ([math.nan] * num_flows for _ in range(3))
+        self.heap: list[tuple] = [(0.0, _POST, r, 0) for r in range(n) if sched.ranks[r]]
+        heapq.heapify(self.heap)
+
+    def loop(self) -> None:
+        """Process events in time order until nothing more can happen."""
+        heap, net = self.heap, self.net
+        while True:
+            t_heap = heap[0][0] if heap else math.inf
+            t_net = net.next_finish()
+            if t_heap == math.inf and t_net == math.inf:
+                return
+            if t_net <= t_heap:
+                for f in net.pop_finished(t_net):
+                    self.flow_done(f, t_net)
+                continue
+            while heap and heap[0][0] == t_heap:  # a batch: rates are recomputed once after it
+                t, kind, a, b = heapq.heappop(heap)
+                if kind == _POST:
+                    self.do_post(a, b, t)
+                else:
+                    self.started[a] = t
+                    net.add(a, t)
+
+    def do_post(self, r: int, s: int, t: float) -> None:
+        """Phase 1 and 2 of step s on rank r: post the comm ops, run the computes."""
+        plan = self.plan
+        self.post[r, s] = t
+        self.comp_end[r, s] = t + plan.compute[r][s]
         for kind, ref in plan.ops[r][s]:
             if kind == "p2p":
-                arrivals[ref] += 1
-                if arrivals[ref] == 2:
-                    ready[ref] = t
-                    heapq.heappush(heap, (t + plan.lat[ref], _START, ref, 0))
+                self.arrivals[ref] += 1
+                if self.arrivals[ref] == 2:
+                    self._start(ref, t)
             elif kind == "coll":
-                coll_arrivals[ref] += 1
-                if coll_arrivals[ref] == n:
+                self.coll_arrivals[ref] += 1
+                if self.coll_arrivals[ref] == self.sched.world_size:
                     for f in plan.coll_flows[ref]:
-                        ready[f] = t
-                        heapq.heappush(heap, (t + plan.lat[f], _START, f, 0))
+                        self._start(f, t)
         if not plan.ops[r][s]:
-            finish_step(r, s, t)
+            self.finish_step(r, s, t)
 
-    def flow_done(f: int, t: float) -> None:
-        ended[f] = t
-        k = plan.coll_of[f]
+    def _start(self, f: int, t: float) -> None:
+        self.ready[f] = t
+        heapq.heappush(self.heap, (t + self.plan.lat[f], _START, f, 0))
+
+    def flow_done(self, f: int, t: float) -> None:
+        self.ended[f] = t
+        k = self.plan.coll_of[f]
         if k < 0:
-            for r, s in plan.flow_ends[f]:
-                op_done(r, s, t)
+            for r, s in self.plan.flow_ends[f]:
+                self.op_done(r, s, t)
             return
-        coll_left[k] -= 1
-        if coll_left[k] == 0:
-            for r, s in plan.coll_pos[k].items():
-                op_done(r, s, t)
+        self.coll_left[k] -= 1
+        if self.coll_left[k] == 0:
+            for r, s in self.plan.coll_pos[k].items():
+                self.op_done(r, s, t)
 
-    while True:
-        t_heap = heap[0][0] if heap else math.inf
-        t_net = net.next_finish()
-        if t_heap == math.inf and t_net == math.inf:
-            break
-        if t_net <= t_heap:
-            for f in net.pop_finished(t_net):
-                flow_done(f, t_net)
-            continue
-        while heap and heap[0][0] == t_heap:  # a batch: rates are recomputed once after it
-            t, kind, a, b = heapq.heappop(heap)
-            if kind == _POST:
-                do_post(a, b, t)
-            else:
-                started[a] = t
-                net.add(a, t)
-    _raise_if_stuck(sched, plan, pending, arrivals, coll_arrivals, step_end)
-    bytes_sent = np.zeros(n)
-    np.add.at(bytes_sent, np.asarray(plan.src, dtype=np.int64), np.asarray(plan.nbytes, dtype=np.float64))
-    transfers = [Transfer(plan.src[f], plan.dst[f], plan.channel[f], plan.label[f], plan.nbytes[f],
-                          ready[f], started[f], ended[f]) for f in range(num_flows)]
-    has_comm = np.zeros((n, steps), dtype=bool)
-    for r, per_rank in enumerate(plan.ops):
-        for s, ops in enumerate(per_rank):
-            has_comm[r, s] = bool(ops)
-    return Timeline(sched, cost.cluster.describe(), post, comp_end, comm_end, wait_end, step_end,
-                    has_comm, bytes_sent, transfers, net.peak_active, cost)
+    def op_done(self, r: int, s: int, t: float) -> None:
+        self.pending[r][s] -= 1
+        if self.pending[r][s] == 0:
+            self.finish_step(r, s, t)
 
+    def finish_step(self, r: int, s: int, t_comm: float) -> None:
+        """Phases 3 and 4: the wait ends with the later of computes and transfers; merges follow."""
+        self.comm_end[r, s] = t_comm
+        self.wait_end[r, s] = max(self.comp_end[r, s], t_comm)
+        self.step_end[r, s] = self.wait_end[r, s] + self.plan.merge[r][s]
+        if s + 1 < len(self.sched.ranks[r]):
+            heapq.heappush(self.heap, (self.step_end[r, s], _POST, r, s + 1))
 
-def _raise_if_stuck(sched: Schedule, plan: _Plan, pending, arrivals, coll_arrivals, step_end) -> None:
-    stuck: dict[int, tuple[int, list[str]]] = {}
-    for r, steps in enumerate(sched.ranks):
-        if not steps or not np.isnan(step_end[r, len(steps) - 1]):
-            continue
-        s = next(i for i in range(len(steps)) if np.isnan(step_end[r, i]))
-        waits = []
+    def raise_if_stuck(self) -> None:
+        stuck = {r: (s, self._waits(r, s)) for r, s in self._stuck_steps()}
+        if stuck:
+            lines = [f"rank {r} step {s}: waits on {'; '.join(w) or 'a transfer'}" for r, (s, w) in sorted(stuck.items())]
+            more = f" (+{len(lines) - 4} more ranks)" if len(lines) > 4 else ""
+            raise DeadlockError(f"deadlock: ranks {sorted(stuck)} can never finish; " + " | ".join(lines[:4]) + more,
+                                stuck)
+
+    def _stuck_steps(self) -> list[tuple[int, int]]:
+        """(rank, first unfinished step) of every rank that did not finish."""
+        out = []
+        for r, steps in enumerate(self.sched.ranks):
+            unfinished = np.flatnonzero(np.isnan(self.step_end[r, :len(steps)]))
+            if unfinished.size:
+                out.append((r, int(unfinished[0])))
+        return out
+
+    def _waits(self, r: int, s: int) -> list[str]:
+        plan, waits = self.plan, []
         for kind, ref in plan.ops[r][s]:
             if kind == "never":
                 waits.append(ref)
-            elif kind == "p2p" and arrivals[ref] < 2:
+            elif kind == "p2p" and self.arrivals[ref] < 2:
                 peer = plan.dst[ref] if plan.src[ref] == r else plan.src[ref]
                 waits.append(f"{plan.label[ref]} with rank {peer}, which never posts it")
-            elif kind == "coll" and coll_arrivals[ref] < sched.world_size:
+            elif kind == "coll" and self.coll_arrivals[ref] < self.sched.world_size:
                 waits.append(f"collective #{ref} that not every rank reaches")
-        stuck[r] = (s, waits)
-    if stuck:
-        lines = [f"rank {r} step {s}: waits on {'; '.join(w) or 'a transfer'}" for r, (s, w) in sorted(stuck.items())]
-        more = f" (+{len(lines) - 4} more ranks)" if len(lines) > 4 else ""
-        raise DeadlockError(f"deadlock: ranks {sorted(stuck)} can never finish; " + " | ".join(lines[:4]) + more,
-                            stuck)
+        return waits
+
+    def timeline(self) -> Timeline:
+        plan, n = self.plan, self.sched.world_size
+        bytes_sent = np.zeros(n)
+        np.add.at(bytes_sent, np.asarray(plan.src, dtype=np.int64), np.asarray(plan.nbytes, dtype=np.float64))
+        transfers = [Transfer(plan.src[f], plan.dst[f], plan.channel[f], plan.label[f], plan.nbytes[f],
+                              self.ready[f], self.started[f], self.ended[f]) for f in range(len(plan.src))]
+        has_comm = np.zeros(self.post.shape, dtype=bool)
+        for r, per_rank in enumerate(plan.ops):
+            for s, ops in enumerate(per_rank):
+                has_comm[r, s] = bool(ops)
+        return Timeline(self.sched, self.cost.cluster.describe(), self.post, self.comp_end, self.comm_end,
+                        self.wait_end, self.step_end, has_comm, bytes_sent, transfers, self.net.peak_active,
+                        self.cost)
