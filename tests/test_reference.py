@@ -82,7 +82,7 @@ def test_backward_matches_autograd(causal):
 
 
 def test_block_attention_is_differentiable_and_matches_naive():
-    q, k, v = (rand(1, 33, 2, 4, seed=s).requires_grad_() for s in (1, 2, 3))
+    q, k, v = (rand(1, 9, 2, 3, seed=s).requires_grad_() for s in (1, 2, 3))
     out, lse = block_attention(q, k, v, causal=True)
     assert not lse.requires_grad
     assert torch.autograd.gradcheck(lambda a, b, c: block_attention(a, b, c, causal=True)[0],
