@@ -15,7 +15,7 @@ import numpy as np
 from tokenloom.parallel.builders import STRATEGIES, build_schedule
 from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
-from tokenloom.simulator.engine import simulate
+from tokenloom.simulator.engine import no_gc, simulate
 from tokenloom.simulator.hardware import Cluster
 from tokenloom.simulator.timeline import Timeline
 
@@ -79,6 +79,7 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
     cost = CostModel(shape, cluster, layout)  # validates seq against the layout
     passes = []
     for bwd in ((False, True) if backward else (False,)):
-        sched = _schedule(strategy, cluster.num_gpus, layout, causal, bwd, shape.num_heads, shape.kv_heads)
+        with no_gc():  # building a large schedule suffers the same collector rescans as simulating it
+            sched = _schedule(strategy, cluster.num_gpus, layout, causal, bwd, shape.num_heads, shape.kv_heads)
         passes.append(simulate(sched, cost))
     return AttentionResult(strategy, layout, shape, passes)
