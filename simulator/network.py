@@ -7,17 +7,18 @@ the one shared loopback bus of a CPU host. :class:`Topology` maps a (src, dst) r
 resources on its route and the route latency.
 
 :class:`FluidNetwork` moves bytes: a transfer crosses its route after the route latency (the
-alpha-beta model: time = latency + bytes / bandwidth, Hockney 1994), and while several transfers
-share a resource each gets an equal share of it; a transfer runs at the share of its tightest
-resource. Two transfers on one port therefore take twice as long as one; transfers on opposite
-directions or different ports do not slow each other. (Equal sharing is max-min fair whenever the
-flows on a resource have the same bottleneck, which holds for the symmetric ring and all-to-all
-traffic priced here; otherwise it is a slightly pessimistic bound.) Rates are recomputed, with
-numpy over all active transfers, only when the set of active transfers changes.
+alpha-beta model: time = latency + bytes / bandwidth, Hockney 1994), and transfers sharing
+resources get max-min fair rates (:func:`max_min_rates`: as TCP-like or NCCL channel sharing
+tends to: no transfer can go faster without slowing one that is no faster). Two transfers on one
+port therefore take twice as long as one; transfers on opposite directions or different ports do
+not slow each other; a transfer held back elsewhere leaves its share of a port to the others.
+Rates are recomputed, with numpy over all active transfers, only when the set of active transfers
+changes.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -78,8 +79,75 @@ class Topology:
         return res, lat
 
 
+def max_min_rates(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Max-min fair rates of transfers ``routes`` (one row of resource ids each; 0 = none) by
+    progressive filling (Bertsekas & Gallager, "Data Networks", §6.5.2): the transfers on the
+    resource with the smallest equal share are frozen at that share, the capacity they use is taken
+    off their other resources, and the rest share what is left."""
+    counts = np.bincount(routes.ravel(), minlength=len(capacity))
+    rate = (capacity / np.maximum(counts, 1))[routes].min(axis=1)  # equal shares
+    # Fast path: equal shares are already max-min fair when every transfer crosses a resource they
+    # saturate (there it has the largest rate and cannot grow): true of symmetric traffic.
+    used = np.bincount(routes.ravel(), weights=np.repeat(rate, routes.shape[1]), minlength=len(capacity))
+    if (used >= capacity * (1 - 1e-9))[routes].any(axis=1).all():
+        return rate
+    if len(routes) > _VECTOR_FROM:
+        return _max_min_numpy(routes, capacity)
+    return np.asarray(_max_min_heap(routes.tolist(), capacity))
+
+
+_VECTOR_FROM = 256  # below this many transfers a heap in plain Python beats numpy's per-call cost
+
+
+def _max_min_heap(routes: list[list[int]], capacity: np.ndarray) -> list[float]:
+    users: dict[int, list[int]] = {}
+    for i, route in enumerate(routes):
+        for res in route:
+            if res:
+                users.setdefault(res, []).append(i)
+    cap = {res: float(capacity[res]) for res in users}
+    count = {res: len(flows) for res, flows in users.items()}
+    heap = [(cap[res] / count[res], res) for res in users]
+    heapq.heapify(heap)
+    rate = [-1.0] * len(routes)
+    while heap:
+        share, res = heapq.heappop(heap)
+        if count[res] == 0 or share != cap[res] / count[res]:
+            continue  # stale: this resource's share changed and was pushed again
+        for i in users[res]:
+            if rate[i] >= 0:
+                continue
+            rate[i] = share
+            for other in routes[i]:
+                if other:
+                    cap[other] = max(cap[other] - share, 0.0)
+                    count[other] -= 1
+                    if count[other] and other != res:
+                        heapq.heappush(heap, (cap[other] / count[other], other))
+    return rate
+
+
+def _max_min_numpy(routes: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """The same, one filling level per round over all transfers at once (large all-to-alls)."""
+    cap = capacity.copy()
+    rate = np.empty(len(routes))
+    live = np.ones(len(routes), dtype=bool)
+    while live.any():
+        idx = np.flatnonzero(live)
+        counts = np.bincount(routes[idx].ravel(), minlength=len(cap))
+        share = cap / np.maximum(counts, 1)
+        flow_share = share[routes[idx]].min(axis=1)
+        level = flow_share.min()
+        frozen = idx[flow_share <= level * (1 + 1e-9)]
+        rate[frozen] = level
+        live[frozen] = False
+        cap -= level * np.bincount(routes[frozen].ravel(), minlength=len(cap))  # resource 0 stays inf
+        np.maximum(cap, 0.0, out=cap)
+    return rate
+
+
 class FluidNetwork:
-    """Active transfers and their remaining bytes; equal share per resource (module docstring)."""
+    """Active transfers and their remaining bytes; max-min fair shares (module docstring)."""
 
     def __init__(self, capacity: list[float], max_flows: int) -> None:
         self.capacity = np.asarray(capacity, dtype=np.float64)
@@ -112,10 +180,7 @@ class FluidNetwork:
     def _refresh(self) -> None:
         if not self._dirty:
             return
-        routes = self.routes[self.active]
-        counts = np.bincount(routes.ravel(), minlength=len(self.capacity))
-        share = self.capacity / np.maximum(counts, 1)
-        self._rate = share[routes].min(axis=1)
+        self._rate = max_min_rates(self.routes[self.active], self.capacity)
         self._dirty = False
 
     def next_finish(self) -> float:

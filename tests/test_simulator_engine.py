@@ -136,3 +136,12 @@ def test_receive_without_send_is_a_deadlock():
 
 def test_empty_schedule_takes_no_time():
     assert math.isclose(run(sched_of({}, n=2), toy_cluster(gpus=2)).total_s, 0.0)
+
+
+def test_bandwidth_left_by_a_transfer_held_back_elsewhere_goes_to_the_others():
+    """Max-min fairness: 0->2, 3->2, 4->2 share rank 2's ingress port (1/3 each), so 0->1, which
+    shares rank 0's egress port only with 0->2, gets the remaining 2/3 of it (equal sharing: 1/2)."""
+    tl = run(p2p([(0, 1), (0, 2), (3, 2), (4, 2)]))
+    ends = {(t.src, t.dst): t.end for t in tl.transfers}
+    assert ends[(0, 1)] == pytest.approx(LAT + 1.5 * Q_BYTES / BW, rel=1e-9)
+    assert tl.total_s == pytest.approx(LAT + 3 * Q_BYTES / BW, rel=1e-9)
