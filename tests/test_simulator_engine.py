@@ -145,3 +145,26 @@ def test_bandwidth_left_by_a_transfer_held_back_elsewhere_goes_to_the_others():
     ends = {(t.src, t.dst): t.end for t in tl.transfers}
     assert ends[(0, 1)] == pytest.approx(LAT + 1.5 * Q_BYTES / BW, rel=1e-9)
     assert tl.total_s == pytest.approx(LAT + 3 * Q_BYTES / BW, rel=1e-9)
+
+
+def test_max_min_rates_are_fair_and_the_implementations_agree():
+    import numpy as np
+
+    from tokenloom.simulator.network import _max_min_heap, _max_min_numpy, max_min_rates
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        num_res, num_flows = int(rng.integers(2, 10)), int(rng.integers(1, 25))
+        cap = np.concatenate([[np.inf], rng.choice([1e9, 2e9, 5e9], num_res)])
+        routes = np.zeros((num_flows, 4), dtype=np.int64)
+        for i in range(num_flows):
+            hops = int(rng.integers(1, min(4, num_res) + 1))
+            routes[i, :hops] = rng.choice(np.arange(1, num_res + 1), size=hops, replace=False)
+        rate = max_min_rates(routes, cap)
+        assert np.allclose(rate, _max_min_heap(routes.tolist(), cap), rtol=1e-9)
+        assert np.allclose(rate, _max_min_numpy(routes, cap), rtol=1e-9)
+        used = np.bincount(routes.ravel(), weights=np.repeat(rate, 4), minlength=len(cap))
+        assert (used[1:] <= cap[1:] * (1 + 1e-9)).all()  # feasible
+        for i, route in enumerate(routes):  # each transfer is capped by a full resource where it is the fastest
+            assert any(used[r] >= cap[r] * (1 - 1e-9) and rate[i] >= rate[(routes == r).any(axis=1)].max() * (1 - 1e-9)
+                       for r in route if r)
