@@ -19,6 +19,7 @@ from tokenloom.simulator.scenario import AttentionResult, simulate_attention
 _DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
                  ("mi300", "mi300x"))
 DEFAULT_GPU = "h100-sxm"  # an unknown CUDA device is priced as the most common datacenter GPU
+TIE = 0.01  # results closer than 1% are a tie: the cost model is not that accurate
 PREFERRED_LAYOUTS = ("zigzag", "contiguous")  # ties (e.g. Ulysses, whose cost ignores layout) go to zigzag
 
 
@@ -31,23 +32,43 @@ class Advice:
     def winner(self) -> AttentionResult:
         return self.ranking[0]
 
+    @property
+    def rival(self) -> AttentionResult | None:
+        """The fastest result of another strategy than the winner's."""
+        return next((r for r in self.ranking[1:] if r.strategy != self.winner.strategy), None)
+
+    @property
+    def is_tie(self) -> bool:
+        """Winner and rival within ``TIE`` of each other: inside the model's accuracy."""
+        rival = self.rival
+        return rival is not None and rival.total_s <= (1 + TIE) * self.winner.total_s
+
+    def verdict(self) -> str:
+        """One sentence: who wins and by how much (or that it is a tie)."""
+        best, rival = self.winner, self.rival
+        name = f"{best.strategy} ({best.layout})"
+        if rival is None:
+            return f"{name} is the only strategy that fits: {best.total_s * 1e3:.3f} ms."
+        gain = rival.total_s / best.total_s - 1 if best.total_s > 0 else 0.0
+        if self.is_tie:
+            return (f"{name} and {rival.strategy} tie: {best.strategy} is ahead by {gain:.1%}, inside the "
+                    f"model's accuracy.")
+        return f"{name} wins by {gain:.1%} over {rival.strategy} ({rival.layout})."
+
     def explain(self) -> str:
-        """One paragraph: the winner, its margin over the best other strategy, and the reason."""
-        best = self.winner
-        s_best = best.summary()
-        lines = [f"{best.strategy} ({best.layout}) wins: {s_best['total_ms']:.3f} ms."]
-        rival = next((r for r in self.ranking[1:] if r.strategy != best.strategy), None)
-        if rival is not None:
-            s_riv = rival.summary()
-            gain = s_riv["total_ms"] / s_best["total_ms"] - 1 if s_best["total_ms"] > 0 else 0.0
+        """One paragraph: the verdict, the numbers behind it, and the regime."""
+        s_best = self.winner.summary()
+        lines = [self.verdict()]
+        if self.rival is not None:
+            s_riv = self.rival.summary()
             lines.append(
-                f"Next best: {rival.strategy} ({rival.layout}) {s_riv['total_ms']:.3f} ms (+{gain:.1%}). "
-                f"Bytes sent per rank {_gb(s_best['bytes_per_rank'])} vs {_gb(s_riv['bytes_per_rank'])}; "
-                f"exposed communication {s_best['exposed_comm_ms']:.3f} vs {s_riv['exposed_comm_ms']:.3f} ms; "
-                f"compute {s_best['compute_ms']:.3f} vs {s_riv['compute_ms']:.3f} ms.")
+                f"Time {s_best['total_ms']:.3f} vs {s_riv['total_ms']:.3f} ms; bytes sent per rank "
+                f"{_gb(s_best['bytes_per_rank'])} vs {_gb(s_riv['bytes_per_rank'])}; exposed communication "
+                f"{s_best['exposed_comm_ms']:.3f} vs {s_riv['exposed_comm_ms']:.3f} ms; compute "
+                f"{s_best['compute_ms']:.3f} vs {s_riv['compute_ms']:.3f} ms.")
             gap = s_riv["total_ms"] - s_best["total_ms"]
-            d_exposed = s_riv["exposed_comm_ms"] - s_best["exposed_comm_ms"]
-            if gap > 0:
+            if not self.is_tie:
+                d_exposed = s_riv["exposed_comm_ms"] - s_best["exposed_comm_ms"]
                 why = ("exposed communication" if abs(d_exposed) >= 0.5 * gap
                        else "kernel time (compute, merges, launches)")
                 lines.append(f"Most of the {gap:.3f} ms gap is {why}.")
@@ -62,6 +83,8 @@ class Advice:
                 "bytes_per_rank")
         return {
             "winner": {"strategy": self.winner.strategy, "layout": self.winner.layout},
+            "tie": self.is_tie,
+            "verdict": self.verdict(),
             "ranking": [{k: r.summary()[k] for k in keys} for r in self.ranking],
             "skipped": [{"strategy": s, "layout": lay, "reason": why} for s, lay, why in self.skipped],
             "explanation": self.explain(),

@@ -82,3 +82,15 @@ def test_demo_section_compares_three_strategies_quickly():
     text = out.getvalue()
     for word in ("tokenring", "ring", "ulysses", "wins", "exposed", "8 x h100-sxm"):
         assert word in text
+
+
+def test_advice_calls_a_tie_a_tie():
+    from tokenloom.simulator import AttentionShape, advise_attention, make_cluster
+
+    # Compute-bound on NVSwitch: everything overlaps, the strategies differ by well under 1%.
+    tie = advise_attention(make_cluster("h100-sxm", 8), AttentionShape(131072, 32, 128), causal=True)
+    assert tie.is_tie and "tie" in tie.verdict()
+    # PCIe with GQA: Ring moves far fewer bytes than TokenRing and wins clearly.
+    win = advise_attention(make_cluster("a10-pcie", 4), AttentionShape(32768, 32, 128, 8), causal=True)
+    assert not win.is_tie and win.winner.strategy == "ring" and "wins by" in win.verdict()
+    assert win.rival.total_s > 1.01 * win.winner.total_s
