@@ -207,6 +207,8 @@ class _Run:
                 if self.coll_arrivals[ref] == self.sched.world_size:
                     for f in plan.coll_flows[ref]:
                         self._start(f, t)
+                    if not plan.coll_flows[ref]:  # one rank: the all-to-all is the identity
+                        self._collective_done(ref, t)
         if not plan.ops[r][s]:
             self.finish_step(r, s, t)
 
@@ -223,8 +225,11 @@ class _Run:
             return
         self.coll_left[k] -= 1
         if self.coll_left[k] == 0:
-            for r, s in self.plan.coll_pos[k].items():
-                self.op_done(r, s, t)
+            self._collective_done(k, t)
+
+    def _collective_done(self, k: int, t: float) -> None:
+        for r, s in self.plan.coll_pos[k].items():
+            self.op_done(r, s, t)
 
     def op_done(self, r: int, s: int, t: float) -> None:
         self.pending[r][s] -= 1

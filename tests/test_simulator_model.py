@@ -48,6 +48,15 @@ def test_kernel_time_adds_up_to_the_attention_flops(strategy, layout, causal, ba
     assert tl.busy_s.sum() == pytest.approx(flops / F, rel=1e-9)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_rank_is_pure_compute(strategy):
+    """The degenerate case: nothing to send, every strategy is the single-device kernel time."""
+    res = simulate_attention(strategy, ideal_cluster(1), AttentionShape(4096, 8, 64), causal=True, backward=True)
+    s = res.summary()
+    assert s["bytes_per_rank"] == 0 and s["exposed_comm_ms"] == 0
+    assert s["total_ms"] == pytest.approx(2 * 4096 ** 2 * 8 * 64 * 3.5 / F * 1e3, rel=1e-9)
+
+
 def test_zigzag_balances_causal_work_and_contiguous_does_not():
     n, shape = 8, AttentionShape(8192, 8, 64)
     busy = {}
