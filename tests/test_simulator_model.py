@@ -136,3 +136,12 @@ def test_simulator_imports_schedules_never_the_runtime():
                     # kernels only for calibration (it measures the reference kernel itself)
                     assert name in allowed or (path.name == "calibrate.py" and name.startswith("tokenloom.kernels")), \
                         f"{path.name} imports {name}"
+
+
+def test_ulysses_bytes_count_replicated_kv_heads():
+    """All-to-all moves (N-1)/N of each rank's part; 4 kv heads on 8 ranks are replicated to 8."""
+    n, seq, heads, kv_heads, d, b = 8, 16384, 32, 4, 128, 2
+    res = simulate_attention("ulysses", make_cluster("h100-sxm", n), AttentionShape(seq, heads, d, kv_heads),
+                             causal=True)
+    per_token = heads * d * b + 2 * 8 * d * b + heads * d * b + heads * 4  # q, k+v (x2 replicas), out+lse
+    assert res.summary()["bytes_per_rank"] == pytest.approx((n - 1) / n * seq / n * per_token, rel=1e-12)
