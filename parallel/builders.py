@@ -12,7 +12,8 @@ query travels until the ring wraps, then only its late half.
   overlapped. Backward moves (q, dout, lse, delta) the same way and returns fp32 dq partials; dk/dv
   accumulate where K/V live.
 - Ring: K/V move +1; outputs accumulate locally. Backward moves K/V the same way and passes an fp32
-  dk/dv accumulator one step behind them, which comes home after the last holder that needs it.
+  dk/dv accumulator one step behind them (only the chunks other holders touch), which comes home
+  after the last holder that needs it and is merged into the owner's own contribution.
 - Ulysses (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards, full attention on
   H/N heads, all-to-all back.
 """
@@ -176,18 +177,20 @@ def _kv_moving_results(sched: _Steps, owner: int, holders: list[int], need, movi
                        backward: bool, causal: bool) -> Buf:
     """Ring: outputs accumulate at the query's rank; in backward a dk/dv accumulator trails K/V.
 
-    Returns the buffer in which the owner's dk/dv arrive (backward only; meaningless forward).
+    The owner's own dk/dv contribution stays home; the travelling accumulator starts at the first
+    other holder that needs the block, carries only the chunks some other holder touched, and is
+    merged at home after the last one. Returns the buffer in which the owner's dk/dv end up.
     """
     q_kind, part = ("qg", "dq") if backward else ("q", "out")
     n = len(holders)
-    users = [s for s in range(n) if need[s]]
-    last = max(users, default=0)
-    acc_chunks: list[tuple[int, ...]] = []
+    home = Buf("dkv", owner, local[owner], at=owner)
+    acc_chunks: list[tuple[int, ...]] = [()]
     seen: set[int] = set()
-    for s in range(n):
+    for s in range(1, n):
         seen |= set(moving[s])
         acc_chunks.append(_ordered(seen, local[owner]))
-    chain = [Buf("dkv", owner, acc_chunks[s], at=holders[s]) for s in range(n)]
+    chain = [home] + [Buf("dkv", owner, acc_chunks[s], at=holders[s]) for s in range(1, n)]
+    last = max((s for s in range(1, n) if need[s]), default=0)
     for s, h in enumerate(holders):
         if need[s]:
             q_used = _ordered({qc for qc, _ in need[s]}, local[h])
@@ -195,12 +198,13 @@ def _kv_moving_results(sched: _Steps, owner: int, holders: list[int], need, movi
                 Buf(q_kind, h, q_used), Buf("kv", owner, moving[s]),
                 make_blocks(need[s], local[h], moving[s], causal),
                 Buf(part, h, local[h], at=h), chain[s] if backward else None))
-        if backward and 1 <= s <= last:
+        if backward and 2 <= s <= last and acc_chunks[s - 1]:
             sched.p2p(s, holders[s - 1], h, chain[s - 1], "dkv")
             sched.add(h, s, "merges", Merge(chain[s - 1], chain[s]))
     if backward and last > 0:
         sched.p2p(last + 1, holders[last], owner, chain[last], "dkv")
-    return chain[last]
+        sched.add(owner, last + 1, "merges", Merge(chain[last], home))
+    return home
 
 
 def _ulysses(world_size: int, layout: str, causal: bool, backward: bool,

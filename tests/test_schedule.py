@@ -136,3 +136,14 @@ def test_checker_catches_a_deadlock():
 def test_ulysses_heads_must_divide():
     with pytest.raises(ValueError, match="heads \\(6\\) divisible by world_size \\(4\\)"):
         build_schedule("ulysses", 4, num_heads=6, num_kv_heads=6)
+
+
+def test_ring_backward_accumulator_carries_only_what_others_touch():
+    """Each rank's own dk/dv stays home; the travelling accumulator starts at the next holder, so
+    non-causal Ring backward sends as many dk/dv chunks as K/V chunks (n-1 per rank), and causal
+    zigzag sends fewer dk/dv chunks than K/V chunks."""
+    for n in (2, 3, 4, 8):
+        full = _traffic("ring", n, False, "contiguous", backward=True)
+        assert full == {"kv": n * (n - 1), "dkv": n * (n - 1)}
+        zz = _traffic("ring", n, True, "zigzag", backward=True)
+        assert zz["dkv"] <= zz["kv"]
