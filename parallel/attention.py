@@ -236,7 +236,8 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy:
             world_size=comm.world_size, seq_len=q.shape[1] * comm.world_size, num_heads=q.shape[2],
             num_kv_heads=k.shape[2], head_dim=q.shape[3], causal=causal,
             dtype_bytes=q.element_size(), batch=q.shape[0], hardware=hardware,
-            backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+            layout=layout)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}")
     return _attention(strategy, q, k, v, group=group, causal=causal, layout=layout,

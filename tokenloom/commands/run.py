@@ -78,7 +78,7 @@ def attention_rank(rank: int, world_size: int, cfg: AttentionRun, device: torch.
         strategy, _ = choose_strategy(world_size=world_size, seq_len=cfg.seq, num_heads=cfg.heads,
                                       num_kv_heads=cfg.kv_heads or cfg.heads, head_dim=cfg.head_dim,
                                       causal=cfg.causal, dtype_bytes=torch.finfo(dtype).bits // 8,
-                                      batch=cfg.batch, backward=cfg.backward)
+                                      batch=cfg.batch, backward=cfg.backward, layout=cfg.layout)
     hkv = cfg.kv_heads or cfg.heads
     gen = torch.Generator().manual_seed(cfg.seed)  # same full tensors on every rank
     shapes = [(cfg.batch, cfg.seq, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq, hkv, cfg.head_dim),
