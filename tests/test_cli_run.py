@@ -72,5 +72,5 @@ def test_topo_without_gpus_is_clear():
 def test_help_lists_every_command():
     proc = _cli("--help")
     assert proc.returncode == 0
-    for name in ("demo", "run", "topo"):
+    for name in ("demo", "run", "simulate", "advise", "trace", "plan", "evaluate", "topo"):
         assert name in proc.stdout

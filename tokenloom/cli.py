@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Sequence
 
@@ -37,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in _COMMAND_MODULES:
-        if importlib.util.find_spec(f"tokenloom.commands.{name}") is None:
-            continue  # TEMPORARY while subcommands land; removed once all exist
         importlib.import_module(f"tokenloom.commands.{name}").register(sub)
     return parser
 
