@@ -217,3 +217,22 @@ def test_tokenring_overlaps_both_directions_with_compute():
                 sends = {hop for op, hop in detail if op == "send"}
                 overlapped += (n - 1) in sends and bool(sends - {n - 1})  # to r-1 and the other way
         assert overlapped >= 1, log
+
+
+def _fp16(rank, n):
+    return {s: _errors(rank, n, s, True, "zigzag", 4, torch.float16) for s in FN}
+
+
+def test_fp16_inputs_with_fp32_accumulation():
+    for per_strategy in spawn_ranks(2, _fp16):
+        for strategy, rows in per_strategy.items():
+            for name, err, tol in rows:
+                assert err <= tol, (strategy, name, err, tol)
+
+
+def test_public_reexports():
+    import tokenloom
+
+    for name in tokenloom.__all__:
+        assert getattr(tokenloom, name) is not None
+    assert tokenloom.sp_attention is sp_attention

@@ -7,8 +7,44 @@ Subpackages (each a top-level folder of the repository, mapped here by pyproject
 - ``tokenloom.kernels``    pure-torch reference kernels (also the CPU path) and Triton kernels
 - ``tokenloom.placement``  MoE expert placement planner
 - ``tokenloom.simulator``  cost model and discrete-event simulator over the same schedules
+
+The most used names are re-exported here and imported on first use (so ``tokenloom --help`` and
+the simulator stay quick): ``tokenloom.sp_attention``, ``tokenloom.plan_placement``, ...
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_LAZY = {
+    "token_ring_attention": "tokenloom.parallel",
+    "ring_attention": "tokenloom.parallel",
+    "ulysses_attention": "tokenloom.parallel",
+    "sp_attention": "tokenloom.parallel",
+    "shard_sequence": "tokenloom.parallel",
+    "gather_sequence": "tokenloom.parallel",
+    "build_schedule": "tokenloom.parallel",
+    "block_attention": "tokenloom.kernels",
+    "load_trace": "tokenloom.placement",
+    "plan_placement": "tokenloom.placement",
+    "evaluate_plan": "tokenloom.placement",
+    "choose_strategy": "tokenloom.simulator",
+    "detect_hardware": "tokenloom.simulator",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokenloom' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
