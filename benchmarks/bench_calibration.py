@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           f"seq {args.seq}, heads {args.heads}, head_dim {args.head_dim}, fp32, causal, zigzag; "
           f"{os.cpu_count()} cores")
     shape = AttentionShape(args.seq, args.heads, args.head_dim, dtype_bytes=4)
-    print(f"| ranks | strategy | pass | predicted ms | measured ms | predicted/measured |")
+    print("| ranks | strategy | pass | predicted ms | measured ms | predicted/measured |")
     print("|---|---|---|---|---|---|")
     for n in args.ranks:
         for strategy in args.strategies:

@@ -22,8 +22,8 @@ from tokenloom.comm.topology import (
 
 _LAZY = {"Communicator", "Handle", "resolve_group"}
 
-__all__ = sorted(["LAYOUTS", "causal_pair_kind", "chunk_len", "chunks_of_rank", "global_chunk_order",
-                  "num_chunks", "owner_of_chunk", "ring_peer", *_LAZY])
+__all__ = ["Communicator", "Handle", "LAYOUTS", "causal_pair_kind", "chunk_len", "chunks_of_rank",
+           "global_chunk_order", "num_chunks", "owner_of_chunk", "resolve_group", "ring_peer"]
 
 
 def __getattr__(name: str) -> Any:

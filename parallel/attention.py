@@ -30,7 +30,7 @@ from tokenloom.comm.topology import (
 )
 from tokenloom.kernels.reference import attention_delta, check_qkv
 from tokenloom.parallel.builders import STRATEGIES, build_schedule
-from tokenloom.parallel.runtime import Dims, Held, Runner, extract
+from tokenloom.parallel.runtime import Dims, Held, Runner
 from tokenloom.parallel.schedule import Buf, Schedule
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -23,7 +23,6 @@ from tokenloom.parallel.schedule import (
     AllToAll,
     Buf,
     Compute,
-    Merge,
     Pack,
     Recv,
     Schedule,

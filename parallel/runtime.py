@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from tokenloom.comm.communicator import P2P, Communicator, Handle
+from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.comm.topology import chunks_of_rank, global_chunk_order
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
 from tokenloom.kernels.reference import acc_dtype

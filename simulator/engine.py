@@ -50,7 +50,6 @@ class _Plan:
     """The schedule compiled to flat lists: per (rank, step) durations and comm ops, per flow its route."""
 
     def __init__(self, sched: Schedule, cost: CostModel, topo: Topology) -> None:
-        n = sched.world_size
         self.compute = [[sum(cost.compute_s(op) for op in st.computes) for st in steps] for steps in sched.ranks]
         self.merge = [[sum(cost.merge_s(op) for op in st.merges) for st in steps] for steps in sched.ranks]
         # per (rank, step): list of ("p2p", flow) | ("coll", k) | ("never", description)

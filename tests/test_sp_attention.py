@@ -183,9 +183,10 @@ def test_auto_strategy_asks_the_advisor_and_is_correct():
 def _event_log(rank, n):
     """Record, on this rank, the order of P2P posts, block computes and waits in one forward."""
     import tokenloom.parallel.runtime as rt
+    from tokenloom.comm.communicator import Handle
 
     log = []
-    post, compute, wait = rt.Communicator.batch_p2p, rt.Runner._compute, rt.Handle.wait
+    post, compute, wait = rt.Communicator.batch_p2p, rt.Runner._compute, Handle.wait
 
     def logged_post(self, ops, what="p2p"):
         log.append(("post", sorted({(o.op, (o.peer - rank) % n) for o in ops})))
@@ -200,7 +201,7 @@ def _event_log(rank, n):
             log.append(("wait", None))
         return wait(self)
 
-    rt.Communicator.batch_p2p, rt.Runner._compute, rt.Handle.wait = logged_post, logged_compute, logged_wait
+    rt.Communicator.batch_p2p, rt.Runner._compute, Handle.wait = logged_post, logged_compute, logged_wait
     q = torch.randn(1, 8, 2, 4)
     token_ring_attention(q, q, q, causal=True, layout="zigzag")
     return log
