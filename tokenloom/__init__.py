@@ -14,8 +14,7 @@ the simulator stay quick): ``tokenloom.sp_attention``, ``tokenloom.plan_placemen
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tokenloom._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,14 +36,4 @@ _LAZY = {
 
 __all__ = ["__version__", *sorted(_LAZY)]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tokenloom' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -166,15 +166,17 @@ def _print_report(rep: dict, out=sys.stdout) -> None:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    cfg = AttentionRun(strategy=args.strategy, seq=args.seq, heads=args.heads, kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, batch=args.batch, causal=args.causal, layout=args.layout,
-                       dtype=args.dtype, backward=not args.forward_only, check=args.check,
-                       iters=args.iters, seed=args.seed)
+    def config(default_dtype: str) -> AttentionRun:
+        return AttentionRun(strategy=args.strategy, seq=args.seq, heads=args.heads,
+                            kv_heads=args.kv_heads, head_dim=args.head_dim, batch=args.batch,
+                            causal=args.causal, layout=args.layout, dtype=args.dtype or default_dtype,
+                            backward=not args.forward_only, check=args.check, iters=args.iters,
+                            seed=args.seed)
+
     launcher = args.launcher or ("torchrun" if under_torchrun() else "local")
     if launcher == "torchrun":
         rank, world, device = init_from_env(timeout_s=args.timeout)
-        if cfg.dtype == "fp32" and device.type == "cuda" and args.dtype_default:
-            cfg = AttentionRun(**{**asdict(cfg), "dtype": "bf16"})
+        cfg = config("bf16" if device.type == "cuda" else "fp32")
         cfg.validate(world)
         try:
             rep = attention_rank(rank, world, cfg, device)
@@ -187,6 +189,7 @@ def _run_attention(args: argparse.Namespace) -> int:
 
         if args.world_size < 1:
             raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        cfg = config("fp32")
         cfg.validate(args.world_size)
         threads = max(1, (os.cpu_count() or 1) // args.world_size)
         rep = spawn_ranks(args.world_size, attention_rank, cfg, timeout=args.timeout,
@@ -235,11 +238,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a stuck transfer or rank is reported as an error")
     a.add_argument("--json", action="store_true", help="print one JSON object (rank 0 only)")
-    a.set_defaults(func=_dispatch)
+    a.set_defaults(func=_run_attention)
 
-
-def _dispatch(args: argparse.Namespace) -> int:
-    args.dtype_default = args.dtype is None
-    if args.dtype is None:
-        args.dtype = "fp32"
-    return _run_attention(args)
