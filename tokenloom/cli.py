@@ -16,8 +16,7 @@ from typing import Sequence
 _COMMAND_MODULES = ("demo", "run", "simulate", "advise", "trace", "plan", "evaluate", "topo")
 
 
-class UsageError(ValueError):
-    """Bad user input; the CLI prints the message on one line and exits 2."""
+from tokenloom.errors import UsageError, one_line  # noqa: F401  (re-exported: tokenloom.cli.UsageError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"tokenloom {args.command}: error: {msg}", file=sys.stderr)
+    except (UsageError, ValueError) as exc:  # TODO(issue 9): ValueError becomes a bug (exit 1)
+        print(f"tokenloom {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written: their input
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"tokenloom {args.command}: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tokenloom: interrupted", file=sys.stderr)

@@ -1,26 +1,79 @@
-"""Atomic file output: a failed run never leaves a partial file behind."""
+"""File edges: atomic outputs checked before any work starts, and guarded input reads.
+
+Rules (one mechanism for every command):
+
+- An output path is checked *before* the work: absent or a regular file (a symlink is followed to
+  its target), its directory exists and is writable, and it is not one of the command's inputs.
+  A device node, a FIFO, a directory or an input is refused with a :class:`UsageError` naming the
+  flag; nothing is ever renamed over anything but a regular file.
+- Every output is written to a temp file beside its target and renamed into place only after the
+  whole computation succeeded (:class:`OutputFiles`): a command with two outputs leaves neither
+  when either fails.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator, IO
+from typing import IO, Callable, Iterable, Iterator
+
+from tokenloom.errors import UsageError
+
+MAX_INPUT_BYTES = 2 << 30  # refuse to slurp more than 2 GiB from one input file
+
+
+def resolve_output(path: str | os.PathLike, field: str = "output",
+                   inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The real path an output will be written to; :class:`UsageError` if it may not be."""
+    text = os.fspath(path)
+    if not text:
+        raise UsageError(f"{field}: empty path", field=field)
+    target = Path(os.path.realpath(text))  # follow symlinks: write the target, keep the link
+    if target.exists() or target.is_symlink():
+        try:
+            mode = os.stat(target).st_mode
+        except OSError as exc:
+            raise UsageError(f"{field}: cannot use {text}: {exc.strerror}", field=field) from None
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{field}: {text} is a directory; give a file name", field=field)
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{field}: {text} is not a regular file (device, FIFO or socket); "
+                             f"refusing to replace it", field=field)
+    parent = target.parent
+    if not parent.is_dir():
+        raise UsageError(f"{field}: directory {parent} does not exist", field=field)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{field}: directory {parent} is not writable", field=field)
+    for other in inputs:
+        if other is not None and _same_file(target, other):
+            raise UsageError(f"{field}: {text} is also an input of this command; writing it would "
+                             f"destroy the input", field=field)
+    return target
+
+
+def _same_file(target: Path, other: str | os.PathLike) -> bool:
+    with contextlib.suppress(OSError):
+        if target.exists() and os.path.exists(other):
+            return os.path.samefile(target, other)
+    return target == Path(os.path.realpath(os.fspath(other)))
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Open a temp file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    The path is checked as by :func:`resolve_output` (a symlink's target is written, never a
+    device, FIFO or directory).
+    """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"output directory does not exist: {parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    target = resolve_output(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -30,6 +83,106 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class OutputFiles:
+    """All of a command's outputs, checked up front and renamed into place together at the end.
+
+    >>> with OutputFiles(inputs=[args.trace]) as out:
+    ...     out.claim("--out", args.out)           # before any work: UsageError if unusable
+    ...     plan = expensive()
+    ...     out.write("--out", lambda p: save_plan(plan, p))
+    ...     out.commit()                           # only now do the targets change
+
+    ``write`` runs the writer on a temp path beside the target (so disk-full or a writer error
+    surfaces before anything is replaced); leaving the block without ``commit`` deletes the temps.
+    """
+
+    def __init__(self, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+        self._inputs = [i for i in inputs if i is not None]
+        self._targets: dict[str, Path] = {}
+        self._staged: dict[str, str] = {}
+
+    def claim(self, field: str, path: str | os.PathLike | None) -> Path | None:
+        """Check and reserve ``path`` for ``field``; ``None`` (flag not given) passes through."""
+        if path is None:
+            return None
+        target = resolve_output(path, field, self._inputs)
+        for other_field, other in self._targets.items():
+            if other == target:
+                raise UsageError(f"{field} and {other_field} name the same file {path}", field=field)
+        self._targets[field] = target
+        return target
+
+    def write(self, field: str, writer: Callable[[Path], None]) -> None:
+        """Run ``writer(temp_path)`` for the claimed ``field``; no-op if the flag was not given."""
+        target = self._targets.get(field)
+        if target is None:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        self._staged[field] = tmp
+        writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+
+    def commit(self) -> None:
+        """Rename every staged file over its target."""
+        for field, tmp in list(self._staged.items()):
+            os.replace(tmp, self._targets[field])
+            del self._staged[field]
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._staged.clear()
+
+    def __enter__(self) -> "OutputFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def check_input_file(path: str | os.PathLike, field: str) -> Path:
+    """``path`` as an existing regular file of at most ``MAX_INPUT_BYTES``; UsageError otherwise."""
+    text = os.fspath(path)
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        raise UsageError(f"{field}: no such file: {text}", field=field) from None
+    except OSError as exc:
+        raise UsageError(f"{field}: cannot read {text}: {exc.strerror}", field=field) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{field}: {text} is a directory, not a file", field=field)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{field}: {text} is not a regular file", field=field)
+    if st.st_size > MAX_INPUT_BYTES:
+        raise UsageError(f"{field}: {text} is {st.st_size / 2**30:.1f} GiB; the limit is "
+                         f"{MAX_INPUT_BYTES >> 30} GiB", field=field)
+    return Path(text)
+
+
+def read_json(path: str | os.PathLike, field: str) -> object:
+    """Parse a JSON file strictly: UTF-8, no NaN/Infinity, errors name the file and the flag."""
+    import json
+
+    checked = check_input_file(path, field)
+    try:
+        text = checked.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{field}: {path} is not UTF-8 text", field=field) from None
+    except OSError as exc:
+        raise UsageError(f"{field}: cannot read {path}: {exc.strerror}", field=field) from None
+
+    def no_constant(name: str) -> None:
+        raise UsageError(f"{field}: {path} contains {name}; only finite numbers are allowed", field=field)
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{field}: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                         f"{exc.msg})", field=field) from None
 
 
 def _umask() -> int:

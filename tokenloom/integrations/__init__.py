@@ -1,0 +1,1 @@
+"""tokenloom.integrations: adapters that plug tokenloom into model libraries (Hugging Face, ...)."""

@@ -1,0 +1,71 @@
+"""Checks for values that cross an edge (flags, file fields, API arguments).
+
+Every check raises :class:`tokenloom.errors.UsageError` naming the field and the valid range; the
+``arg_*`` factories wrap the same checks as argparse ``type=`` callables so a bad flag is a
+one-line argparse error (exit 2) before any work starts. Non-finite numbers (NaN, ±inf) are never
+accepted where a finite number is meant: a NaN latency once made the simulator spin forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable
+
+from tokenloom.errors import UsageError
+
+
+def check_number(value: Any, field: str, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, integer: bool = False) -> float | int:
+    """``value`` as a finite number (an int when ``integer``) within [lo, hi] (``lo_open``: > lo)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise UsageError(f"{field} must be {kind}, got {value!r}", field=field)
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        raise UsageError(f"{field} must be an integer, got {value!r}", field=field)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{field} must be a finite number, got {value!r}", field=field)
+    if integer:
+        value = int(value)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise UsageError(f"{field} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}", field=field)
+    if hi is not None and value > hi:
+        raise UsageError(f"{field} must be <= {hi:g}, got {value!r}", field=field)
+    return value
+
+
+def check_int(value: Any, field: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int within [lo, hi]."""
+    return int(check_number(value, field, lo=lo, hi=hi, integer=True))
+
+
+def check_choice(value: Any, field: str, choices: tuple | list) -> Any:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise UsageError(f"{field} must be one of {', '.join(map(str, choices))}; got {value!r}",
+                         field=field)
+    return value
+
+
+def _arg(parse: Callable[[str], Any], check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        try:
+            return check(value)
+        except UsageError as exc:  # argparse adds the flag's name in front
+            raise argparse.ArgumentTypeError(str(exc).split(" must ", 1)[-1].join(("must ", ""))) from None
+
+    return convert
+
+
+def arg_int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """argparse ``type=`` for an integer within [lo, hi] ("1e3" is refused: write 1000)."""
+    return _arg(int, lambda v: check_int(v, "value", lo=lo, hi=hi))
+
+
+def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str], float]:
+    """argparse ``type=`` for a finite float within [lo, hi] (``lo_open``: strictly above lo)."""
+    return _arg(float, lambda v: float(check_number(v, "value", lo=lo, hi=hi, lo_open=lo_open)))
