@@ -1,14 +1,20 @@
-"""tokenloom.kernels: attention block kernels behind one selector.
+"""tokenloom.kernels: attention block kernels and residual+RMSNorm behind one selector.
 
-``reference`` holds the pure-torch kernels (the oracle and the CPU path). Importing this package
-never needs Triton or a GPU. :func:`select_impl` is the one place that picks an implementation;
-tests force each with ``impl=``.
+``reference`` holds the pure-torch kernels (the oracle, and the path for any device without a
+fused one); ``sdpa`` runs torch's fused SDPA ops that return the log-sum-exp; ``triton_*`` hold the
+Triton kernels. Importing this package never needs Triton or a GPU. :func:`select_impl` (attention)
+and :func:`select_norm_impl` are the one place that picks an implementation: the ``impl=``
+argument, else the environment variable, else the device default. Tests force each with ``impl=``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from tokenloom.errors import UsageError
+from tokenloom.kernels import norm as _norm
 from tokenloom.kernels import reference
 from tokenloom.kernels.reference import (
     attention_backward,
@@ -18,43 +24,85 @@ from tokenloom.kernels.reference import (
     merge_partials,
 )
 
-IMPLS = ("torch", "triton")
+IMPLS = ("torch", "sdpa", "triton")
+NORM_IMPLS = ("torch", "triton")
+ATTN_ENV = "TOKENLOOM_ATTN_IMPL"
+NORM_ENV = "TOKENLOOM_NORM_IMPL"
+# Device defaults. CPU: the fused op (measured 2.7-3x faster than the reference fwd+bwd, docs/kernels.md).
+# CUDA: sdpa until bench_kernels.py has been run on a GPU and says Triton wins (not measured yet).
+DEFAULT_IMPL = {"cpu": "sdpa", "cuda": "sdpa"}
+DEFAULT_NORM_IMPL = {"cpu": "torch", "cuda": "torch"}
 
 
-def triton_available() -> bool:
-    """True when the Triton block kernels are present and can run here.
-
-    They live in ``tokenloom.kernels.triton_attention`` (``usable()``, ``forward``, ``backward``);
-    until that module ships, every device uses the torch path.
-    """
+def triton_available(device: torch.device | None = None) -> bool:
+    """True when the Triton kernels can run here: the triton package is importable and there is a
+    CUDA device (or ``TRITON_INTERPRET=1`` with CPU tensors)."""
     try:
-        from tokenloom.kernels import triton_attention  # noqa: F401
+        from tokenloom.kernels import triton_attention
     except ImportError:
         return False
-    return triton_attention.usable()
+    return triton_attention.usable(device)
+
+
+def _requested(device: torch.device, impl: str | None, env: str, choices: tuple[str, ...],
+               what: str) -> str | None:
+    """``impl`` validated, else the environment variable's value validated, else None."""
+    source = "impl"
+    if impl is None:
+        impl = os.environ.get(env, "").strip() or None
+        source = env
+    if impl is not None and impl not in choices:
+        raise UsageError(f"{source} must be one of {', '.join(choices)} ({what}), got {impl!r}",
+                         field=source)
+    if impl == "triton" and not triton_available(device):
+        raise UsageError(f"{source}='triton' is not available here: it needs the triton package and "
+                         "a CUDA device (or TRITON_INTERPRET=1); use 'torch' or 'sdpa'", field=source)
+    return impl
 
 
 def select_impl(device: torch.device, impl: str | None = None) -> str:
-    """``impl`` if given (validated), else Triton on CUDA when usable, else torch."""
-    if impl is not None:
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
-        if impl == "triton" and not triton_available():
-            raise ValueError("impl='triton' is not available here: it needs "
-                             "tokenloom.kernels.triton_attention, the triton package and a CUDA "
-                             "device (or TRITON_INTERPRET=1); use impl='torch' or None")
-        return impl
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    """Attention kernel: ``impl`` if given, else ``$TOKENLOOM_ATTN_IMPL``, else the device default
+    (``DEFAULT_IMPL``; "torch" on devices it does not list)."""
+    chosen = _requested(device, impl, ATTN_ENV, IMPLS, "attention block kernel")
+    return chosen or DEFAULT_IMPL.get(torch.device(device).type, "torch")
+
+
+def select_norm_impl(device: torch.device, impl: str | None = None) -> str:
+    """Residual+RMSNorm kernel: ``impl``, else ``$TOKENLOOM_NORM_IMPL``, else the device default."""
+    chosen = _requested(device, impl, NORM_ENV, NORM_IMPLS, "residual+RMSNorm kernel")
+    return chosen or DEFAULT_NORM_IMPL.get(torch.device(device).type, "torch")
+
+
+def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float = 1e-6, *, impl: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed, new_residual)``: ``new_residual = x + residual`` (fp32 sum, stored in x's dtype;
+    ``x`` when ``residual`` is None), ``normed = rmsnorm(new_residual) * weight``.
+
+    ``x``, ``residual`` ``(..., hidden)``, ``weight`` ``(hidden,)``; both results like ``x``.
+    ``impl``: "torch" | "triton" | None (``$TOKENLOOM_NORM_IMPL``, then the device default).
+    """
+    if select_norm_impl(x.device, impl) == "triton":
+        from tokenloom.kernels import triton_norm
+
+        _norm.check_norm_args(x, residual, weight, eps)
+        return triton_norm.residual_rmsnorm(x, residual, weight, eps)
+    return _norm.residual_rmsnorm(x, residual, weight, eps)
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                   softmax_scale: float | None, impl: str | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention block, not differentiable: ``out`` in the accumulation dtype, ``lse``."""
-    if select_impl(q.device, impl) == "triton":
+    chosen = select_impl(q.device, impl)
+    if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
         return triton_attention.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    if chosen == "sdpa":
+        from tokenloom.kernels import sdpa
+
+        return sdpa.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     acc = reference.acc_dtype(q.dtype)
     return attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale, out_dtype=acc)
 
@@ -64,11 +112,16 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    softmax_scale: float | None, impl: str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the global ``lse`` and ``delta``; fp32 results."""
-    if select_impl(q.device, impl) == "triton":
+    chosen = select_impl(q.device, impl)
+    if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
         return triton_attention.backward(dout, q, k, v, lse, delta, causal=causal,
                                          softmax_scale=softmax_scale)
+    if chosen == "sdpa":
+        from tokenloom.kernels import sdpa
+
+        return sdpa.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=softmax_scale)
     return attention_backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=softmax_scale)
 
 
@@ -99,14 +152,19 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     q ``(batch, seq_q, heads, head_dim)``; k, v ``(batch, seq_k, heads_kv, head_dim)``; ``out``
     like q in q's dtype, ``lse`` ``(batch, heads, seq_q)`` fp32 (not differentiable). ``impl``:
-    "triton" | "torch" | None (choose by device).
+    "torch" | "sdpa" | "triton" | None (``$TOKENLOOM_ATTN_IMPL``, then the device default).
     """
     reference.check_qkv(q, k, v)
     return _BlockAttention.apply(q, k, v, causal, softmax_scale, impl)
 
 
 __all__ = [
+    "ATTN_ENV",
+    "DEFAULT_IMPL",
+    "DEFAULT_NORM_IMPL",
     "IMPLS",
+    "NORM_ENV",
+    "NORM_IMPLS",
     "attention_backward",
     "attention_delta",
     "attention_with_lse",
@@ -116,6 +174,8 @@ __all__ = [
     "merge_into_",
     "merge_partials",
     "reference",
+    "residual_rmsnorm",
     "select_impl",
+    "select_norm_impl",
     "triton_available",
 ]
