@@ -32,6 +32,12 @@ def tiny_model(attn: str, dtype=torch.float64, **overrides):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm_transformers():
+    """The first model build imports the Llama modules (~2 s): do it once, before ranks fork."""
+    tiny_model("sdpa")
+
+
 def batch_ids(seq=SEQ, batch=BATCH):
     gen = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (batch, seq), generator=gen)
@@ -79,3 +85,87 @@ def test_plain_batch_matches_single_process(strategy, layout):
         assert res["logits"] < TOL, res
         assert res["loss"] < LOSS_TOL, res
         assert res["grads"] < TOL, res
+
+
+def _attention_fn(name):
+    from transformers import AttentionInterface
+
+    return AttentionInterface()[name]
+
+
+def test_world_of_one_is_plain_attention_and_inference_works():
+    """Without torch.distributed the group is a world of one: the model equals sdpa, no grad too."""
+    ids = batch_ids()
+    ref = tiny_model("sdpa").eval()
+    model = tiny_model(hf.register(strategy="tokenring", layout="contiguous")).eval()
+    batch = hf.shard_inputs(ids, layout="contiguous")
+    assert torch.equal(batch["input_ids"], ids)
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert _rel(got, want) < TOL
+
+
+def test_labels_are_shifted_on_the_full_sequence():
+    ids = torch.arange(10).reshape(1, 10)
+    assert hf.causal_lm_labels(ids).tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, -100]]
+    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32)
+    assert hf.causal_lm_labels(ids, cu_seqlens=cu).tolist() == [[1, 2, -100, -100, 5, 6, 7, 8, 9, -100]]
+    assert hf.global_position_ids(10, cu_seqlens=cu).tolist() == [[0, 1, 2, 0, 0, 1, 2, 3, 4, 5]]
+    with pytest.raises(UsageError, match="cu_seqlens"):
+        hf.causal_lm_labels(ids, cu_seqlens=torch.tensor([0, 5, 9]))
+
+
+def test_refusals_without_ranks():
+    with pytest.raises(UsageError, match="strategy"):
+        hf.register(strategy="flash")
+    with pytest.raises(UsageError, match="layout"):
+        hf.register(layout="striped")
+    with pytest.raises(UsageError, match="name"):
+        hf.register(name="sdpa")
+    with pytest.raises(UsageError, match="input_ids"):
+        hf.shard_inputs(torch.zeros(1, 2, 3, dtype=torch.long))
+    ids = batch_ids()
+    model = tiny_model(hf.register(strategy="ring"), attention_dropout=0.1)  # from_config: train mode
+    with pytest.raises(UsageError, match="dropout"):
+        model(**hf.shard_inputs(ids))
+    fn = _attention_fn(hf.register(strategy="ring"))
+    layer = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 8, 16, dtype=torch.float64)
+    kv = torch.zeros(1, 2, 8, 16, dtype=torch.float64)
+    with pytest.raises(UsageError, match="softcap"):
+        fn(layer, q, kv, kv, None, softcap=30.0)
+    with pytest.raises(UsageError, match="sliding_window"):
+        fn(layer, q, kv, kv, None, sliding_window=4)
+    with pytest.raises(UsageError, match="use_cache"):
+        fn(layer, q[:, :, :1], kv, kv, None)
+    with pytest.raises(UsageError, match="attention_mask"):
+        fn(layer, q, kv, kv, torch.zeros(1, 1, 8, 8, dtype=torch.bool))
+    out, weights = fn(layer, q, kv, kv, torch.ones(1, 8, dtype=torch.long))  # masks nothing: fine
+    assert out.shape == (1, 8, 4, 16) and weights is None
+
+
+def _refused_on_every_rank(rank, world_size, case):
+    """Each rank reports the error it got; a rank that hung would time the test out instead."""
+    ids = batch_ids()
+    model = tiny_model(hf.register(strategy="tokenring"))
+    batch = hf.shard_inputs(ids)
+    if case == "padding":  # only rank 1 has padding: rank 0 must fail too, not wait for it
+        mask = torch.ones_like(batch["input_ids"])
+        if rank == 1:
+            mask[0, -3:] = 0
+        batch["attention_mask"] = mask
+    elif case == "positions":  # transformers would default them to arange(seq_local)
+        del batch["position_ids"]
+    try:
+        model(**batch)
+    except UsageError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("case,needle", [("padding", "attention_mask: ranks [1]"),
+                                         ("positions", "position_ids")])
+def test_rank_dependent_problems_raise_on_every_rank(case, needle):
+    for msg in spawn_ranks(2, _refused_on_every_rank, case, timeout=60):
+        assert needle in msg, msg

@@ -326,11 +326,21 @@ def register(strategy: str = "auto", group: Any = None, *, layout: str = "zigzag
     if not isinstance(name, str) or not name or name in ("eager", "sdpa") or "flash" in name:
         raise UsageError(f"name must be a new attention implementation name, got {name!r}",
                          field="name")
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     fn: Callable = _SPAttention(strategy, group, layout, impl, hardware)
     AttentionInterface.register(name, fn)
+    # Without a mask function of its own, transformers drops a user's 2-D padding mask for a
+    # custom attention name (it returns None early); this one hands it through so the attention
+    # function can refuse it instead of silently attending to padding.
+    AttentionMaskInterface.register(name, _pass_padding_mask)
     return name
+
+
+def _pass_padding_mask(*, attention_mask: torch.Tensor | None = None,
+                       **_: Any) -> torch.Tensor | None:
+    """Mask builder for ``name``: the user's 2-D padding mask as given (or None)."""
+    return attention_mask
 
 
 __all__ = [
