@@ -1,0 +1,191 @@
+"""The transformer layer TokenWeave runs: config, weights, tensor-parallel shards, fp64 oracle.
+
+Llama-style layer (pre-norm): ``h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))`` with GQA
+attention, rotary position embeddings and a causal prefill mask; the MLP is SwiGLU, or a
+Mixtral-style MoE (a router over ``num_experts`` SwiGLU experts, the top ``top_k`` per token,
+weights = softmax over the chosen logits). A stack ends with a final RMSNorm.
+
+Tensor parallel shards (Megatron): QKV, gate and up are column-parallel (rank ``r`` holds its
+``heads / tp`` query heads, the kv heads they use, ``ffn / tp`` columns of every expert); O and
+down are row-parallel, so each rank's output is a partial sum that one AllReduce completes. When
+``kv_heads < tp`` a kv head is replicated on the ranks whose query heads use it (as vLLM does).
+The router and the norms are replicated.
+
+:func:`reference_stack` is the single-device oracle, written with plain torch ops (a softmax
+over a masked score matrix, per-expert loops), independent of the sharded code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenloom.errors import UsageError
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Sizes of one layer; validated on construction (UsageError naming the field)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    num_experts: int = 0  # 0: dense SwiGLU
+    top_k: int = 0
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "heads", "kv_heads", "ffn"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name} must be an integer >= 1, got {value!r}", field=name)
+        if self.hidden % self.heads:
+            raise UsageError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})", field="hidden")
+        if (self.hidden // self.heads) % 2:
+            raise UsageError(f"head dim hidden/heads ({self.hidden // self.heads}) must be even for rotary "
+                             f"embeddings", field="hidden")
+        if self.heads % self.kv_heads:
+            raise UsageError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})", field="kv_heads")
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.top_k <= self.num_experts):
+            raise UsageError(f"top_k ({self.top_k}) must be in 1..num_experts ({self.num_experts}) for a MoE "
+                             f"layer", field="top_k")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    def check_tp(self, tp: int) -> None:
+        """UsageError unless heads and ffn divide over ``tp`` ranks."""
+        if self.heads % tp:
+            raise UsageError(f"heads ({self.heads}) must be divisible by the tensor-parallel size ({tp})",
+                             field="heads")
+        if self.ffn % tp:
+            raise UsageError(f"ffn ({self.ffn}) must be divisible by the tensor-parallel size ({tp})", field="ffn")
+
+
+def kv_heads_of_rank(cfg: LayerConfig, rank: int, tp: int) -> range:
+    """The kv heads rank ``rank``'s query heads use (GQA group ``heads // kv_heads``)."""
+    per = cfg.heads // tp
+    group = cfg.heads // cfg.kv_heads
+    return range(rank * per // group, ((rank + 1) * per - 1) // group + 1)
+
+
+def make_weights(cfg: LayerConfig, num_layers: int, seed: int = 0) -> dict:
+    """Full (unsharded) fp64 weights of a stack; the same on every rank for the same seed.
+
+    ``{"layers": [per-layer dict], "final_norm": (hidden,)}``; linear weights are
+    ``(out_features, in_features)`` scaled by ``1/sqrt(in_features)`` so activations stay O(1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h, d, f = cfg.hidden, cfg.head_dim, cfg.ffn
+
+    def lin(out_f: int, in_f: int, *lead: int) -> torch.Tensor:
+        return torch.randn(*lead, out_f, in_f, generator=gen, dtype=torch.float64) / math.sqrt(in_f)
+
+    def norm() -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(h, generator=gen, dtype=torch.float64)
+
+    layers = []
+    for _ in range(num_layers):
+        w = {"in_norm": norm(), "wq": lin(cfg.heads * d, h), "wk": lin(cfg.kv_heads * d, h),
+             "wv": lin(cfg.kv_heads * d, h), "wo": lin(h, cfg.heads * d), "post_norm": norm()}
+        if cfg.moe:
+            w.update(router=lin(cfg.num_experts, h), w_gate=lin(f, h, cfg.num_experts),
+                     w_up=lin(f, h, cfg.num_experts), w_down=lin(h, f, cfg.num_experts))
+        else:
+            w.update(w_gate=lin(f, h), w_up=lin(f, h), w_down=lin(h, f))
+        layers.append(w)
+    return {"layers": layers, "final_norm": norm()}
+
+
+def shard_weights(full: dict, cfg: LayerConfig, rank: int, tp: int, dtype: torch.dtype,
+                  device: torch.device) -> dict:
+    """Rank ``rank``'s shard of ``full`` in ``dtype`` on ``device`` (see module docstring)."""
+    cfg.check_tp(tp)
+    d = cfg.head_dim
+    q_rows = slice(rank * cfg.heads // tp * d, (rank + 1) * cfg.heads // tp * d)
+    kv = kv_heads_of_rank(cfg, rank, tp)
+    kv_rows = slice(kv.start * d, kv.stop * d)
+    f_rows = slice(rank * cfg.ffn // tp, (rank + 1) * cfg.ffn // tp)
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    layers = []
+    for w in full["layers"]:
+        s = {"in_norm": put(w["in_norm"]), "post_norm": put(w["post_norm"]),
+             "wqkv": put(torch.cat([w["wq"][q_rows], w["wk"][kv_rows], w["wv"][kv_rows]])),
+             "wo": put(w["wo"][:, q_rows]), "kv_first": kv.start}
+        gate, up = w["w_gate"][..., f_rows, :], w["w_up"][..., f_rows, :]
+        s["w_gate_up"] = put(torch.cat([gate, up], dim=-2))
+        s["w_down"] = put(w["w_down"][..., f_rows])
+        if cfg.moe:
+            s["router"] = put(w["router"])
+        layers.append(s)
+    return {"layers": layers, "final_norm": put(full["final_norm"])}
+
+
+def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``(tokens, heads, head_dim)`` at positions ``start, start+1, ...``
+    (half-split form, as Llama in Hugging Face transformers); computed in fp32 or fp64."""
+    n, _, d = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    ang = torch.arange(start, start + n, dtype=torch.float64, device=x.device)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(acc)[:, None, :], ang.sin().to(acc)[:, None, :]
+    xf = x.to(acc)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def moe_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing: ``(weights, experts)`` both ``(tokens, top_k)``; weights = softmax of the
+    chosen logits (ties broken by the lower expert index, deterministically on every rank)."""
+    vals, idx = torch.topk(logits, top_k, dim=-1, sorted=True)
+    return torch.softmax(vals.to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
+                         dim=-1).to(logits.dtype), idx
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def reference_stack(x: torch.Tensor, full: dict, cfg: LayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-device stack in ``x``'s dtype: ``(final normed output, final residual)``, both
+    ``(tokens, hidden)``. ``x`` is the embedding output of one causal sequence."""
+    n, d, g = x.shape[0], cfg.head_dim, cfg.heads // cfg.kv_heads
+    mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    res = x
+    for w in full["layers"]:
+        w = {k: v.to(x.dtype) for k, v in w.items()}
+        a = _rmsnorm(res, w["in_norm"], cfg.eps)
+        q = rope((a @ w["wq"].T).view(n, cfg.heads, d), 0, cfg.rope_theta)
+        k = rope((a @ w["wk"].T).view(n, cfg.kv_heads, d), 0, cfg.rope_theta).repeat_interleave(g, dim=1)
+        v = (a @ w["wv"].T).view(n, cfg.kv_heads, d).repeat_interleave(g, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        res = res + torch.einsum("hqk,khd->qhd", probs, v).reshape(n, -1) @ w["wo"].T
+        a = _rmsnorm(res, w["post_norm"], cfg.eps)
+        if cfg.moe:
+            weights, experts = moe_route(a @ w["router"].T, cfg.top_k)
+            out = torch.zeros_like(a)
+            for e in range(cfg.num_experts):
+                tok, slot = (experts == e).nonzero(as_tuple=True)
+                out[tok] += weights[tok, slot, None] * _swiglu(a[tok], w["w_gate"][e], w["w_up"][e],
+                                                               w["w_down"][e])
+        else:
+            out = _swiglu(a, w["w_gate"], w["w_up"], w["w_down"])
+        res = res + out
+    return _rmsnorm(res, full["final_norm"].to(x.dtype), cfg.eps), res
