@@ -7,13 +7,16 @@ repeated layers cost a dictionary lookup.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 from tokenloom.comm.topology import check_layout
 from tokenloom.parallel.builders import STRATEGIES
-from tokenloom.simulator.cost import AttentionShape
+from tokenloom.errors import UsageError
+from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.hardware import LOCAL_CPU, Cluster, make_cluster
-from tokenloom.simulator.scenario import AttentionResult, simulate_attention
+from tokenloom.simulator.scenario import (MAX_SIM_TRANSFERS, AttentionResult, check_feasible, check_work,
+                                          estimated_transfers, simulate_attention)
 
 # Substrings of torch.cuda.get_device_name() -> catalog name; first match wins (A100 before A10).
 _DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
@@ -98,20 +101,30 @@ def _gb(num_bytes: float) -> str:
 def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
                      strategies: tuple[str, ...] = STRATEGIES,
                      layouts: tuple[str, ...] = PREFERRED_LAYOUTS) -> Advice:
-    """Simulate every feasible (strategy, layout); raise ValueError if none fits the shape."""
-    results, skipped = [], []
+    """Simulate every feasible (strategy, layout); UsageError if none fits the shape or the
+    simulations together exceed the work limit (checked before any is run)."""
+    feasible, skipped = [], []
     for strategy in strategies:
         for layout in layouts:
             try:
-                results.append(simulate_attention(strategy, cluster, shape, causal=causal,
-                                                  backward=backward, layout=layout))
-            except ValueError as exc:
+                check_feasible(strategy, cluster.num_gpus, shape)
+                CostModel(shape, cluster, layout)  # seq against the layout
+            except UsageError as exc:
                 skipped.append((strategy, layout, str(exc)))
-    if not results:
-        raise ValueError(f"no strategy fits this shape: {skipped[0][2]}")
+                continue
+            feasible.append((strategy, layout))
+    if not feasible:
+        raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=_field_of(skipped[0][2]))
+    check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible])
+    results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout)
+               for strategy, layout in feasible]
     order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
     results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
     return Advice(results, skipped)
+
+
+def _field_of(message: str) -> str:
+    return message.split(" ", 1)[0].strip(":")
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,6 +163,14 @@ def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, he
             ) -> tuple[str, str]:
     cluster = _cluster_for(hardware, world_size)
     shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
+    runs = [(s, world_size, backward) for s in STRATEGIES for _ in layouts]
+    if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS:
+        # Too many ranks to simulate every candidate in a call's time budget: TokenRing is the
+        # default (no head divisibility needed, both link directions busy), priced by nothing.
+        warnings.warn(f"strategy='auto': {world_size} ranks are too many to simulate every strategy "
+                      f"quickly; using tokenring ({layouts[0]}). Pass strategy= to choose.", stacklevel=3)
+        CostModel(shape, cluster, layouts[0])  # still refuse a sequence the layout cannot split
+        return "tokenring", layouts[0]
     best = advise_attention(cluster, shape, causal=causal, backward=backward, layouts=layouts).winner
     return best.strategy, best.layout
 

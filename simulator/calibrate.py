@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from tokenloom.io import atomic_write
+from tokenloom.io import atomic_write, resolve_output
 from tokenloom.simulator.hardware import LOCAL_CPU, Device, Link, NodeSpec, node_to_dict
 
 _PING_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)  # bytes
@@ -136,12 +136,24 @@ def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpe
                     host_cores=cores or os.cpu_count() or 1)
 
 
-def calibrate(out_path: str | os.PathLike, *, quick: bool = False) -> dict:
-    """Measure, write the profile atomically to ``out_path``, and return what was written."""
+def measure_profile(*, quick: bool = False) -> dict:
+    """Measure this machine: the ``local-cpu`` hardware-file entry (with the raw measurements)."""
     compute = measure_compute((128, 256, 512) if quick else (256, 512, 1024, 2048), repeats=1 if quick else 3)
     gloo = measure_gloo(_PING_SIZES[:4] if quick else _PING_SIZES, repeats=3 if quick else 5)
     entry = node_to_dict(profile_from(compute, gloo))
     entry["measured"] = {"compute": compute, "gloo": gloo, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with atomic_write(out_path, "w") as handle:
-        json.dump({LOCAL_CPU: entry}, handle, indent=2)
+    return entry
+
+
+def write_profile(entry: dict, path: str | os.PathLike) -> None:
+    """Write ``entry`` as the hardware file ``{"local-cpu": entry}`` (atomically)."""
+    with atomic_write(path, "w") as handle:
+        json.dump({LOCAL_CPU: entry}, handle, indent=2, allow_nan=False)
+
+
+def calibrate(out_path: str | os.PathLike, *, quick: bool = False) -> dict:
+    """Measure, write the profile atomically to ``out_path``, and return what was written."""
+    resolve_output(out_path, "out_path")  # before measuring: fail fast on an unusable path
+    entry = measure_profile(quick=quick)
+    write_profile(entry, out_path)
     return entry

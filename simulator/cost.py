@@ -28,11 +28,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.comm.topology import chunk_len, chunks_of_rank
+from tokenloom.comm.topology import LAYOUTS, chunk_len, chunks_of_rank, num_chunks
+from tokenloom.errors import UsageError
 from tokenloom.parallel.schedule import WIRE_FIELDS, AllToAll, Block, Buf, Compute, Merge, Pack
 from tokenloom.simulator.hardware import Cluster
+from tokenloom.validate import check_choice, check_int
 
 BWD_FLOP_FACTOR = 2.5
+# Largest shapes priced: far beyond any real run, small enough that no product of them can
+# overflow a float (2^20 batch x 2^16 heads x 2^16 dim x (2^40 tokens)^2 ~ 1e40).
+SHAPE_LIMITS = {"seq_len": 1 << 40, "num_heads": 1 << 16, "head_dim": 1 << 16, "batch": 1 << 20, "dtype_bytes": 8}
 TILE_ROWS = 128
 
 
@@ -48,13 +53,14 @@ class AttentionShape:
     dtype_bytes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "num_heads", "head_dim", "batch", "dtype_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, hi in SHAPE_LIMITS.items():
+            object.__setattr__(self, name, check_int(getattr(self, name), name, lo=1, hi=hi))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
-            raise ValueError(f"kv_heads ({self.num_kv_heads}) must divide heads ({self.num_heads})")
+        kv = check_int(self.num_kv_heads, "kv_heads", lo=1, hi=SHAPE_LIMITS["num_heads"])
+        object.__setattr__(self, "num_kv_heads", kv)
+        if self.num_heads % kv:
+            raise UsageError(f"kv_heads ({kv}) must divide heads ({self.num_heads})", field="kv_heads")
 
     @property
     def kv_heads(self) -> int:
@@ -73,6 +79,12 @@ class CostModel:
         self.cluster = cluster
         self.world_size = cluster.num_gpus
         self.layout = layout
+        check_choice(layout, "layout", LAYOUTS)
+        n = num_chunks(self.world_size, layout)
+        if shape.seq_len % n:
+            how = "gpus" if layout == "contiguous" else "2 * gpus"
+            raise UsageError(f"seq ({shape.seq_len}) must be a multiple of {how} = {n} for layout {layout!r}",
+                             field="seq")
         self.chunk = chunk_len(shape.seq_len, self.world_size, layout, field="seq")
         self.device = cluster.node.device
         cores = cluster.node.host_cores

@@ -61,6 +61,31 @@ class _Plan:
         self.coll_pos: list[dict[int, int]] = []  # collective k -> {rank: step}
         self._match_p2p(sched, cost, topo)
         self._collectives(sched, cost, topo)
+        self._check_finite(topo)
+
+    def _check_finite(self, topo: Topology) -> None:
+        """Invariant: every duration, size and latency is finite and >= 0 and every capacity > 0.
+
+        Inputs are range-checked where they enter (hardware file, flags, dataclasses), so a
+        violation here is a bug; it is caught before the event loop, which could otherwise spin
+        forever on a NaN time or never finish a transfer over a zero-rate link.
+        """
+        for what, rows in (("compute", self.compute), ("merge", self.merge)):
+            for r, per_step in enumerate(rows):
+                bad = [s for s, x in enumerate(per_step) if not 0.0 <= x < math.inf]
+                if bad:
+                    raise SimulationError(f"{what} time of rank {r} step {bad[0]} is {per_step[bad[0]]!r}; "
+                                          f"durations must be finite and >= 0")
+        for name, values in (("bytes", self.nbytes), ("latency", self.lat)):
+            bad = [f for f, x in enumerate(values) if not 0.0 <= x < math.inf]
+            if bad:
+                f = bad[0]
+                raise SimulationError(f"{name} of transfer {self.label[f]} (rank {self.src[f]} -> "
+                                      f"{self.dst[f]}) is {values[f]!r}; it must be finite and >= 0")
+        capacity = np.asarray(topo.capacity[1:], dtype=np.float64)
+        if not (capacity > 0).all():  # NaN fails too
+            raise SimulationError(f"a link or port has capacity {capacity[~(capacity > 0)][0]!r} bytes/s; "
+                                  f"capacities must be > 0")
 
     def _new_flow(self, src: int, dst: int, nbytes: float, topo: Topology, label: str, channel: str,
                   coll: int) -> int:
@@ -129,7 +154,7 @@ class _Plan:
 def simulate(sched: Schedule, cost: CostModel) -> Timeline:
     """Price ``sched`` on ``cost.cluster``; raise :class:`DeadlockError` if it cannot finish."""
     if cost.world_size != sched.world_size:
-        raise ValueError(f"cost model is for {cost.world_size} ranks, schedule for {sched.world_size}")
+        raise SimulationError(f"cost model is for {cost.world_size} ranks, schedule for {sched.world_size}")
     with no_gc():
         run = _Run(sched, cost)
         run.loop()
@@ -174,11 +199,20 @@ class _Run:
     def loop(self) -> None:
         """Process events in time order until nothing more can happen."""
         heap, net = self.heap, self.net
+        # Each round pops at least one event (a post, a transfer start, or a finished transfer), so
+        # a finite schedule needs at most this many rounds; more means the invariants broke.
+        budget = sum(len(steps) for steps in self.sched.ranks) + 2 * len(self.plan.src) + 1
+        now = 0.0
         while True:
             t_heap = heap[0][0] if heap else math.inf
             t_net = net.next_finish()
             if t_heap == math.inf and t_net == math.inf:
                 return
+            budget -= 1
+            if budget < 0 or not (now <= t_heap and now <= t_net):  # NaN fails both comparisons
+                raise SimulationError(f"event loop made no progress at t={now!r} s (next post {t_heap!r}, "
+                                      f"next transfer end {t_net!r}); a time is NaN or went backwards")
+            now = min(t_heap, t_net)
             if t_net <= t_heap:
                 for f in net.pop_finished(t_net):
                     self.flow_done(f, t_net)

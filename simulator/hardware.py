@@ -24,21 +24,51 @@ ranks share that many cores, so compute slows when ranks outnumber cores.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tokenloom.errors import UsageError
+from tokenloom.io import read_json
+from tokenloom.validate import check_choice, check_int, check_number
 
 FABRICS = ("switch", "mesh", "pcie", "bus")
 LOCAL_CPU = "local-cpu"
 PROFILE_ENV = "TOKENLOOM_CPU_PROFILE"  # path of the calibrated local-cpu profile
 _SHIPPED_PROFILE = Path(__file__).parent / "data" / "local-cpu.json"
+MAX_CLUSTER_GPUS = 1 << 20  # what a Cluster can describe; what can be *simulated* is far less
 
 
-def _positive(owner: str, **values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{owner}: {name} must be > 0, got {value!r}")
+# Ranges for every number of a node spec: (integer?, lowest, lowest is excluded, highest). Generous
+# (1e30 is an "ideal", never-binding resource) but finite and bounded away from zero, so no value
+# can overflow the cost model into inf/NaN or stall the engine (a NaN latency once made it spin
+# forever; a rate of 1e-300 bytes/s would give infinite times).
+_DEVICE_RANGES = {
+    "sms": (True, 1, False, 10**7),
+    "flops": (False, 1e3, False, 1e30),
+    "hbm_bw": (False, 1e3, False, 1e30),
+    "attn_eff_fwd": (False, 1e-6, False, 100.0),  # a CPU profile stores measured FLOP/s as flops: eff 1
+    "attn_eff_bwd": (False, 1e-6, False, 100.0),  # ... and the backward/forward rate ratio here
+    "launch_s": (False, 0.0, False, 10.0),
+}
+_LINK_RANGES = {
+    "bw": (False, 1e3, False, 1e30),
+    "latency_s": (False, 0.0, False, 10.0),
+    "efficiency": (False, 1e-6, False, 1.0),
+}
+MAX_GPUS_PER_NODE = 1 << 16
+_NODE_RANGES = {
+    "gpus_per_node": (True, 1, False, MAX_GPUS_PER_NODE),
+    "gpus_per_switch": (True, 0, False, MAX_GPUS_PER_NODE),
+    "host_cores": (True, 0, False, 10**7),
+}
+MAX_HARDWARE_FILE_BYTES = 16 << 20
+
+
+def _check(owner: str, ranges: dict, values: dict) -> None:
+    for name, (integer, lo, lo_open, hi) in ranges.items():
+        if name in values:
+            check_number(values[name], f"{owner}.{name}", lo=lo, hi=hi, lo_open=lo_open, integer=integer)
 
 
 @dataclass(frozen=True)
@@ -54,10 +84,7 @@ class Device:
     launch_s: float = 5e-6  # fixed cost per kernel call
 
     def __post_init__(self) -> None:
-        _positive(f"device {self.name!r}", sms=self.sms, flops=self.flops, hbm_bw=self.hbm_bw,
-                  attn_eff_fwd=self.attn_eff_fwd, attn_eff_bwd=self.attn_eff_bwd)
-        if self.launch_s < 0:
-            raise ValueError(f"device {self.name!r}: launch_s must be >= 0, got {self.launch_s}")
+        _check(f"device {self.name}", _DEVICE_RANGES, asdict(self))
 
 
 @dataclass(frozen=True)
@@ -69,9 +96,7 @@ class Link:
     efficiency: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("link", bw=self.bw, efficiency=self.efficiency)
-        if self.latency_s < 0:
-            raise ValueError(f"link: latency_s must be >= 0, got {self.latency_s}")
+        _check("link", _LINK_RANGES, asdict(self))
 
     @property
     def rate(self) -> float:
@@ -93,11 +118,16 @@ class NodeSpec:
     host_cores: int = 0
 
     def __post_init__(self) -> None:
-        if self.fabric not in FABRICS:
-            raise ValueError(f"hardware {self.name!r}: fabric must be one of {FABRICS}, got {self.fabric!r}")
-        _positive(f"hardware {self.name!r}", gpus_per_node=self.gpus_per_node)
+        owner = f"hardware {self.name}"
+        check_choice(self.fabric, f"{owner}.fabric", FABRICS)
+        _check(owner, _NODE_RANGES, {k: getattr(self, k) for k in _NODE_RANGES})
+        for name in ("device", "link", "nic", "uplink"):
+            kind = Device if name == "device" else Link
+            value = getattr(self, name)
+            if not (isinstance(value, kind) or (name == "uplink" and value is None)):
+                raise UsageError(f"{owner}.{name} must be a {kind.__name__}, got {value!r}", field=name)
         if self.fabric == "pcie" and (self.uplink is None or self.gpus_per_switch < 1):
-            raise ValueError(f"hardware {self.name!r}: fabric 'pcie' needs uplink and gpus_per_switch >= 1")
+            raise UsageError(f"{owner}: fabric 'pcie' needs uplink and gpus_per_switch >= 1", field="uplink")
 
 
 @dataclass(frozen=True)
@@ -110,14 +140,14 @@ class Cluster:
     num_nodes: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_gpus < 1:
-            raise ValueError(f"gpus must be >= 1, got {self.num_gpus}")
-        if self.num_nodes < 1 or self.num_gpus % self.num_nodes:
-            raise ValueError(f"nodes ({self.num_nodes}) must be >= 1 and divide gpus ({self.num_gpus})")
+        check_int(self.num_gpus, "gpus", lo=1, hi=MAX_CLUSTER_GPUS)
+        check_int(self.num_nodes, "nodes", lo=1, hi=MAX_CLUSTER_GPUS)
+        if self.num_gpus % self.num_nodes:
+            raise UsageError(f"nodes ({self.num_nodes}) must divide gpus ({self.num_gpus})", field="nodes")
         per_node = self.num_gpus // self.num_nodes
         if per_node > self.node.gpus_per_node:
-            raise ValueError(f"gpus: {per_node} per node exceeds the {self.node.gpus_per_node} GPUs of "
-                             f"one {self.node.name!r} node; raise --nodes")
+            raise UsageError(f"gpus: {per_node} per node exceeds the {self.node.gpus_per_node} GPUs of "
+                             f"one {self.node.name!r} node; raise --nodes", field="gpus")
 
     @property
     def gpus_per_node(self) -> int:
@@ -153,15 +183,58 @@ CATALOG: dict[str, NodeSpec] = {
 }
 
 
-def _node_from_dict(name: str, spec: dict) -> NodeSpec:
-    try:
-        device = Device(**{"name": name, **spec["device"]})
-        links = {k: Link(**spec[k]) for k in ("link", "nic", "uplink") if spec.get(k) is not None}
-        rest = {k: v for k, v in spec.items() if k not in ("device", "link", "nic", "uplink", "name", "measured")}
-        return NodeSpec(name=name, device=device, **links, **rest)
-    except (KeyError, TypeError) as exc:
-        valid = [f.name for f in fields(NodeSpec)]
-        raise ValueError(f"hardware {name!r}: bad or missing field ({exc}); fields are {valid}") from None
+_NODE_KEYS = ("device", "gpus_per_node", "fabric", "link", "nic", "uplink", "gpus_per_switch", "host_cores")
+_IGNORED_KEYS = ("name", "measured")  # written by node_to_dict / calibrate; informational
+
+
+def _object(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a JSON object, got {_kind(value)}", field=where)
+    return value
+
+
+def _kind(value: object) -> str:
+    names = {type(None): "null", bool: "a boolean", list: "a list", str: "a string", dict: "an object"}
+    return names.get(type(value), f"{value!r}") if not isinstance(value, str) else f"the string {value!r}"
+
+
+def _fields(spec: dict, where: str, ranges: dict, *, required: tuple[str, ...]) -> dict:
+    """``spec`` checked against ``ranges``: no unknown keys, every required key, typed numbers."""
+    unknown = sorted(set(spec) - set(ranges))
+    if unknown:
+        raise UsageError(f"{where}: unknown field {unknown[0]!r}; valid: {', '.join(ranges)}", field=where)
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise UsageError(f"{where}.{missing[0]} is missing (required: {', '.join(required)})", field=where)
+    _check(where, ranges, spec)
+    return dict(spec)
+
+
+def _node_from_dict(name: str, spec: object, where: str | None = None) -> NodeSpec:
+    """One typed, range-checked node spec; :class:`UsageError` naming ``where.field`` otherwise."""
+    where = where or f"hardware {name}"
+    spec = _object(spec, where)
+    unknown = sorted(set(spec) - set(_NODE_KEYS) - set(_IGNORED_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown field {unknown[0]!r}; valid: {', '.join(_NODE_KEYS)}", field=where)
+    for key in ("device", "gpus_per_node", "fabric", "link", "nic"):
+        if key not in spec:
+            raise UsageError(f"{where}.{key} is missing (required: device, gpus_per_node, fabric, link, "
+                             f"nic)", field=where)
+    device = _fields(_object(spec["device"], f"{where}.device"), f"{where}.device", _DEVICE_RANGES,
+                     required=tuple(k for k in _DEVICE_RANGES if k != "launch_s"))
+    links = {}
+    for key in ("link", "nic", "uplink"):
+        if spec.get(key) is not None or key != "uplink":
+            links[key] = Link(**_fields(_object(spec[key], f"{where}.{key}"), f"{where}.{key}", _LINK_RANGES,
+                                        required=("bw", "latency_s")))
+    fabric = spec["fabric"]
+    if not isinstance(fabric, str) or fabric not in FABRICS:
+        raise UsageError(f"{where}.fabric must be one of {', '.join(FABRICS)}, got {_kind(fabric)}",
+                         field=f"{where}.fabric")
+    _check(where, _NODE_RANGES, spec)
+    rest = {k: int(spec[k]) for k in _NODE_RANGES if k in spec}
+    return NodeSpec(name=name, device=Device(name=name, **device), fabric=fabric, **links, **rest)
 
 
 def node_to_dict(node: NodeSpec) -> dict:
@@ -171,16 +244,26 @@ def node_to_dict(node: NodeSpec) -> dict:
     return out
 
 
-def load_hardware_file(path: str | os.PathLike) -> dict[str, NodeSpec]:
-    """Read ``{name: {device: {...}, gpus_per_node, fabric, link: {...}, nic: {...}, ...}}``."""
-    with open(path) as handle:
+def load_hardware_file(path: str | os.PathLike, field: str = "--hardware-file") -> dict[str, NodeSpec]:
+    """Read ``{name: {device: {...}, gpus_per_node, fabric, link: {...}, nic: {...}, ...}}``.
+
+    The one loader of the format: strict JSON (UTF-8, finite numbers), every field typed and
+    range-checked; a :class:`UsageError` names ``field``, the file and the entry's field.
+    """
+    data = read_json(path, field, max_bytes=MAX_HARDWARE_FILE_BYTES)
+    where = f"{field} {os.fspath(path)}"
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"{where}: expected a non-empty JSON object mapping names to node specs, got "
+                         f"{_kind(data) if data != {} else 'an empty object'}", field=field)
+    out = {}
+    for name, spec in data.items():
+        if not name.strip() or len(name) > 128:
+            raise UsageError(f"{where}: entry name {name[:40]!r} must be 1-128 characters", field=field)
         try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"hardware-file {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"hardware-file {path}: expected an object mapping names to node specs")
-    return {name: _node_from_dict(name, spec) for name, spec in data.items()}
+            out[name] = _node_from_dict(name, spec, f"{name}")
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}", field=field) from None
+    return out
 
 
 def cpu_profile_path() -> Path:
@@ -197,7 +280,12 @@ def load_cpu_profile() -> tuple[NodeSpec, bool]:
     path = cpu_profile_path()
     calibrated = path.is_file()
     src = path if calibrated else _SHIPPED_PROFILE
-    return load_hardware_file(src)[LOCAL_CPU], calibrated
+    field = f"local-cpu profile (${PROFILE_ENV} or 'simulate calibrate')" if calibrated else "shipped profile"
+    entries = load_hardware_file(src, field)
+    if LOCAL_CPU not in entries:
+        raise UsageError(f"{field} {src}: has no {LOCAL_CPU!r} entry; rerun 'tokenloom simulate calibrate'",
+                         field=PROFILE_ENV)
+    return entries[LOCAL_CPU], calibrated
 
 
 def catalog(hardware_file: str | os.PathLike | None = None) -> dict[str, NodeSpec]:
@@ -211,9 +299,18 @@ def catalog(hardware_file: str | os.PathLike | None = None) -> dict[str, NodeSpe
 
 def make_cluster(hardware: str, num_gpus: int, num_nodes: int = 1,
                  hardware_file: str | os.PathLike | None = None) -> Cluster:
-    """Look up ``hardware`` and lay ``num_gpus`` ranks over ``num_nodes`` nodes of it."""
-    nodes = catalog(hardware_file)
+    """Look up ``hardware`` and lay ``num_gpus`` ranks over ``num_nodes`` nodes of it.
+
+    The local-cpu profile is read only when asked for, so a damaged profile cannot break
+    simulations of other hardware.
+    """
+    nodes = dict(CATALOG)
+    if hardware_file is not None:
+        nodes.update(load_hardware_file(hardware_file))
     if hardware not in nodes:
-        raise ValueError(f"hardware must be one of {sorted(nodes)}, got {hardware!r} "
-                         f"(add it with --hardware-file)")
+        if hardware != LOCAL_CPU:
+            names = sorted(set(nodes) | {LOCAL_CPU})
+            raise UsageError(f"hardware must be one of {', '.join(names)}, got {hardware!r} "
+                             f"(add it with --hardware-file)", field="hardware")
+        nodes[LOCAL_CPU] = load_cpu_profile()[0]
     return Cluster(nodes[hardware], num_gpus, num_nodes)

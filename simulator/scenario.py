@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenloom.errors import UsageError
 from tokenloom.parallel.builders import STRATEGIES, build_schedule
 from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import no_gc, simulate
 from tokenloom.simulator.hardware import Cluster
 from tokenloom.simulator.timeline import Timeline
+from tokenloom.validate import check_choice
 
 
 @dataclass
@@ -71,12 +73,48 @@ def _schedule(strategy: str, world_size: int, layout: str, causal: bool, backwar
                           num_heads=num_heads, num_kv_heads=num_kv_heads)
 
 
+# Work limit. A pass of N ranks moves about 2 N^2 point-to-point transfers (TokenRing, Ring) or
+# 3 N^2 all-to-all pair transfers (Ulysses), and the engine spends ~0.1 ms per transfer (build,
+# route, price, record; measured on one 2.x GHz core), so 1024 GPUs would take many minutes and
+# gigabytes. Refuse up front instead; the limit admits 256 GPUs for one pass (~30 s).
+MAX_SIM_TRANSFERS = 300_000
+_TRANSFERS_PER_RANK_SQUARED = {"tokenring": 2, "ring": 2, "ulysses": 3}
+
+
+def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
+    """Upper estimate of the transfers the engine walks for ``strategy`` (forward [+ backward])."""
+    return _TRANSFERS_PER_RANK_SQUARED[strategy] * world_size * world_size * (2 if backward else 1)
+
+
+def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus") -> int:
+    """Refuse (UsageError naming ``field``) simulations of ``(strategy, world_size, backward)``
+    that together exceed :data:`MAX_SIM_TRANSFERS`; return the estimate otherwise."""
+    total = sum(estimated_transfers(*run) for run in runs)
+    if total > MAX_SIM_TRANSFERS:
+        n = max(run[1] for run in runs)
+        what = f"{len(runs)} simulations" if len(runs) > 1 else "the simulation"
+        raise UsageError(f"{field}: {n} ranks need ~{total:,} simulated transfers for {what} (~2-3 x "
+                         f"gpus^2 per pass); the limit is {MAX_SIM_TRANSFERS:,} (about half a minute): "
+                         f"use fewer gpus, or fewer passes/strategies", field=field)
+    return total
+
+
+def check_feasible(strategy: str, world_size: int, shape: AttentionShape) -> None:
+    """UsageError if ``strategy`` cannot run ``shape`` on ``world_size`` ranks (before building)."""
+    check_choice(strategy, "strategy", STRATEGIES)
+    if strategy == "ulysses" and shape.num_heads % world_size:
+        raise UsageError(f"heads ({shape.num_heads}) must be divisible by gpus ({world_size}) for ulysses; "
+                         f"use strategy tokenring or ring, or a gpu count dividing {shape.num_heads}",
+                         field="heads")
+
+
 def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *, causal: bool,
                        backward: bool = False, layout: str = "zigzag") -> AttentionResult:
-    """Simulate ``strategy`` on ``cluster``; raises ValueError for shapes the schedule cannot take."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    """Simulate ``strategy`` on ``cluster``; UsageError for shapes the schedule cannot take or
+    sizes over the work limit (:func:`check_work`)."""
+    check_feasible(strategy, cluster.num_gpus, shape)
     cost = CostModel(shape, cluster, layout)  # validates seq against the layout
+    check_work([(strategy, cluster.num_gpus, backward)])
     passes = []
     for bwd in ((False, True) if backward else (False,)):
         with no_gc():  # building a large schedule suffers the same collector rescans as simulating it

@@ -14,13 +14,14 @@ Rules (one mechanism for every command):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
-from tokenloom.errors import UsageError
+from tokenloom.errors import UsageError, one_line
 
 MAX_INPUT_BYTES = 2 << 30  # refuse to slurp more than 2 GiB from one input file
 
@@ -31,6 +32,16 @@ def resolve_output(path: str | os.PathLike, field: str = "output",
     text = os.fspath(path)
     if not text:
         raise UsageError(f"{field}: empty path", field=field)
+    try:
+        return _resolve_output(text, field, inputs)
+    except (OSError, ValueError) as exc:  # name too long, NUL byte, loop of links, ...
+        if isinstance(exc, UsageError):
+            raise
+        why = getattr(exc, "strerror", None) or one_line(exc)
+        raise UsageError(f"{field}: cannot write {text}: {why}", field=field) from None
+
+
+def _resolve_output(text: str, field: str, inputs: Iterable[str | os.PathLike | None]) -> Path:
     target = Path(os.path.realpath(text))  # follow symlinks: write the target, keep the link
     if target.exists() or target.is_symlink():
         try:
@@ -127,6 +138,9 @@ class OutputFiles:
 
     def commit(self) -> None:
         """Rename every staged file over its target."""
+        for field, target in self._targets.items():  # still usable? (checked again: cheap, and
+            if field in self._staged:                  # the work may have taken minutes)
+                resolve_output(target, field, self._inputs)
         for field, tmp in list(self._staged.items()):
             os.replace(tmp, self._targets[field])
             del self._staged[field]
@@ -144,45 +158,73 @@ class OutputFiles:
         self.discard()
 
 
-def check_input_file(path: str | os.PathLike, field: str) -> Path:
-    """``path`` as an existing regular file of at most ``MAX_INPUT_BYTES``; UsageError otherwise."""
+def check_input_file(path: str | os.PathLike, field: str, *, max_bytes: int = MAX_INPUT_BYTES) -> Path:
+    """``path`` as an existing regular file of at most ``max_bytes``; UsageError otherwise.
+
+    Only ``stat`` is used, so a FIFO or a device is refused without ever being opened (opening a
+    FIFO with no writer would block forever).
+    """
     text = os.fspath(path)
+    if not text:
+        raise UsageError(f"{field}: empty path", field=field)
     try:
         st = os.stat(text)
     except FileNotFoundError:
         raise UsageError(f"{field}: no such file: {text}", field=field) from None
-    except OSError as exc:
-        raise UsageError(f"{field}: cannot read {text}: {exc.strerror}", field=field) from None
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
+        why = getattr(exc, "strerror", None) or one_line(exc)
+        raise UsageError(f"{field}: cannot read {text}: {why}", field=field) from None
     if stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{field}: {text} is a directory, not a file", field=field)
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{field}: {text} is not a regular file", field=field)
-    if st.st_size > MAX_INPUT_BYTES:
-        raise UsageError(f"{field}: {text} is {st.st_size / 2**30:.1f} GiB; the limit is "
-                         f"{MAX_INPUT_BYTES >> 30} GiB", field=field)
+        raise UsageError(f"{field}: {text} is not a regular file (device, FIFO or socket)", field=field)
+    if st.st_size > max_bytes:
+        raise UsageError(f"{field}: {text} is {_size(st.st_size)}; the limit is {_size(max_bytes)}",
+                         field=field)
     return Path(text)
 
 
-def read_json(path: str | os.PathLike, field: str) -> object:
-    """Parse a JSON file strictly: UTF-8, no NaN/Infinity, errors name the file and the flag."""
+def _size(num_bytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if num_bytes >= 1 << shift:
+            return f"{num_bytes / (1 << shift):.1f} {unit}"
+    return f"{num_bytes} bytes"
+
+
+def read_json(path: str | os.PathLike, field: str, *, max_bytes: int = MAX_INPUT_BYTES) -> object:
+    """Parse a JSON file strictly: UTF-8, finite numbers only (no NaN/Infinity, no 1e400), integers
+    of at most 4300 digits, bounded nesting; every error is a UsageError naming the file and the flag."""
     import json
 
-    checked = check_input_file(path, field)
+    checked = check_input_file(path, field, max_bytes=max_bytes)
     try:
         text = checked.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{field}: {path} is not UTF-8 text", field=field) from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{field}: {path} is not UTF-8 text (byte {exc.start})", field=field) from None
     except OSError as exc:
         raise UsageError(f"{field}: cannot read {path}: {exc.strerror}", field=field) from None
 
     def no_constant(name: str) -> None:
         raise UsageError(f"{field}: {path} contains {name}; only finite numbers are allowed", field=field)
 
+    def finite_float(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise UsageError(f"{field}: {path} contains {token}, which overflows a float; only finite "
+                             f"numbers are allowed", field=field)
+        return value
+
     try:
-        return json.loads(text, parse_constant=no_constant)
+        return json.loads(text, parse_constant=no_constant, parse_float=finite_float)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{field}: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
                          f"{exc.msg})", field=field) from None
+    except UsageError:
+        raise
+    except RecursionError:
+        raise UsageError(f"{field}: {path} nests arrays or objects too deeply", field=field) from None
+    except ValueError as exc:  # an integer literal longer than Python's 4300-digit limit
+        raise UsageError(f"{field}: {path} is not usable JSON ({one_line(exc)})", field=field) from None
 
 
 def _umask() -> int:

@@ -47,12 +47,14 @@ def check_choice(value: Any, field: str, choices: tuple | list) -> Any:
     return value
 
 
-def _arg(parse: Callable[[str], Any], check: Callable[[Any], Any]) -> Callable[[str], Any]:
+def _arg(parse: Callable[[str], Any], check: Callable[[Any], Any], kind: str = "a number") -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
+            if len(text) > 100:  # int() of a 5000-digit string is refused anyway; say it plainly
+                raise ValueError(text)
             value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text[:40]!r}") from None
         try:
             return check(value)
         except UsageError as exc:  # argparse adds the flag's name in front
@@ -63,7 +65,7 @@ def _arg(parse: Callable[[str], Any], check: Callable[[Any], Any]) -> Callable[[
 
 def arg_int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """argparse ``type=`` for an integer within [lo, hi] ("1e3" is refused: write 1000)."""
-    return _arg(int, lambda v: check_int(v, "value", lo=lo, hi=hi))
+    return _arg(int, lambda v: check_int(v, "value", lo=lo, hi=hi), "an integer (no exponent: 1e3 is 1000)")
 
 
 def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str], float]:

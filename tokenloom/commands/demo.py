@@ -13,12 +13,17 @@ import os
 import sys
 import time
 
-from tokenloom.commands.run import AttentionRun, attention_rank
+from tokenloom.errors import UsageError
+from tokenloom.validate import arg_int
+
+DEMO_WORLD_SIZES = (1, 2, 4, 8)  # must divide the demo's 8 heads (Ulysses splits heads)
+MAX_DEMO_SEQ = 16384  # CPU attention: ~a minute at the default; beyond this the tour takes hours
 
 
 def attention_section(out, *, world_size: int, seq: int, causal: bool = True) -> bool:
     """Run every strategy on ``world_size`` forked CPU ranks; print a table; True if all checks pass."""
     from tokenloom.comm.spawn import spawn_ranks
+    from tokenloom.commands.run import AttentionRun, attention_rank  # torch: only when run
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
     print(f"== Sequence-parallel attention on {world_size} local CPU ranks (gloo), seq {seq}, "
@@ -46,8 +51,12 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.world_size < 1:
-        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.world_size not in DEMO_WORLD_SIZES:
+        raise UsageError(f"--world-size must be one of {', '.join(map(str, DEMO_WORLD_SIZES))} (it must "
+                         f"divide the demo's 8 heads), got {args.world_size}", field="world-size")
+    if args.seq % (2 * args.world_size):
+        raise UsageError(f"--seq ({args.seq}) must be a multiple of 2 * --world-size = {2 * args.world_size} "
+                         f"(zigzag layout)", field="seq")
     out = sys.stdout
     t0 = time.perf_counter()
     print(f"tokenloom demo (CPU only; {os.cpu_count()} cores)\n", file=out)
@@ -68,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a tour on CPU: SP attention on local ranks, MoE placement, "
                        "simulated 8xH100", description=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=int, default=2, help="local CPU ranks for the attention run")
-    p.add_argument("--seq", type=int, default=2048, help="global sequence length for attention")
+    p.add_argument("--world-size", type=arg_int(1, max(DEMO_WORLD_SIZES)), default=2,
+                   help="local CPU ranks for the attention run: 1, 2, 4 or 8 (default 2)")
+    p.add_argument("--seq", type=arg_int(2, MAX_DEMO_SEQ), default=2048,
+                   help=f"global sequence length for attention, a multiple of 2 * world size, at most "
+                        f"{MAX_DEMO_SEQ} (default 2048)")
     p.set_defaults(func=_run)

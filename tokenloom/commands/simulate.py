@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from tokenloom.errors import UsageError
+from tokenloom.validate import arg_int
+
 _EPILOG_ATTENTION = """\
 The simulator walks the same schedules the runtime executes (one compute stream per rank,
 communication beside it, links shared under contention) and prices them with the hardware
@@ -23,14 +26,23 @@ examples:
 _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+MAX_SEQ = 1 << 40  # the cost model's limit (tokenloom.simulator.cost.SHAPE_LIMITS)
+MAX_HEADS = MAX_HEAD_DIM = 1 << 16
+MAX_BATCH = 1 << 20
+MAX_GPUS = 1 << 20  # what a cluster may describe; the work limit (--help epilog) refuses far fewer
+
+
 def tokens(text: str) -> int:
-    """``131072``, ``128K`` or ``1M`` (K = 1024, M = 1024^2)."""
+    """``131072``, ``128K`` or ``1M`` (K = 1024, M = 1024^2), between 1 and 2^40."""
     scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale > 1 else text
-    try:
-        return int(digits) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 128K or 1M, got {text!r}") from None
+    digits = digits.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 128K or 1M, got {text[:40]!r}")
+    value = int(digits) * scale
+    if not 1 <= value <= MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SEQ} (1T tokens), got {text[:40]}")
+    return value
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -41,17 +53,17 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
                          "from --hardware-file); default: this machine's GPU, else local-cpu")
     hw.add_argument("--hardware-file", default=None, metavar="FILE",
                     help="JSON adding or overriding catalog entries (format: docs/simulator.md)")
-    hw.add_argument("--gpus", type=int, required=True, metavar="N", help="total number of GPUs (ranks)")
-    hw.add_argument("--nodes", type=int, default=1, metavar="K",
+    hw.add_argument("--gpus", type=arg_int(1, MAX_GPUS), required=True, metavar="N", help="total number of GPUs (ranks)")
+    hw.add_argument("--nodes", type=arg_int(1, MAX_GPUS), default=1, metavar="K",
                     help="spread the GPUs evenly over K nodes; ranks are filled node by node (default 1)")
     shape = p.add_argument_group("attention shape")
     shape.add_argument("--seq", type=tokens, required=True, metavar="S",
                        help="global sequence length over all ranks, e.g. 131072, 128K, 1M")
-    shape.add_argument("--heads", type=int, required=True, metavar="H", help="query heads")
-    shape.add_argument("--kv-heads", type=int, default=None, metavar="HK",
+    shape.add_argument("--heads", type=arg_int(1, MAX_HEADS), required=True, metavar="H", help="query heads")
+    shape.add_argument("--kv-heads", type=arg_int(1, MAX_HEADS), default=None, metavar="HK",
                        help="key/value heads (GQA; must divide --heads); default: --heads")
-    shape.add_argument("--head-dim", type=int, required=True, metavar="D", help="head dimension")
-    shape.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
+    shape.add_argument("--head-dim", type=arg_int(1, MAX_HEAD_DIM), required=True, metavar="D", help="head dimension")
+    shape.add_argument("--batch", type=arg_int(1, MAX_BATCH), default=1, metavar="B", help="batch size (default 1)")
     shape.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
     shape.add_argument("--causal", action="store_true", help="causal mask (default: full attention)")
     shape.add_argument("--backward", action="store_true",
@@ -67,7 +79,8 @@ def problem_from_args(args: argparse.Namespace):
     hardware = args.hardware or detect_hardware()
     cluster = make_cluster(hardware, args.gpus, args.nodes, args.hardware_file)
     if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
-        raise ValueError(f"kv-heads ({args.kv_heads}) must be >= 1 and divide heads ({args.heads})")
+        raise UsageError(f"--kv-heads ({args.kv_heads}) must be >= 1 and divide --heads ({args.heads})",
+                         field="kv-heads")
     shape = AttentionShape(args.seq, args.heads, args.head_dim, args.kv_heads, args.batch, _DTYPES[args.dtype])
     return cluster, shape
 
@@ -91,16 +104,19 @@ def _print_summary(s: dict, out=None) -> None:
 
 
 def _attention(args: argparse.Namespace) -> int:
+    from tokenloom.io import OutputFiles
     from tokenloom.simulator.export import write_chrome_trace, write_gantt
     from tokenloom.simulator.scenario import simulate_attention
 
-    cluster, shape = problem_from_args(args)
-    result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
-                                layout=args.layout)
-    if args.chrome_trace:
-        write_chrome_trace(result, args.chrome_trace)
-    if args.png:
-        write_gantt(result, args.png)
+    with OutputFiles(inputs=[args.hardware_file]) as out:
+        out.claim("--chrome-trace", args.chrome_trace)  # before any work: exit 2 if unusable
+        out.claim("--png", args.png)
+        cluster, shape = problem_from_args(args)
+        result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
+                                    layout=args.layout)
+        out.write("--chrome-trace", lambda path: write_chrome_trace(result, path))
+        out.write("--png", lambda path: write_gantt(result, path))
+        out.commit()  # both files appear only now, after everything succeeded
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))
@@ -113,15 +129,25 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
-    from tokenloom.simulator.calibrate import calibrate
-    from tokenloom.simulator.hardware import cpu_profile_path
+    from tokenloom.io import OutputFiles
+    from tokenloom.simulator.calibrate import measure_profile, write_profile
+    from tokenloom.simulator.hardware import PROFILE_ENV, cpu_profile_path
 
     out = Path(args.out) if args.out else cpu_profile_path()
+    field = "--out" if args.out else f"${PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else "profile path"
     if not args.out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    entry = calibrate(out, quick=args.quick)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{field}: cannot create {out.parent}: {exc.strerror}", field=field) from None
+    with OutputFiles() as files:
+        files.claim(field, out)  # checked before the ~10 s of measuring
+        entry = measure_profile(quick=args.quick)
+        files.write(field, lambda path: write_profile(entry, path))
+        files.commit()
     if args.json:
         print(json.dumps({"path": str(out), "local-cpu": entry}))
         return 0
