@@ -169,3 +169,24 @@ def _refused_on_every_rank(rank, world_size, case):
 def test_rank_dependent_problems_raise_on_every_rank(case, needle):
     for msg in spawn_ranks(2, _refused_on_every_rank, case, timeout=60):
         assert needle in msg, msg
+
+
+def _run_example(rank, world_size, argv):
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    # the group is already up (spawn_ranks); init_from_env only needs torchrun's variables to exist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_train_step.py"
+    spec = importlib.util.spec_from_file_location("hf_train_step", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.main(argv)
+
+
+def test_readme_training_step_example_checks_itself(capfd):
+    argv = ["--check", "--steps", "2", "--seq", "32", "--strategy", "tokenring", "--dtype", "float64"]
+    assert spawn_ranks(2, _run_example, argv, timeout=120) == [0, 0]
+    assert "-> OK" in capfd.readouterr().out
