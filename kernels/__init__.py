@@ -20,7 +20,6 @@ from tokenloom.kernels.reference import (
     attention_backward,
     attention_delta,
     attention_with_lse,
-    merge_into_,
     merge_partials,
 )
 
@@ -71,6 +70,22 @@ def select_norm_impl(device: torch.device, impl: str | None = None) -> str:
     """Residual+RMSNorm kernel: ``impl``, else ``$TOKENLOOM_NORM_IMPL``, else the device default."""
     chosen = _requested(device, impl, NORM_ENV, NORM_IMPLS, "residual+RMSNorm kernel")
     return chosen or DEFAULT_NORM_IMPL.get(torch.device(device).type, "torch")
+
+
+def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                *, impl: str | None = None) -> None:
+    """In-place lse merge of a partial into fp32 accumulators (views allowed, e.g. one zigzag half).
+
+    The Triton kernel when the attention selector picks "triton" for this device, else the
+    reference (:func:`reference.merge_into_`).
+    """
+    if (acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1
+            and select_impl(acc_out.device, impl) == "triton"):
+        from tokenloom.kernels import triton_merge
+
+        triton_merge.merge_into_(acc_out, acc_lse, out, lse)
+        return
+    reference.merge_into_(acc_out, acc_lse, out, lse)
 
 
 def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

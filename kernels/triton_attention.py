@@ -1,0 +1,290 @@
+"""Triton block attention (``impl="triton"``): forward ``(out, lse)`` and backward given lse, delta.
+
+FlashAttention-2 (Dao, arXiv 2307.08691) tiling: the forward keeps a running max and sum per query
+row in fp32 and never stores scores; the backward recomputes ``P = exp(S - lse)`` from the *global*
+lse, so a ring's blocks add up exactly. Backward runs two kernels without atomics: one per key block
+(dK, dV; the query heads of a GQA group are looped inside, so each kv head is written once) and one
+per query block (dQ).
+
+Conventions as :mod:`tokenloom.kernels.reference`: BSHD tensors (any strides, last dim contiguous
+not required), GQA by ``kv head = q head // group``, causal aligned bottom-right (``j <= i + seq_k -
+seq_q``), rows with no visible key give ``lse = -inf`` and 0. head_dim is padded to a power of two
+>= 16 inside the kernel with masks. fp32 inputs use IEEE fp32 dots (not TF32).
+
+This module holds only ``@triton.jit`` kernels and their launchers; importing it needs the triton
+package (``tokenloom.kernels`` imports it lazily). Without a GPU it runs under ``TRITON_INTERPRET=1``
+(set before this module is imported), where one small tile configuration is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def usable(device: torch.device | None = None) -> bool:
+    """Triton kernels can run on ``device`` (CUDA, or any device under the interpreter)."""
+    if interpreted():
+        return device is None or torch.device(device).type == "cpu"
+    if not torch.cuda.is_available():
+        return False
+    return device is None or torch.device(device).type == "cuda"
+
+
+def _tiles(head_dim: int) -> dict:
+    """Tile sizes: tiny under the interpreter; FA2-like on GPUs (smaller key tiles for big heads)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreted():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+
+
+def _bwd_tiles(head_dim: int) -> dict:
+    t = _tiles(head_dim)
+    if not interpreted():
+        t.update(BLOCK_M=64, BLOCK_N=64 if t["BLOCK_D"] <= 128 else 32, num_stages=1 if t["BLOCK_D"] > 128 else 2)
+    return t
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+                slb, slh, H, GROUP, SEQ_Q, SEQ_K, HEAD_DIM, scale,
+                CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < SEQ_Q
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    off = SEQ_K - SEQ_Q
+    hi = SEQ_K
+    if CAUSAL:
+        hi = tl.minimum(SEQ_K, pid_m * BLOCK_M + BLOCK_M + off)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        n_ok = cols < SEQ_K
+        k = tl.load(k_base + cols[None, :] * sks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + off)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out,
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
+                     sdob, sdos, sdoh, slb, slh, sdkb, sdks, sdkh, HKV, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
+                     scale, CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < SEQ_K
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    off = SEQ_K - SEQ_Q
+    lo = 0
+    if CAUSAL:  # queries before n0 - off see none of these keys
+        lo = tl.maximum(0, pid_n * BLOCK_N - off)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    qk_scale = scale * 1.4426950408889634
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        stat = b * slb + h * slh
+        for m0 in range(lo, SEQ_Q, BLOCK_M):
+            rows = m0 + offs_m
+            m_ok = rows < SEQ_Q
+            q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdos + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + stat + rows, mask=m_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: P = 0
+            delta = tl.load(DELTA + stat + rows, mask=m_ok, other=0.0)
+            # S^T for this key block: (BLOCK_N, BLOCK_M)
+            if IEEE:
+                st = tl.dot(k, tl.trans(q), input_precision="ieee")
+            else:
+                st = tl.dot(k, tl.trans(q))
+            visible = n_ok[:, None] & m_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + off)
+            pt = tl.exp2(st * qk_scale - lse[None, :] * 1.4426950408889634)
+            pt = tl.where(visible, pt, 0.0)
+            if IEEE:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+                dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+            else:
+                dv += tl.dot(pt.to(do.dtype), do)
+                dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            if IEEE:
+                dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+            else:
+                dk += tl.dot(dst.to(q.dtype), q)
+    dk = dk * scale
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :], dk, mask=kv_mask)
+    tl.store(DV + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :], dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
+                   sdob, sdos, sdoh, slb, slh, sdqb, sdqs, sdqh, H, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
+                   scale, CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < SEQ_Q
+    d_ok = offs_d < HEAD_DIM
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    off = SEQ_K - SEQ_Q
+    hi = SEQ_K
+    if CAUSAL:
+        hi = tl.minimum(SEQ_K, pid_m * BLOCK_M + BLOCK_M + off)
+    qk_scale = scale * 1.4426950408889634
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        n_ok = cols < SEQ_K
+        kt = tl.load(k_base + cols[None, :] * sks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + cols[None, :] * svs + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+            dp = tl.dot(do, vt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+            dp = tl.dot(do, vt)
+        visible = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + off)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse[:, None] * 1.4426950408889634), 0.0)
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :], dq, mask=q_mask)
+
+
+
+def _prep(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+            softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` BSHD fp32, ``lse`` ``(b, hq, seq_q)`` fp32 (q, k, v fp32/fp16/bf16)."""
+    q, k, v = _prep(q, k, v)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    out = torch.empty((b, sq, hq, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if sq == 0 or b * hq == 0:
+        return out, lse
+    t = _tiles(d)
+    grid = (triton.cdiv(sq, t["BLOCK_M"]), b * hq)
+    _fwd_kernel[grid](q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                      k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+                      out.stride(2), lse.stride(0), lse.stride(1), hq, hq // hkv, sq, sk, d, scale,
+                      CAUSAL=causal, IEEE=q.dtype == torch.float32, **t)
+    return out, lse
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+             delta: torch.Tensor, *, causal: bool, softmax_scale: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (fp32, shaped like q, k, v) of one block given the global lse and delta."""
+    dout, q, k, v = _prep(dout.to(q.dtype), q, k, v)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    lse = lse.to(torch.float32).contiguous()
+    delta = delta.to(torch.float32).contiguous()
+    dq = torch.empty((b, sq, hq, d), dtype=torch.float32, device=q.device)
+    dk = torch.empty((b, sk, hkv, d), dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    if sq == 0 or sk == 0 or b * hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    t = _bwd_tiles(d)
+    ieee = q.dtype == torch.float32
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+              lse.stride(0), lse.stride(1))
+    _bwd_dkdv_kernel[(triton.cdiv(sk, t["BLOCK_N"]), b * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1), dk.stride(2),
+        hkv, hq // hkv, sq, sk, d, scale, CAUSAL=causal, IEEE=ieee, **t)
+    _bwd_dq_kernel[(triton.cdiv(sq, t["BLOCK_M"]), b * hq)](
+        q, k, v, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        hq, hq // hkv, sq, sk, d, scale, CAUSAL=causal, IEEE=ieee, **t)
+    return dq, dk, dv
