@@ -81,14 +81,16 @@ def _packed_unsupported() -> UsageError:
                       "pass one sequence per batch row", field="cu_seqlens")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+    """``cu_seqlens`` as a CPU int64 tensor after checking it (``seq_len``: the total, if known)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
             or cu_seqlens.dtype.is_floating_point:
         raise UsageError("cu_seqlens must be a 1-D integer tensor (num_docs + 1,) of document "
                          "boundaries", field="cu_seqlens")
     cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if int(cu[0]) != 0 or int(cu[-1]) != seq_len or bool((cu[1:] <= cu[:-1]).any()):
-        raise UsageError(f"cu_seqlens must rise strictly from 0 to the sequence length {seq_len}, "
+    total = int(cu[-1]) if seq_len is None else seq_len
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
+        raise UsageError(f"cu_seqlens must rise strictly from 0 to the sequence length {total}, "
                          f"got {cu.tolist()}", field="cu_seqlens")
     return cu
 
@@ -220,15 +222,15 @@ class _SPAttention:
         self._refuse_unsupported(module, query, key, dropout, kwargs)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         comm = Communicator(self.group)
-        cu_seqlens = _cu_seqlens_of(kwargs)
-        seq_len = query.shape[2] * comm.world_size
+        cu_seqlens = _cu_seqlens_of(kwargs)  # global boundaries: local lengths may differ by rank
+        extra = {}
         if cu_seqlens is not None:
-            cu_seqlens = _check_cu_seqlens(cu_seqlens, seq_len)
             if not _supports_cu_seqlens():
                 raise _packed_unsupported()
+            extra["cu_seqlens"] = cu_seqlens
+            cu_seqlens = _check_cu_seqlens(cu_seqlens, None)
         code = self._local_problem(attention_mask, kwargs.get("position_ids"), comm, cu_seqlens)
         _agree(comm, code)
-        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens.to(torch.int32)}
         from tokenloom.parallel import sp_attention
 
         out = sp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -263,9 +265,10 @@ class _SPAttention:
         if position_ids is not None:
             pos = position_ids.detach().to("cpu", torch.int64)
             pos = pos.reshape(-1, pos.shape[-1])
-            full = global_position_ids(pos.shape[-1] * comm.world_size, cu_seqlens=cu_seqlens)
+            total = pos.shape[-1] * comm.world_size if cu_seqlens is None else int(cu_seqlens[-1])
+            full = global_position_ids(total, cu_seqlens=cu_seqlens)
             want = _shard(full, comm.rank, comm.world_size, self.layout, cu_seqlens)
-            if not bool((pos == want).all()):
+            if pos.shape[-1] != want.shape[-1] or not bool((pos == want).all()):
                 return _POSITIONS
         return _OK
 
