@@ -198,3 +198,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--quick", action="store_true", help="smaller, faster measurements (tests)")
     cal.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     cal.set_defaults(func=_calibrate)
+    from tokenloom.commands.simulate_tokenweave import add_tokenweave
+
+    add_tokenweave(sub)

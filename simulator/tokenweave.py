@@ -1,0 +1,266 @@
+"""Scenario: a TokenWeave tensor-parallel stack vs the baseline vs a no-communication layer.
+
+The simulator prices the runtime's own step lists (:func:`tokenloom.parallel.tokenweave_schedule.
+build_steps`) and the planner's split (:func:`tokenloom.parallel.tokenweave_split.plan_split`) on
+the catalog's hardware, with one compute stream and one communication stream per rank (tensor
+parallelism is symmetric, so one rank's timeline stands for all).
+
+Cost model (REFERENCE.md §4; constants measured by the TokenWeave authors on 8xH100, bf16,
+hidden 8192, and scaled by the catalog's link and memory numbers for other hardware):
+
+- GEMM ``M x N x K``: ``launch + max(2MNK * waves * sms / (F * GEMM_EFF * tiles), bytes / HBM)``:
+  the per-tile time times the number of waves (wave quantisation: a half-empty last wave costs a
+  full one). Split pieces run on ``sms - comm_ctas`` SMs while the communication kernel holds the
+  rest. Attention: causal prefill FLOPs ``2 * heads/tp * d * (e^2 - s^2)`` for tokens ``[s, e)``
+  at ``attn_eff_fwd`` of peak, with the same wave factor over 128-row query tiles.
+- NCCL AllReduce ``64 us + M / 230 GB/s`` at TP 8 on H100 (``M`` activation bytes), i.e. the ring's
+  ``2 (t-1)/t M`` bytes at ``1.75 * 230 GB/s`` of bus bandwidth; reduce-scatter and all-gather
+  each half of it. Fused AllReduce+RMSNorm over multimem (Hopper): ``14 us + M / 276 GB/s``.
+  Latencies scale with the link latency, bandwidths with the link rate relative to H100's.
+- RMSNorm (with the residual add): ``8 us + M / 762 GB/s`` on H100, the bandwidth scaled by HBM.
+- Communication kernels overlapping compute use ``comm_ctas`` CTAs and slow down by the measured
+  factor (2: 3.1x, 4: 1.8x, 8: 1.12x, 16: 1.0x); fuse-only (nothing to overlap) uses 16.
+
+``no_comm`` is the unsplit layer's compute kernels alone (GEMMs, attention, activations) on all
+SMs: no communication and no norms, a lower bound on both modes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tokenloom.errors import UsageError
+from tokenloom.parallel.tokenweave_schedule import Step, build_steps
+from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split
+from tokenloom.simulator.hardware import Cluster, NodeSpec
+
+# name: (hidden, ffn, heads, kv_heads, num_experts, top_k, layers) from the public configs
+MODELS: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "llama-3.3-70b": (8192, 28672, 64, 8, 0, 0, 80),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 0, 0, 32),
+    "qwen2.5-72b": (8192, 29568, 64, 8, 0, 0, 80),
+    "mixtral-8x22b": (6144, 16384, 48, 8, 8, 2, 56),
+}
+MULTIMEM_NODES = ("h100-sxm", "h200-sxm")  # NVSwitch with NVLink SHARP multicast (sm_90)
+GEMM_EFF = 0.75  # cuBLAS bf16 GEMMs reach ~70-80% of dense peak on H100 at large shapes
+ATTN_TILE = 128
+REF_LINK_RATE = 450e9 * 0.8  # the catalog's h100-sxm NVLink rate the constants were measured on
+REF_LINK_LATENCY = 6e-6
+REF_HBM = 3350e9
+AR_LAT, AR_BW = 64e-6, 230e9
+MM_LAT, MM_BW = 14e-6, 276e9
+NORM_LAT, NORM_BW = 8e-6, 762e9
+CTA_SLOWDOWN = {2: 3.1, 4: 1.8, 8: 1.12, 16: 1.0}
+
+
+def model_shape(name: str, tp: int) -> tuple[LayerShape, int]:
+    """(layer shape, number of layers) of a catalog model; UsageError naming ``model``."""
+    if name not in MODELS:
+        raise UsageError(f"model must be one of {', '.join(MODELS)}, got {name!r}", field="model")
+    hidden, ffn, heads, kv, experts, top_k, layers = MODELS[name]
+    return LayerShape(hidden, ffn, heads, kv, tp, experts, top_k), layers
+
+
+@dataclass(frozen=True)
+class Span:
+    stream: str  # "compute" | "comm"
+    name: str
+    start: float
+    end: float
+
+
+@dataclass
+class ModeTimeline:
+    mode: str  # "baseline" | "tokenweave" | "no-comm"
+    total_s: float
+    spans: list[Span] = field(default_factory=list)
+
+    def busy(self, stream: str) -> float:
+        return sum(s.end - s.start for s in self.spans if s.stream == stream and s.name != "wait")
+
+
+class Pricer:
+    """Seconds of every step kind for one layer shape, token count and cluster."""
+
+    def __init__(self, cluster: Cluster, layer: LayerShape, tokens: int, dtype_bytes: int = 2,
+                 comm_ctas: int = 8) -> None:
+        if comm_ctas not in CTA_SLOWDOWN:
+            raise UsageError(f"comm_ctas must be one of {sorted(CTA_SLOWDOWN)}, got {comm_ctas}", field="comm_ctas")
+        self.node: NodeSpec = cluster.node
+        self.dev = cluster.node.device
+        self.layer, self.tokens, self.b, self.comm_ctas = layer, tokens, dtype_bytes, comm_ctas
+        self.tp = layer.tp
+        self.gpu = GpuShape(sms=self.dev.sms, comm_sms=comm_ctas if comm_ctas < self.dev.sms else 0)
+        self.multimem = self.node.name in MULTIMEM_NODES
+
+    # -- compute -----------------------------------------------------------------------------
+    def _wave_time(self, flops: float, tiles: int, sms: int, eff: float) -> float:
+        if tiles == 0:
+            return 0.0
+        waves = math.ceil(tiles / sms)
+        return flops * waves * self.dev.sms / (self.dev.flops * eff * tiles)
+
+    def gemm_times(self, rows: int, overlapped: bool) -> dict[str, float]:
+        """Seconds of each of the layer's GEMMs over ``rows`` tokens."""
+        sms = self.gpu.sms - (self.gpu.comm_sms if overlapped else 0)
+        out = {}
+        for g in self.layer.gemms():
+            m = math.ceil(rows * g.rows_scale) if g.groups > 1 else rows
+            tiles = g.groups * math.ceil(m / self.gpu.tile_m) * math.ceil(g.cols / self.gpu.tile_n)
+            flops = 2.0 * g.groups * m * g.cols * g.depth
+            nbytes = g.groups * (m * g.depth + g.depth * g.cols + m * g.cols) * self.b
+            out[g.name] = self.dev.launch_s + max(self._wave_time(flops, tiles, sms, GEMM_EFF),
+                                                  nbytes / self.dev.hbm_bw)
+        return out
+
+    def attention_s(self, start: int, end: int, overlapped: bool) -> float:
+        heads = self.layer.heads // self.tp
+        flops = 2.0 * heads * self.layer.head_dim * (end * end - start * start)
+        tiles = math.ceil((end - start) / ATTN_TILE) * heads
+        sms = self.gpu.sms - (self.gpu.comm_sms if overlapped else 0)
+        return self.dev.launch_s + self._wave_time(flops, tiles, sms, self.dev.attn_eff_fwd)
+
+    def compute_s(self, op: str, start: int, end: int, overlapped: bool) -> float:
+        rows = end - start
+        times = self.gemm_times(rows, overlapped)
+        attn_gemms = times["qkv"] + times["o"]
+        if op == "attn":
+            return attn_gemms + self.attention_s(start, end, overlapped)
+        mlp_gemms = sum(times.values()) - attn_gemms
+        act_cols = self.layer.ffn // self.tp * (self.layer.top_k if self.layer.moe else 1)
+        act = self.dev.launch_s + 3 * rows * act_cols * self.b / self.dev.hbm_bw  # silu(g) * u
+        return mlp_gemms + act
+
+    # -- communication and norms ---------------------------------------------------------------
+    def _link_rate(self) -> float:
+        node, t = self.node, self.tp
+        if node.fabric == "mesh":
+            return node.link.rate * max(1, t - 1)
+        if node.fabric == "pcie":
+            return min(node.link.rate, node.uplink.rate / max(1, min(t, node.gpus_per_switch)))
+        if node.fabric == "bus":
+            return node.link.rate / t
+        return node.link.rate
+
+    def _scales(self) -> tuple[float, float]:
+        return self.node.link.latency_s / REF_LINK_LATENCY, self._link_rate() / REF_LINK_RATE
+
+    def act_bytes(self, rows: int) -> float:
+        return rows * self.layer.hidden * self.b
+
+    def norm_s(self, rows: int) -> float:
+        return NORM_LAT + self.act_bytes(rows) / (NORM_BW * self.dev.hbm_bw / REF_HBM)
+
+    def allreduce_s(self, rows: int) -> float:
+        if self.tp == 1:
+            return 0.0
+        lat, bw = self._scales()
+        t = self.tp
+        return AR_LAT * lat + self.act_bytes(rows) * (2 * (t - 1) / t) / (1.75 * AR_BW * bw)
+
+    def fused_s(self, rows: int, overlapped: bool) -> float:
+        """Fused ReduceScatter + add+RMSNorm (1/tp rows) + AllGather on the comm stream."""
+        if self.tp == 1:
+            return self.norm_s(rows)
+        lat, bw = self._scales()
+        t, m = self.tp, self.act_bytes(rows)
+        slow = CTA_SLOWDOWN[self.comm_ctas] if overlapped else 1.0
+        if self.multimem:
+            return slow * (MM_LAT * lat + m * ((t - 1) / t) / (0.875 * MM_BW * bw))
+        half = AR_LAT / 2 * lat + m * ((t - 1) / t) / (1.75 * AR_BW * bw)
+        return slow * (2 * half + self.norm_s(rows // t))
+
+
+def walk(steps: list[Step], pricer: Pricer, ranges: tuple, padded: tuple, mode: str) -> ModeTimeline:
+    """Two-stream timeline of ``steps`` (the runtime's order) priced by ``pricer``."""
+    overlapped = len(ranges) == 2
+    t_comp = t_comm = 0.0
+    done: dict[int, float] = {}
+    spans: list[Span] = []
+    for st in steps:
+        (s, e), rows = ranges[st.piece], padded[st.piece]
+        if st.kind == "compute":
+            dur = pricer.compute_s(st.op, s, e, overlapped)
+            spans.append(Span("compute", str(st), t_comp, t_comp + dur))
+            t_comp += dur
+        elif st.kind == "allreduce":
+            ar, norm = pricer.allreduce_s(rows), pricer.norm_s(rows)
+            spans.append(Span("comm", str(st), t_comp, t_comp + ar))
+            spans.append(Span("compute", f"L{st.layer}.norm({st.piece})", t_comp + ar, t_comp + ar + norm))
+            t_comp += ar + norm
+        elif st.kind == "post":
+            start = max(t_comp, t_comm)
+            t_comm = done[st.piece] = start + pricer.fused_s(rows, overlapped)
+            spans.append(Span("comm", str(st), start, t_comm))
+        else:
+            if done[st.piece] > t_comp:
+                spans.append(Span("compute", "wait", t_comp, done[st.piece]))
+            t_comp = max(t_comp, done[st.piece])
+    return ModeTimeline(mode, t_comp, spans)
+
+
+def no_comm_timeline(pricer: Pricer, tokens: int, num_layers: int) -> ModeTimeline:
+    t, spans = 0.0, []
+    for layer in range(num_layers):
+        for op in ("attn", "mlp"):
+            dur = pricer.compute_s(op, 0, tokens, False)
+            spans.append(Span("compute", f"L{layer}.{op}(0)", t, t + dur))
+            t += dur
+    return ModeTimeline("no-comm", t, spans)
+
+
+@dataclass
+class TokenweaveResult:
+    hardware: str
+    model: str
+    layer: LayerShape
+    tokens: int
+    num_layers: int
+    plan: SplitPlan
+    path: str
+    modes: dict[str, ModeTimeline]
+
+    def summary(self) -> dict:
+        """JSON-ready: per-layer milliseconds of each mode, speedup, the split."""
+        ms = 1e3 / self.num_layers
+        base, tw, nc = (self.modes[m].total_s for m in ("baseline", "tokenweave", "no-comm"))
+        twl = self.modes["tokenweave"]
+        waits = sum(s.end - s.start for s in twl.spans if s.name == "wait")
+        return {
+            "hardware": self.hardware, "model": self.model, "tp": self.layer.tp, "tokens": self.tokens,
+            "layers": self.num_layers, "hidden": self.layer.hidden, "ffn": self.layer.ffn,
+            "heads": self.layer.heads, "kv_heads": self.layer.kv_heads, "experts": self.layer.num_experts,
+            "top_k": self.layer.top_k, "comm_path": self.path,
+            "baseline_ms": base * ms, "tokenweave_ms": tw * ms, "no_comm_ms": nc * ms,
+            "speedup": base / tw if tw > 0 else 1.0,
+            "baseline_comm_share": 1.0 - nc / base if base > 0 else 0.0,
+            "tokenweave_exposed_comm_ms": waits * ms,
+            "split": {"mode": self.plan.mode, "cut": self.plan.cut, "pieces": [list(p) for p in self.plan.pieces],
+                      "padded": list(self.plan.padded), "gemm_penalty": self.plan.penalty,
+                      "naive_gemm_penalty": self.plan.naive_penalty},
+            "model_ms": {"baseline": base * 1e3, "tokenweave": tw * 1e3, "no_comm": nc * 1e3},
+        }
+
+
+def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num_layers: int = 1,
+                        model: str = "custom", dtype_bytes: int = 2, comm_ctas: int = 8) -> TokenweaveResult:
+    """Price baseline, TokenWeave and no-comm for ``num_layers`` layers of ``layer`` on ``cluster``."""
+    if not isinstance(tokens, int) or tokens < 1:
+        raise UsageError(f"tokens must be an integer >= 1, got {tokens!r}", field="tokens")
+    if num_layers < 1:
+        raise UsageError(f"layers must be >= 1, got {num_layers}", field="layers")
+    if layer.tp != cluster.num_gpus:
+        raise UsageError(f"tp ({layer.tp}) must equal the cluster's GPUs ({cluster.num_gpus})", field="tp")
+    pricer = Pricer(cluster, layer, tokens, dtype_bytes, comm_ctas)
+    plan = plan_split(layer, tokens, pricer.gpu)
+    base_steps = build_steps(num_layers, 1, fused=False)
+    tw_steps = build_steps(num_layers, len(plan.pieces), fused=True)
+    modes = {
+        "baseline": walk(base_steps, pricer, ((0, tokens),), (tokens,), "baseline"),
+        "tokenweave": walk(tw_steps, pricer, plan.pieces, plan.padded, "tokenweave"),
+        "no-comm": no_comm_timeline(pricer, tokens, num_layers),
+    }
+    path = "none" if layer.tp == 1 else ("multimem" if pricer.multimem else "nccl")
+    return TokenweaveResult(cluster.node.name, model, layer, tokens, num_layers, plan, path, modes)
+
