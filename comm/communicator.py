@@ -13,12 +13,18 @@ naming the disagreeing ranks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+from tokenloom.comm import health
+from tokenloom.comm.health import PeerLostError
 
 
 # torch 2.13 renames the flat all-gather; older releases only have the old name.
@@ -41,30 +47,112 @@ class CommError(RuntimeError):
 
 
 class Handle:
-    """An in-flight communication; :meth:`wait` blocks until it is done (STYLE.md §7)."""
+    """An in-flight communication; :meth:`wait` blocks until it is done (STYLE.md §7).
+
+    On CPU backends the wait polls the work objects instead of blocking inside gloo, so that the
+    rank's watchdog (:mod:`tokenloom.comm.health`) can turn a lost peer into a
+    :class:`PeerLostError` naming it, and a transfer stuck longer than the timeout into an error
+    saying where each peer is. NCCL works are waited on as before (a stream dependency, not a
+    host block); the process-group timeout bounds them.
+    """
 
     def __init__(self, works: Sequence[Any], what: str, timeout: datetime.timedelta | None,
-                 on_done: Any = None) -> None:
+                 on_done: Any = None, peers: Sequence[int] = (), poll: bool = True) -> None:
         self._works = list(works)
         self._what = what
         self._timeout = timeout
         self._on_done = on_done
+        self._peers = list(peers)
+        self._poll = poll
         self.done = False
 
     def wait(self) -> None:
         if self.done:
             return
+        monitor = health.active()
+        if self._works:
+            health.set_comm(f"waiting: {self._what}")
         try:
-            for work in self._works:
-                if self._timeout is None:
-                    work.wait()
-                else:
-                    work.wait(self._timeout)
+            if monitor is not None and self._poll and self._works:
+                self._poll_until_done(monitor)
+            else:
+                for work in self._works:
+                    if self._timeout is None:
+                        work.wait()
+                    else:
+                        work.wait(self._timeout)
+        except (CommError, PeerLostError):
+            raise
         except Exception as exc:  # gloo raises RuntimeError; NCCL may raise DistBackendError
-            raise CommError(f"{self._what} failed: {exc}") from exc
+            raise self._explain(exc, monitor) from exc
+        if self._works:
+            health.set_comm(f"done: {self._what}")
         if self._on_done is not None:
             self._on_done()
         self.done = True
+
+    def _limit_s(self, monitor: Any) -> float:
+        return self._timeout.total_seconds() if self._timeout is not None else monitor.timeout_s
+
+    def _poll_until_done(self, monitor: Any) -> None:
+        """Wait in the waiter thread; meanwhile watch the monitor and the time limit.
+
+        gloo's point-to-point works report completion only from inside ``wait()``, and a wait
+        that times out leaves the pair unusable, so the blocking wait runs in a helper thread
+        and this thread stays free to raise as soon as the watchdog knows of a lost peer.
+        """
+        if monitor.failure is not None:
+            raise _lost_error(self._what, monitor.failure)
+        start = time.monotonic()
+        limit = self._limit_s(monitor)
+        pending = _waiter().submit(_wait_all, self._works)
+        while True:
+            try:
+                pending.result(timeout=min(0.25, monitor.interval_s))
+                return
+            except concurrent.futures.TimeoutError:
+                pass
+            if monitor.failure is not None:
+                raise _lost_error(self._what, monitor.failure)
+            if time.monotonic() - start > limit:
+                missing = self._peers or list(range(monitor.world_size))
+                failure = monitor.stuck(self._what, missing, limit)
+                if failure is not None:
+                    raise _lost_error(self._what, failure)
+                raise CommError(f"{self._what} did not complete within {limit:g} s; "
+                                f"{monitor.describe_peers([p for p in missing if p != monitor.rank])}")
+
+    def _explain(self, exc: Exception, monitor: Any) -> Exception:
+        if monitor is None:
+            return CommError(f"{self._what} failed: {exc}")
+        failure = monitor.verdict(self._peers or list(range(monitor.world_size)),
+                                  grace_s=self._limit_s(monitor))
+        if failure is not None:
+            return _lost_error(self._what, failure)
+        return CommError(f"{self._what} failed: {exc}; peers: "
+                         f"{monitor.describe_peers([p for p in self._peers if p != monitor.rank])}")
+
+
+_WAITER: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _waiter() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's waiter thread (per pid: threads do not survive fork)."""
+    pid = os.getpid()
+    if pid not in _WAITER:
+        _WAITER.clear()
+        _WAITER[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenloom-wait")
+    return _WAITER[pid]
+
+
+def _wait_all(works: Sequence[Any]) -> None:
+    for work in works:
+        work.wait()
+
+
+def _lost_error(what: str, failure: dict) -> PeerLostError:
+    return PeerLostError(f"{what} failed: {health.describe_abort(failure)}",
+                         lost=failure.get("lost"), info=failure)
 
 
 @dataclass(frozen=True)
@@ -110,6 +198,9 @@ class Communicator:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
+    def _all_global(self) -> list[int]:
+        return [self._global(r) for r in range(self.world_size)]
+
     # ---------------------------------------------------------------- point to point
     def batch_p2p(self, ops: Sequence[P2P], what: str = "p2p") -> Handle:
         """Post all ``ops`` at once; sends and receives progress concurrently until ``wait()``.
@@ -146,11 +237,13 @@ class Communicator:
         ]
         peers = sorted({o.peer for o in remote})
         desc = f"{what} on rank {self.rank} with peers {peers}"
+        health.set_comm(desc)
         try:
             works = dist.batch_isend_irecv(p2p_ops)
         except Exception as exc:
             raise CommError(f"{desc} failed to post: {exc}") from exc
-        return Handle(works, desc, self.timeout)
+        return Handle(works, desc, self.timeout, peers=[self._global(p) for p in peers],
+                      poll=self.backend != "nccl")
 
     # ---------------------------------------------------------------- collectives
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, what: str = "all_to_all") -> Handle:
@@ -158,23 +251,30 @@ class Communicator:
         if self.world_size == 1:
             output.copy_(input)
             return Handle([], what, self.timeout)
+        desc = f"{what} on rank {self.rank}"
+        health.set_comm(desc)
         work = dist.all_to_all_single(output, input, group=self.group, async_op=True)
-        return Handle([work], f"{what} on rank {self.rank}", self.timeout)
+        return Handle([work], desc, self.timeout, peers=self._all_global(), poll=self.backend != "nccl")
 
     def all_gather(self, tensor: torch.Tensor, what: str = "all_gather") -> torch.Tensor:
         """Stack every rank's ``tensor`` along a new dim 0; shape ``(world_size, *tensor.shape)``."""
         if self.world_size == 1:
             return tensor.unsqueeze(0).clone()
         flat = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        desc = f"{what} on rank {self.rank}"
+        health.set_comm(desc)
         work = _all_gather_single(flat, tensor.contiguous().view(-1), group=self.group, async_op=True)
-        Handle([work], f"{what} on rank {self.rank}", self.timeout).wait()
+        Handle([work], desc, self.timeout, peers=self._all_global(), poll=self.backend != "nccl").wait()
         return flat.view(self.world_size, *tensor.shape)
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
         """In-place sum over ranks."""
         if self.world_size > 1:
+            desc = f"{what} on rank {self.rank}"
+            health.set_comm(desc)
             work = dist.all_reduce(tensor, group=self.group, async_op=True)
-            Handle([work], f"{what} on rank {self.rank}", self.timeout).wait()
+            Handle([work], desc, self.timeout, peers=self._all_global(),
+                   poll=self.backend != "nccl").wait()
         return tensor
 
     def check_agree(self, what: str, values: Sequence[int]) -> None:

@@ -1,4 +1,4 @@
-"""The `tokenloom run attention`, `topo` and error paths, as users call them."""
+"""`tokenloom run attention` under torchrun and the local launcher, `topo`, and error paths."""
 
 import json
 import os
@@ -10,6 +10,8 @@ import pytest
 from tokenloom.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+SMALL = ["--seq", "96", "--heads", "6", "--kv-heads", "3", "--head-dim", "8", "--causal", "--iters", "1"]
 
 
 def _cli(*args, timeout=120):
@@ -18,8 +20,7 @@ def _cli(*args, timeout=120):
 
 
 def test_torchrun_two_ranks_check():
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "tokenloom",
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tokenloom",
                            "run", "attention", "--check", "--seq", "256", "--heads", "4",
                            "--kv-heads", "2", "--causal", "--json", "--iters", "1"],
                           capture_output=True, text=True, timeout=120, env=ENV)
@@ -27,7 +28,7 @@ def test_torchrun_two_ranks_check():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1  # rank 0 only
     rep = json.loads(lines[0])
-    assert rep["world_size"] == 2 and rep["backend"] == "gloo"
+    assert rep["world_size"] == 2 and rep["backend"] == "gloo" and rep["config"]["dtype"] == "fp32"
     assert set(rep["check"]) == {"out", "lse", "dq", "dk", "dv"}
     assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in rep["check"].values())
     assert len(rep["forward_ms"]) == 2 and all(t > 0 for t in rep["forward_ms"])
@@ -46,7 +47,6 @@ def test_local_launcher_table(capsys):
     (["--seq", "100", "--world-size", "3"], "--seq (100) must be a multiple of 6"),
     (["--heads", "6", "--kv-heads", "4"], "--kv-heads (4) must divide --heads (6)"),
     (["--strategy", "ulysses", "--heads", "3"], "--heads (3) must be divisible by the world size (2)"),
-    (["--world-size", "0"], "--world-size must be >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     proc = _cli("run", "attention", "--launcher", "local", *args)
@@ -56,21 +56,33 @@ def test_bad_input_exits_2_with_one_line(args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag,value", [
+    ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "inf"),
+    ("--world-size", "0"), ("--kv-heads", "0"), ("--seq", "1e12"), ("--iters", "-3"),
+    ("--launcher", "slurm"),
+])
+def test_bad_flag_values_exit_2(flag, value):
+    proc = _cli("run", "attention", flag, value)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and flag in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("tokenloom run attention: error: argument")
+
+
+def test_not_under_torchrun_is_a_usage_error():
+    proc = _cli("run", "attention", "--launcher", "torchrun")
+    assert proc.returncode == 2 and "not under torchrun" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_argparse_errors_exit_2():
     proc = _cli("run", "attention", "--strategy", "nope")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
-def test_topo_without_gpus_is_clear():
-    proc = _cli("topo", "--json")
-    assert proc.returncode == 0
-    topo = json.loads(proc.stdout)
-    if not topo["gpus"]:
-        assert topo["nvml"].startswith("unavailable")
-
-
-def test_help_lists_every_command():
+def test_help_lists_every_command_and_job():
     proc = _cli("--help")
     assert proc.returncode == 0
     for name in ("demo", "run", "simulate", "advise", "trace", "plan", "evaluate", "topo"):
         assert name in proc.stdout
+    proc = _cli("run", "--help")
+    assert proc.returncode == 0 and "attention" in proc.stdout and "drill" in proc.stdout

@@ -1,8 +1,13 @@
 """The ``tokenloom`` command line.
 
-Exit codes: 0 ok, 2 bad input (one line on stderr naming the field), 1 a bug (traceback).
+Exit codes: 0 ok, 2 bad input (one line on stderr naming the field), 1 a bug (traceback) or a
+failed job (the launcher's summary naming every lost and failed rank).
 Every subcommand lives in ``tokenloom/commands/<name>.py`` and registers itself through
 ``register(subparsers)``; this module only wires them together and applies the error policy.
+
+Start-up: only the command being run is imported. ``tokenloom --help`` lists the commands from
+the table below without importing any of them, so it answers in a fraction of a second however
+heavy a command's own imports are.
 """
 
 from __future__ import annotations
@@ -12,20 +17,42 @@ import importlib
 import sys
 from typing import Sequence
 
-# Order is the order shown in --help.
-_COMMAND_MODULES = ("demo", "run", "simulate", "advise", "trace", "plan", "evaluate", "topo")
+# Order is the order shown in --help; the help line is shown without importing the command.
+_COMMANDS = {
+    "demo": "a tour on CPU: SP attention on local ranks, MoE placement, the simulator",
+    "run": "run a job on real ranks (torchrun, local CPU ranks, or Ray actors)",
+    "simulate": "predict the time of a parallel layer on a cluster (discrete-event simulator)",
+    "advise": "rank parallel-attention strategies by simulated time",
+    "trace": "make MoE routing traces for the placement planner",
+    "plan": "place MoE experts on GPUs (balance load, cut cross-node routing)",
+    "evaluate": "score a placement plan on a trace (balance, traffic, all-to-all time)",
+    "topo": "GPUs of this node and their links (NVML)",
+}
+_COMMAND_MODULES = tuple(_COMMANDS)
 
 
 from tokenloom.errors import UsageError, one_line  # noqa: F401  (re-exported: tokenloom.cli.UsageError)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: keep exit 2, one line
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # argparse's own errors: exit 2, ONE line (no usage)
+        message = " ".join(message.split())  # a value with a newline must not make a second line
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected(argv: Sequence[str] | None) -> str | None:
+    """The command named on the command line (the first word that is one), if any."""
+    for word in argv or ():
+        if word in _COMMANDS:
+            return word
+        if not word.startswith("-"):
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+    """The full parser; with ``lazy`` only the command named in ``argv`` is imported and the
+    others are listed by name and help line (enough for ``tokenloom --help``)."""
     parser = _Parser(
         prog="tokenloom",
         description="Long-context parallelism for PyTorch: sequence-parallel attention "
@@ -34,13 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    wanted = _selected(argv) if lazy else None
     for name in _COMMAND_MODULES:
-        importlib.import_module(f"tokenloom.commands.{name}").register(sub)
+        if lazy and name != wanted:
+            sub.add_parser(name, help=_COMMANDS[name], add_help=False)
+        else:
+            importlib.import_module(f"tokenloom.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv, lazy=True)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -51,6 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"tokenloom {args.command}: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from tokenloom.comm.health import PeerLostError
+        from tokenloom.launch.summary import JobError
+
+        if not isinstance(exc, (JobError, PeerLostError)):
+            raise
+        # ranks failed: the summary (every lost and failed rank, the first traceback) is the report
+        print(f"tokenloom {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokenloom: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,240 @@
+"""``tokenloom run attention``: sequence-parallel attention on real ranks, timed and checked.
+
+A job for :func:`tokenloom.launch.run_job`: every rank builds the same full random tensors (one
+seed), keeps its shard, runs forward (+ backward) ``iters`` times after a warm-up and returns its
+median times; with ``check`` rank 0 also compares the gathered results with the fp64
+single-process reference. The same job runs under torchrun, forked local ranks and Ray actors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tokenloom.errors import UsageError
+from tokenloom.validate import arg_int
+
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
+
+
+@dataclass(frozen=True)
+class AttentionRun:
+    strategy: str = "tokenring"
+    seq: int = 4096
+    heads: int = 8
+    kv_heads: int | None = None
+    head_dim: int = 64
+    batch: int = 1
+    causal: bool = False
+    layout: str = "zigzag"
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU (decided on the rank)
+    backward: bool = True
+    check: bool = False
+    iters: int = 3
+    seed: int = 0
+
+    def validate(self, world_size: int) -> None:
+        """Raise UsageError naming the flag for a request that cannot run on ``world_size`` ranks."""
+        from tokenloom.comm.topology import chunks_of_rank
+
+        for name in ("seq", "heads", "head_dim", "batch", "iters"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        hkv = self.heads if self.kv_heads is None else self.kv_heads
+        if hkv < 1 or self.heads % hkv:
+            raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
+        per = len(chunks_of_rank(0, world_size, self.layout)) * world_size
+        if self.seq % per:
+            raise UsageError(f"--seq ({self.seq}) must be a multiple of {per} "
+                             f"({'2 * ' if self.layout == 'zigzag' else ''}world_size) for layout "
+                             f"{self.layout}", field="seq")
+        if self.strategy == "ulysses" and self.heads % world_size:
+            raise UsageError(f"--heads ({self.heads}) must be divisible by the world size "
+                             f"({world_size}) for --strategy ulysses", field="heads")
+        elements = self.batch * self.seq * (2 * self.heads + 2 * hkv) * self.head_dim
+        if elements > 2**34:  # the full inputs are built on every rank (same seed everywhere)
+            raise UsageError(f"--seq/--heads/--head-dim/--batch: {elements:.3g} input elements "
+                             f"exceed the limit of 2^34 (every rank builds the full inputs)",
+                             field="seq")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "fp64": torch.float64}[name]
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _strategy(cfg: AttentionRun, world_size: int, dtype) -> str:
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    import torch
+
+    from tokenloom.simulator import choose_strategy
+
+    strategy, _ = choose_strategy(world_size=world_size, seq_len=cfg.seq, num_heads=cfg.heads,
+                                  num_kv_heads=cfg.kv_heads or cfg.heads, head_dim=cfg.head_dim,
+                                  causal=cfg.causal, dtype_bytes=torch.finfo(dtype).bits // 8,
+                                  batch=cfg.batch, backward=cfg.backward, layout=cfg.layout)
+    return strategy
+
+
+def job(comm, cfg: AttentionRun) -> dict:
+    """One rank's part: its median forward/backward ms (and rank 0's check against fp64)."""
+    import torch
+
+    from tokenloom.comm import health
+    from tokenloom.parallel import gather_sequence, shard_sequence, sp_attention
+
+    rank, world_size, device = comm.rank, comm.world_size, comm.device
+    dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = _torch_dtype(dtype_name)
+    strategy = _strategy(cfg, world_size, dtype)
+    hkv = cfg.kv_heads or cfg.heads
+    gen = torch.Generator().manual_seed(cfg.seed)  # same full tensors on every rank
+    shapes = [(cfg.batch, cfg.seq, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq, hkv, cfg.head_dim),
+              (cfg.batch, cfg.seq, hkv, cfg.head_dim), (cfg.batch, cfg.seq, cfg.heads, cfg.head_dim)]
+    full = [torch.randn(s, generator=gen) for s in shapes]
+    local = [shard_sequence(t, rank, world_size, cfg.layout).to(device, dtype) for t in full]
+    fwd_ms, bwd_ms = [], []
+    for it in range(cfg.iters + 1):  # the first iteration warms up
+        q, k, v = (t.clone().requires_grad_(cfg.backward) for t in local[:3])
+        health.set_step(f"attention iteration {it} forward")
+        _sync(device)
+        t0 = time.perf_counter()
+        out, lse = sp_attention(q, k, v, strategy=strategy, causal=cfg.causal, layout=cfg.layout,
+                                return_lse=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        if cfg.backward:
+            health.set_step(f"attention iteration {it} backward")
+            out.backward(local[3])
+            _sync(device)
+        t2 = time.perf_counter()
+        if it:
+            fwd_ms.append((t1 - t0) * 1e3)
+            bwd_ms.append((t2 - t1) * 1e3)
+    result: dict[str, Any] = {"rank": rank, "strategy": strategy, "device": str(device),
+                              "backend": comm.backend, "dtype": dtype_name,
+                              "forward_ms": statistics.median(fwd_ms),
+                              "backward_ms": statistics.median(bwd_ms) if cfg.backward else None}
+    if cfg.check:
+        health.set_step("attention check: gather")
+        outs = {"out": out.detach(), "lse": lse}
+        if cfg.backward:
+            outs.update(dq=q.grad, dk=k.grad, dv=v.grad)
+        gathered = {name: gather_sequence(t, layout=cfg.layout, dim=2 if name == "lse" else 1).cpu()
+                    for name, t in outs.items()}
+        if rank == 0:
+            health.set_step("attention check: fp64 reference")
+            result["check"] = _check(gathered, full, cfg, device, dtype)
+    return result
+
+
+def _check(got: dict, full: list, cfg: AttentionRun, device, dtype) -> dict:
+    """Max |error| of every result against fp64, next to plain torch's error in the same dtype."""
+    from tokenloom.kernels.reference import attention_with_lse, tolerance, torch_sdpa
+
+    q, k, v, dout = (t.double().requires_grad_(i < 3) for i, t in enumerate(full))
+    ref_out, ref_lse = attention_with_lse(q, k, v, causal=cfg.causal)
+    refs = {"out": ref_out, "lse": ref_lse}
+    if cfg.backward:
+        ref_out.backward(dout)
+        refs.update(dq=q.grad, dk=k.grad, dv=v.grad)
+    ql, kl, vl = (t.detach().to(device, dtype).requires_grad_(cfg.backward) for t in (q, k, v))
+    plain = {"out": torch_sdpa(ql, kl, vl, cfg.causal)}
+    if cfg.backward:
+        plain["out"].backward(dout.to(device, dtype))
+        plain.update(dq=ql.grad, dk=kl.grad, dv=vl.grad)
+    checks = {}
+    for name, ref in refs.items():
+        err = (got[name].double() - ref.detach()).abs().max().item()
+        base = (plain[name].detach().cpu().double() - ref.detach()).abs().max().item() if name in plain else 0.0
+        tol = tolerance(dtype, base, ref.detach().abs().max().item())
+        checks[name] = {"max_abs_err": err, "plain_torch_err": base if name in plain else None,
+                        "tolerance": tol, "ok": err <= tol}
+    return checks
+
+
+# ---------------------------------------------------------------------------- the CLI side
+def add_flags(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--strategy", choices=("tokenring", "ring", "ulysses", "auto"), default="tokenring",
+                   help="'auto' asks the simulator's advisor for this shape")
+    a.add_argument("--seq", type=arg_int(1), default=4096, help="global sequence length (tokens)")
+    a.add_argument("--heads", type=arg_int(1), default=8, help="query heads")
+    a.add_argument("--kv-heads", type=arg_int(1), default=None, help="key/value heads (GQA); default: --heads")
+    a.add_argument("--head-dim", type=arg_int(1), default=64, help="head dimension")
+    a.add_argument("--batch", type=arg_int(1), default=1, help="batch size")
+    a.add_argument("--causal", action="store_true", help="causal mask over the global sequence")
+    a.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
+                   help="how the sequence is cut over ranks (zigzag balances causal work)")
+    a.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="input dtype (default: bf16 on CUDA, fp32 on CPU); accumulation is fp32")
+    a.add_argument("--forward-only", action="store_true", help="skip the backward pass")
+    a.add_argument("--check", action="store_true", help="compare with the fp64 reference")
+    a.add_argument("--iters", type=arg_int(1, 10_000), default=3, help="timed iterations after one warm-up")
+    a.add_argument("--seed", type=arg_int(0), default=0, help="random seed of the inputs")
+    a.add_argument("--json", action="store_true", help="print one JSON object (rank 0 only)")
+
+
+def config_from_args(args: argparse.Namespace) -> AttentionRun:
+    cfg = AttentionRun(strategy=args.strategy, seq=args.seq, heads=args.heads, kv_heads=args.kv_heads,
+                       head_dim=args.head_dim, batch=args.batch, causal=args.causal, layout=args.layout,
+                       dtype=args.dtype, backward=not args.forward_only, check=args.check,
+                       iters=args.iters, seed=args.seed)
+    cfg.validate(args.world_size)
+    return cfg
+
+
+def combine(results: list[dict], cfg: AttentionRun) -> dict:
+    """One report from every rank's result (the JSON that ``--json`` prints)."""
+    first = results[0]
+    report = {"strategy": first["strategy"], "world_size": len(results), "device": first["device"],
+              "backend": first["backend"], "config": {**asdict(cfg), "dtype": first["dtype"]},
+              "forward_ms": [r["forward_ms"] for r in results],
+              "backward_ms": [r["backward_ms"] for r in results] if cfg.backward else None}
+    if "check" in first:
+        report["check"] = first["check"]
+    return report
+
+
+def report(results: list[dict], args: argparse.Namespace) -> int:
+    rep = combine(results, config_from_args(args))
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        _print_report(rep)
+    return 0 if all(c["ok"] for c in rep.get("check", {}).values()) else 1
+
+
+def _print_report(rep: dict, out=sys.stdout) -> None:
+    cfg = rep["config"]
+    n = rep["world_size"]
+    hkv = cfg["kv_heads"] or cfg["heads"]
+    print(f"{rep['strategy']} attention on {n} rank(s) ({rep['backend']}, {rep['device']}): "
+          f"seq {cfg['seq']} ({cfg['seq'] // n}/rank), heads {cfg['heads']}/{hkv}, "
+          f"head_dim {cfg['head_dim']}, batch {cfg['batch']}, {cfg['dtype']}, "
+          f"{'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}", file=out)
+    print(f"{'rank':>4}  {'forward ms':>11}  {'backward ms':>11}", file=out)
+    for r in range(n):
+        bwd = f"{rep['backward_ms'][r]:11.1f}" if rep["backward_ms"] else f"{'-':>11}"
+        print(f"{r:>4}  {rep['forward_ms'][r]:11.1f}  {bwd}", file=out)
+    if "check" in rep:
+        print("check against the fp64 single-process reference (plain torch in the same dtype "
+              "shown for scale):", file=out)
+        for name, c in rep["check"].items():
+            plain = f"{c['plain_torch_err']:.2e}" if c["plain_torch_err"] is not None else "-"
+            print(f"  {name:<4} max|err| {c['max_abs_err']:.2e}  plain torch {plain:>8}  "
+                  f"tolerance {c['tolerance']:.2e}  {'ok' if c['ok'] else 'FAILED'}", file=out)

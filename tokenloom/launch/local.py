@@ -1,0 +1,141 @@
+"""The local launcher: fork ``world_size`` CPU ranks over gloo on this machine.
+
+Fork with one intra-op thread per rank, as :mod:`tokenloom.comm.spawn` explains (OpenMP is not
+fork-safe). The store is a FileStore in a fresh temporary directory: it survives the death of any
+rank, and the launcher reads it too: it watches the heartbeats as an observer, writes the
+``abort`` record itself when a rank process dies (it knows the signal), and names every lost and
+failed rank in its summary. There is no bound on the whole run; ``timeout_s`` bounds how long a
+lost peer or a stuck transfer goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+from tokenloom.comm import health
+from tokenloom.launch.summary import Outcome, raise_for
+
+
+def _worker(rank: int, world_size: int, store_path: str, job: Callable, config: Any,
+            timeout_s: float, threads: int, conn: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)  # first: see comm/spawn.py
+    try:
+        from tokenloom.launch.rank import run_rank
+
+        store = dist.FileStore(store_path, -1)
+        payload = ("ok", run_rank(job, config, store=store, rank=rank, world_size=world_size,
+                                  timeout_s=timeout_s, backend="gloo"))
+    except BaseException as exc:  # report everything, including SystemExit
+        payload = ("error", Outcome.from_exception(exc, traceback.format_exc()))
+    try:
+        conn.send(payload)
+    finally:
+        conn.close()
+        os._exit(0)  # skip atexit handlers inherited from the parent (pytest, Ray, ...)
+
+
+def _process_state(pid: int) -> str:
+    """'T' for a stopped process, as /proc reports it ('' where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _death(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"died (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"died (signal {-code})"
+    return f"exited with code {code} without a result"
+
+
+def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
+        threads: int | None = None) -> list[Any]:
+    """Run ``job(comm, config)`` on ``world_size`` forked gloo ranks; results in rank order.
+
+    Raises :class:`tokenloom.launch.summary.JobError` naming every failed or lost rank.
+    """
+    import torch.distributed as dist
+
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("fork")
+    tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-local-")
+    store_path = os.path.join(tmpdir.name, "store")
+    pipes, procs = [], []
+    try:
+        for rank in range(world_size):
+            recv_end, send_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(rank, world_size, store_path, job, config,
+                                                     timeout_s, threads, send_end), daemon=True)
+            proc.start()
+            send_end.close()
+            pipes.append(recv_end)
+            procs.append(proc)
+        store = dist.FileStore(store_path, -1)
+        observer = health.Monitor(store, None, world_size, timeout_s=timeout_s)
+        outcomes = _collect(pipes, procs, observer, timeout_s)
+        if any(o.status != "ok" for o in outcomes.values()):
+            try:
+                observer.poll()  # adopt the abort record the ranks wrote
+            except Exception:
+                pass
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+        tmpdir.cleanup()
+    return raise_for(outcomes, observer.failure, world_size)
+
+
+def _collect(pipes: list, procs: list, observer: health.Monitor, timeout_s: float) -> dict[int, Outcome]:
+    """Read every rank's outcome; a dead rank is published as lost at once, stopped ones by the
+    heartbeats; survivors get ``timeout_s`` (plus slack) after an abort to report."""
+    outcomes: dict[int, Outcome] = {}
+    next_poll, abort_seen = 0.0, None
+    while len(outcomes) < len(procs):
+        for rank, pipe in enumerate(pipes):
+            if rank in outcomes:
+                continue
+            if pipe.poll(0.005):
+                try:
+                    status, payload = pipe.recv()
+                except EOFError:
+                    status, payload = "error", Outcome.lost(_death(procs[rank].exitcode))
+                outcomes[rank] = Outcome.ok(payload) if status == "ok" else payload
+            elif not procs[rank].is_alive():
+                procs[rank].join(timeout=1)
+                outcomes[rank] = Outcome.lost(_death(procs[rank].exitcode))
+                if observer.failure is None or not observer.failure.get("lost"):
+                    observer.publish([rank], _death(procs[rank].exitcode), by="the launcher")
+        now = time.monotonic()
+        if now >= next_poll:
+            next_poll = now + observer.interval_s
+            try:
+                observer.poll()
+            except Exception:
+                pass
+        if observer.failure is not None and abort_seen is None:
+            abort_seen = now
+        if abort_seen is not None:
+            waiting = {r for r in range(len(procs)) if r not in outcomes}
+            if waiting <= set(observer.failure.get("lost", [])) or now - abort_seen > timeout_s + 5:
+                break  # only the lost ones are left, or the rest are stuck outside any transfer
+    for rank, proc in enumerate(procs):
+        if rank not in outcomes:
+            stopped = _process_state(proc.pid) == "T"
+            outcomes[rank] = Outcome.lost("stopped (SIGSTOP) and killed by the launcher" if stopped
+                                          else "did not report after the abort; killed by the launcher")
+    return outcomes
