@@ -16,8 +16,12 @@ _LAZY = {
     "sp_attention": _API,
     "token_ring_attention": _API,
     "ulysses_attention": _API,
-    "STRATEGIES": "tokenloom.parallel.builders",
+    "STRATEGIES": "tokenloom.parallel.dims",
+    "ParallelDims": "tokenloom.parallel.dims",
+    "SeqLayout": "tokenloom.parallel.layout",
     "build_schedule": "tokenloom.parallel.builders",
+    "check_schedule": "tokenloom.parallel.check",
+    "resolve_strategy": _API,
 }
 
 __all__ = sorted(_LAZY)

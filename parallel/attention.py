@@ -1,172 +1,302 @@
-"""Public sequence-parallel attention API: TokenRing, Ring, Ulysses, and ``sp_attention``.
+"""Public sequence-parallel attention API: TokenRing, Ring, Ulysses, the 2-D hybrid, ``sp_attention``.
 
 Every function takes this rank's part of the sequence, ``(batch, seq_local, heads, head_dim)``
 (see :func:`shard_sequence`), and returns this rank's part of the output, differentiable with
-respect to q, k and v. The global sequence is ``seq_local * world_size`` tokens cut into equal
-chunks: one per rank (``layout="contiguous"``) or two per rank (``"zigzag"``: rank r holds chunks
-r and 2N-1-r, which balances causal work).
+respect to q, k and v. A dense global sequence is ``seq_local * world_size`` tokens cut into
+equal chunks: one per rank (``layout="contiguous"``) or two per rank (``"zigzag"``: rank r holds
+chunks r and 2N-1-r, which balances causal work). A packed sequence (``cu_seqlens``) is cut per
+document (:mod:`tokenloom.parallel.layout`), so ranks may hold a few tokens more or less.
 
-One call = one forward schedule (and one backward schedule when gradients flow), built by
-:mod:`tokenloom.parallel.builders` and executed by :mod:`tokenloom.parallel.runtime`. Before any
-point-to-point transfer the ranks agree on shapes, dtype and options (one tiny all-gather), so
-mismatched inputs raise a ValueError naming the ranks instead of hanging.
+This module knows no strategy: one call resolves "auto" (:func:`resolve_strategy`), agrees on
+every argument across ranks (:mod:`tokenloom.parallel.agree`, one small all-gather), takes the
+forward (and backward) schedule of its :class:`~tokenloom.parallel.dims.ParallelDims`, builds the
+runtime's input buffers from ``Schedule.inputs``, runs it, and reads the results through
+``Schedule.outputs``. What the backward needs from the forward is whatever the backward schedule
+lists as inputs that are not plain local tensors: the forward run keeps exactly those.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tokenloom.comm.communicator import Communicator
-from tokenloom.comm.topology import (
-    check_layout,
-    chunk_len,
-    chunks_of_rank,
-    global_chunk_order,
-    num_chunks,
-)
+from tokenloom.errors import UsageError
 from tokenloom.kernels.reference import attention_delta, check_qkv
-from tokenloom.parallel.builders import STRATEGIES, build_schedule
-from tokenloom.parallel.runtime import Dims, Held, Runner
-from tokenloom.parallel.schedule import Buf, Schedule
+from tokenloom.parallel.agree import Agreed, agree, check_scale
+from tokenloom.parallel.builders import schedule_for
+from tokenloom.parallel.dims import STRATEGIES, ParallelDims
+from tokenloom.parallel.groups import gather_all, resolve_sp_group
+from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
+from tokenloom.parallel.runtime import Dims, Groups, Held, Runner, take
+from tokenloom.parallel.schedule import WIRE_FIELDS, Buf, Schedule
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LOCAL_FIELDS = ("q", "k", "v", "out", "lse")  # plain local tensors a backward may need
 
 
-@functools.lru_cache(maxsize=256)
-def _schedule(strategy: str, world_size: int, layout: str, causal: bool, backward: bool,
-              heads: int, kv_heads: int) -> Schedule:
-    return build_schedule(strategy, world_size, layout=layout, causal=causal, backward=backward,
-                          num_heads=heads, num_kv_heads=kv_heads)
+# ---------------------------------------------------------------------- resolution (pure-ish)
+@functools.lru_cache(maxsize=128)
+def resolve_strategy(strategy: str, *, world_size: int, ulysses: int, seq_len: int, heads: int,
+                     kv_heads: int, head_dim: int, causal: bool, dtype_bytes: int, batch: int,
+                     hardware: str | None, backward: bool, layout: str) -> str:
+    """The one place "auto" is decided: the simulator's advisor ranks the strategies for this shape.
+
+    Every rank gets the same answer from the same (agreed) shapes; the agreement that follows
+    checks it anyway. On a 2-D mesh the choice is the ring dim's strategy.
+    """
+    if strategy != "auto":
+        if strategy not in STRATEGIES:
+            raise UsageError(f"strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}",
+                             field="strategy")
+        return strategy
+    from tokenloom.simulator import choose_strategy
+
+    if ulysses > 1:  # Ulysses is fixed on the inner dim; pick the ring dim's strategy
+        return "tokenring"
+    chosen, _ = choose_strategy(world_size=world_size, seq_len=seq_len, num_heads=heads,
+                                num_kv_heads=kv_heads, head_dim=head_dim, causal=causal,
+                                dtype_bytes=dtype_bytes, batch=batch, hardware=hardware,
+                                backward=backward, layout=layout)
+    return chosen
+
+
+def _host_list(cu_seqlens: Any) -> tuple[int, ...]:
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise UsageError(f"cu_seqlens must be a 1-D int32 tensor (num_docs + 1,), got "
+                             f"{cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}", field="cu_seqlens")
+        return tuple(cu_seqlens.tolist())  # a GPU tensor costs one sync: pass a CPU one
+    if isinstance(cu_seqlens, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                     for x in cu_seqlens):
+        return tuple(cu_seqlens)
+    raise UsageError(f"cu_seqlens must be an int32 tensor or a list of ints, got "
+                     f"{type(cu_seqlens).__name__}", field="cu_seqlens")
+
+
+@dataclass(frozen=True)
+class _Args:
+    """Every argument of one call that changes its result (hashable: the cache key)."""
+
+    strategy: str
+    layout: str
+    causal: Any
+    softmax_scale: Any
+    impl: Any
+    cu_seqlens: tuple[int, ...] | None
+    hardware: str | None
+    backward: bool
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    dtypes: tuple
+    device: torch.device
 
 
 class _Plan:
     """Everything one attention call needs on this rank; shared by forward and backward."""
 
-    def __init__(self, strategy: str, comm: Communicator, q: torch.Tensor, k: torch.Tensor, *,
-                 layout: str, causal: bool, softmax_scale: float | None, impl: str | None) -> None:
-        n = comm.world_size
-        b, s_local, h, d = q.shape
-        hkv = k.shape[2]
-        per = len(chunks_of_rank(0, n, layout))
-        if s_local <= 0 or s_local % per:
-            raise ValueError(f"seq_local (q.shape[1]={s_local}) must be a positive multiple of {per}: "
-                             f"layout {layout!r} holds {per} equal chunk(s) per rank")
-        chunk = s_local // per
-        if strategy == "ulysses" and h % n:
-            raise ValueError(f"ulysses_attention: heads ({h}) must be divisible by world_size ({n}); "
-                             f"use token_ring_attention or ring_attention instead")
-        self.strategy, self.comm, self.layout, self.causal = strategy, comm, layout, causal
-        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-        self.impl = impl
-        kv_repeat = n // math.gcd(hkv, n) if strategy == "ulysses" else 1
-        self.dims = Dims(b, chunk, h, hkv, d, q.dtype, q.device, n, kv_repeat)
-        self.rank = comm.rank
-        self.local = chunks_of_rank(self.rank, n, layout)
-        self.key = (strategy, n, layout, causal, h, hkv)
+    def __init__(self, name: str, groups: Groups, a: _Args) -> None:
+        b, s_local, h, d = a.q_shape
+        hkv = a.k_shape[2]
+        self.groups, self.rank = groups, groups.rank
+        n, u = groups.world_size, groups.ulysses
+        if not isinstance(a.causal, bool):
+            raise UsageError(f"causal must be True or False, got {a.causal!r}", field="causal")
+        doc_lens = None
+        if a.cu_seqlens is not None:
+            doc_lens = doc_lens_from_cu_seqlens(a.cu_seqlens)
+        SeqLayout(n, a.layout, u)  # layout first: its error names the layout
+        if doc_lens is None:
+            seq_len = ParallelDims("ring", n, layout=a.layout, ulysses=u).dense_seq_len(s_local)
+        else:
+            seq_len = sum(doc_lens)
+        strategy = resolve_strategy(a.strategy, world_size=n, ulysses=u, seq_len=seq_len, heads=h,
+                                    kv_heads=hkv, head_dim=d, causal=a.causal,
+                                    dtype_bytes=torch.empty((), dtype=a.dtypes[0]).element_size(),
+                                    batch=b, hardware=a.hardware, backward=a.backward, layout=a.layout)
+        self.pdims = ParallelDims(strategy, n, layout=a.layout, ulysses=u, heads=h, kv_heads=hkv,
+                                  doc_lens=doc_lens)
+        seq = self.pdims.seq
+        if doc_lens is not None and seq.local_len(self.rank) != s_local:
+            raise UsageError(f"{name}: q.shape[1] is {s_local} but cu_seqlens gives rank {self.rank} "
+                             f"{seq.local_len(self.rank)} tokens; shard with shard_sequence(..., "
+                             f"cu_seqlens=...)", field="cu_seqlens")
+        self.scale = check_scale(a.softmax_scale, d)
+        self.impl = _resolve_impl(a.impl, a.device)
+        self.dims = Dims(b, seq.chunk_lens(seq_len), h, hkv, d, a.dtypes[0], a.device,
+                         self.pdims.head_shards, self.pdims.kv_repeat, seq if seq.varlen else None)
+        self.fwd = schedule_for(self.pdims, causal=a.causal, backward=False)
+        self.bwd = schedule_for(self.pdims, causal=a.causal, backward=True) if a.backward else None
+        self.agreed = Agreed.of({
+            "strategy": self.pdims.name, "layout": a.layout, "causal": a.causal,
+            "softmax_scale": self.scale, "impl": self.impl, "dtype": str(a.dtypes[0]), "batch": b,
+            "seq": seq_len if doc_lens is not None else s_local, "heads": h, "kv_heads": hkv,
+            "head_dim": d, "cu_seqlens": doc_lens, "mesh": f"{u}x{n // u}", "backward": a.backward,
+            "call": "attention"})
 
-    def runner(self, backward: bool, keep=()) -> Runner:
-        sched = _schedule(*self.key[:4], backward, *self.key[4:])
-        return Runner(sched, self.comm, self.dims, softmax_scale=self.scale, impl=self.impl, keep=keep)
+    def runner(self, sched: Schedule, keep=()) -> Runner:
+        return Runner(sched, self.groups, self.dims, softmax_scale=self.scale, impl=self.impl, keep=keep)
 
-    def _head_bufs(self) -> tuple[Buf, Buf, Buf]:
-        every = tuple(range(num_chunks(self.comm.world_size, self.layout)))
+    # ------------------------------------------------------------------ buffers
+    def _local(self, buf: Buf) -> bool:
+        return buf.shard < 0 and tuple(buf.chunks) == self.pdims.seq.chunks_of(self.rank)
+
+    @staticmethod
+    def _bind(buf: Buf, tensors: dict[str, torch.Tensor]) -> Held:
+        fields = {}
+        for name, *_ in WIRE_FIELDS[buf.kind]:
+            if name == "delta":
+                fields[name] = attention_delta(tensors["out"], tensors["dout"])
+            else:
+                fields[name] = tensors[name].contiguous()
+        return Held(tuple(buf.chunks), fields)
+
+    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, list, dict]:
         r = self.rank
-        return (Buf("q", r, every, shard=r), Buf("kv", r, every, shard=r),
-                Buf("out", r, every, at=r, shard=r))
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        r = self.rank
-        store = {("q", r, -1, -1): Held(self.local, {"q": q.contiguous()}),
-                 ("kv", r, -1, -1): Held(self.local, {"k": k.contiguous(), "v": v.contiguous()})}
-        keep = [b.key for b in self._head_bufs()] if self.strategy == "ulysses" else []
-        runner = self.runner(False, keep)
+        tensors = {"q": q, "k": k, "v": v}
+        store = {b.key: self._bind(b, tensors) for b in self.fwd.inputs[r]}
+        bwd_inputs = self.bwd.inputs[r] if self.bwd is not None else ()
+        keep = [b.key for b in bwd_inputs if not self._local(b)]
+        runner = self.runner(self.fwd, keep)
         runner.run(store)
         out = runner.output(store, "out", "out").to(q.dtype)
-        lse = runner.output(store, "out", "lse")  # fp32 (fp64 for fp64 inputs), as the reference
-        if self.strategy == "ulysses":  # keep the head-sharded tensors: backward needs no re-shard
-            q_h, kv_h, out_h = (store[b.key] for b in self._head_bufs())
-            saved = (q_h.fields["q"], kv_h.fields["k"], kv_h.fields["v"], out_h.fields["out"],
-                     out_h.fields["lse"])
-        else:
-            saved = (q, k, v, out, lse)
-        return out, lse.contiguous(), saved
+        lse = runner.output(store, "out", "lse").contiguous()  # fp32 (fp64 for fp64), as the reference
+        tensors.update(out=out, lse=lse)
+        need = {f for b in bwd_inputs if self._local(b) for f, *_ in WIRE_FIELDS[b.kind]}
+        need |= {"q", "out", "lse"} if "delta" in need else set()
+        saved, meta = [], {"local": [], "held": []}
+        for name in _LOCAL_FIELDS:
+            if name in need:
+                meta["local"].append(name)
+                saved.append(tensors[name])
+        for key in keep:
+            held = store[key]
+            meta["held"].append((key, held.chunks, list(held.fields)))
+            saved.extend(held.fields.values())
+        return out, lse, saved, meta
 
-    # ------------------------------------------------------------------ backward
-    def backward(self, dout: torch.Tensor, saved) -> tuple[torch.Tensor, ...]:
-        r, local = self.rank, self.local
-        if self.strategy == "ulysses":
-            q_h, k_h, v_h, o_h, lse_h = saved
-            qb, kvb, ob = self._head_bufs()
-            store = {qb.key: Held(qb.chunks, {"q": q_h}),
-                     kvb.key: Held(kvb.chunks, {"k": k_h, "v": v_h}),
-                     ob.key: Held(ob.chunks, {"out": o_h, "lse": lse_h}),
-                     ("dout", r, -1, -1): Held(local, {"dout": dout.contiguous()})}
-        else:
-            q, k, v, out, lse = saved
-            store = {("qg", r, -1, -1): Held(local, {"q": q, "dout": dout.contiguous(), "lse": lse,
-                                                     "delta": attention_delta(out, dout)}),
-                     ("kv", r, -1, -1): Held(local, {"k": k, "v": v})}
-        runner = self.runner(True)
+    def backward(self, dout: torch.Tensor, saved, meta) -> tuple[torch.Tensor, ...]:
+        assert self.bwd is not None, "backward of a call agreed without backward"
+        it = iter(saved)
+        tensors = {name: next(it) for name in meta["local"]}
+        tensors["dout"] = dout
+        kept = {key: Held(chunks, {f: next(it) for f in names}) for key, chunks, names in meta["held"]}
+        store = {b.key: (self._bind(b, tensors) if self._local(b) else kept[b.key])
+                 for b in self.bwd.inputs[self.rank]}
+        runner = self.runner(self.bwd)
         runner.run(store)
-        dq = runner.output(store, "dq", "dq")
-        dk = runner.output(store, "dkv", "dk")
-        dv = runner.output(store, "dkv", "dv")
         io = self.dims.dtype
-        return dq.to(io), dk.to(io), dv.to(io)
+        return tuple(runner.output(store, kind, name).to(io)
+                     for kind, name in (("dq", "dq"), ("dkv", "dk"), ("dkv", "dv")))
+
+
+def _resolve_impl(impl: Any, device: torch.device) -> str:
+    from tokenloom.kernels import select_impl
+
+    try:
+        return select_impl(device, impl)
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc), field="impl") from exc
 
 
 class _SequenceParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan):
-        out, lse, saved = plan.forward(q, k, v)
-        ctx.plan = plan
+        out, lse, saved, meta = plan.forward(q, k, v)
+        ctx.plan, ctx.meta = plan, meta
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        dq, dk, dv = ctx.plan.backward(dout, ctx.saved_tensors)
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), ctx.saved_tensors, ctx.meta)
         return dq, dk, dv, None
 
 
-def _validate(name: str, q, k, v, layout: str) -> None:
-    check_qkv(q, k, v)
-    check_layout(layout)
+# ---------------------------------------------------------------------- validation + agreement
+def _check_tensors(name: str, q, k, v) -> None:
+    for t_name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"{name}: {t_name} must be a torch.Tensor, got {type(t).__name__}", field=t_name)
+    try:
+        check_qkv(q, k, v)
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}", field="q") from exc
+    if q.dtype not in _DTYPES:
+        raise UsageError(f"{name}: dtype must be one of {[str(d) for d in _DTYPES]}, got {q.dtype}",
+                         field="dtype")
     for t_name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise ValueError(f"{name}: {t_name} dtype {t.dtype} differs from q dtype {q.dtype}")
+            raise UsageError(f"{name}: {t_name} dtype {t.dtype} differs from q dtype {q.dtype}", field="dtype")
         if t.shape[1] != q.shape[1]:
-            raise ValueError(f"{name}: {t_name} has seq_local {t.shape[1]}, q has {q.shape[1]}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"{name}: dtype must be one of {[str(d) for d in _DTYPES]}, got {q.dtype}")
+            raise UsageError(f"{name}: {t_name} has seq_local {t.shape[1]}, q has {q.shape[1]}", field="seq")
+        if t.device != q.device:
+            raise UsageError(f"{name}: {t_name} is on {t.device}, q on {q.device}", field=t_name)
 
 
-def _attention(strategy: str, q, k, v, *, group, causal, layout, softmax_scale, return_lse, impl,
-               timeout=None):
-    name = f"{strategy}_attention" if strategy != "tokenring" else "token_ring_attention"
-    _validate(name, q, k, v, layout)
-    comm = Communicator(group, timeout=timeout)
-    if comm.world_size > 1:  # before any P2P: same shapes, dtype and options everywhere
-        comm.check_agree(f"{name} arguments (batch, seq_local, heads, kv_heads, head_dim, dtype, "
-                         f"causal, layout, strategy)",
-                         [*q.shape, k.shape[2], _DTYPES.index(q.dtype), int(causal),
-                          ("contiguous", "zigzag").index(layout), STRATEGIES.index(strategy)])
-    plan = _Plan(strategy, comm, q, k, layout=layout, causal=causal, softmax_scale=softmax_scale,
-                 impl=impl)
+_FIELD_OF = {"q": "arguments", "k": "arguments", "v": "arguments", "group": "arguments"}
+_PLANS: "OrderedDict[tuple, tuple[Agreed, _Plan | None]]" = OrderedDict()
+_MAX_PLANS = 256
+
+
+def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causal, layout,
+              softmax_scale, impl, cu_seqlens, hardware) -> tuple[Agreed, _Plan | None]:
+    """This rank's encoded arguments and plan, or its own argument error (cached by arguments)."""
+    from tokenloom.parallel.agree import FIELDS
+
+    try:
+        _check_tensors(name, q, k, v)
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        cu = _host_list(cu_seqlens) if cu_seqlens is not None else None
+        args = _Args(strategy, layout, causal, softmax_scale, impl, cu, hardware, backward,
+                     tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype),
+                     q.device)
+        key = (name, group, groups.rank, args)
+        hit = _PLANS.get(key)
+        if hit is not None:
+            _PLANS.move_to_end(key)
+            return hit
+        plan = _Plan(name, groups, args)
+        result = (plan.agreed, plan)
+    except UsageError as exc:
+        field = exc.field if exc.field in FIELDS else _FIELD_OF.get(exc.field or "", "arguments")
+        msg = str(exc) if str(exc).startswith(name) else f"{name}: {exc}"
+        return Agreed.failed(field, msg), None
+    except TypeError as exc:  # unhashable argument values (e.g. a list as softmax_scale)
+        return Agreed.failed("arguments", f"{name}: bad argument type: {exc}"), None
+    _PLANS[key] = result
+    if len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return result
+
+
+def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, softmax_scale,
+               return_lse, impl, cu_seqlens=None, hardware=None, timeout=None):
+    groups = resolve_sp_group(group, timeout=timeout)
+    mine, plan = _plan_for(name, groups, group, q, k, v, strategy=strategy, causal=causal,
+                           layout=layout, softmax_scale=softmax_scale, impl=impl,
+                           cu_seqlens=cu_seqlens, hardware=hardware)
+    gather = None
+    if groups.world_size > 1:
+        gather = functools.partial(gather_all, groups, what=f"{name} argument agreement")
+    agree(name, mine, gather, groups.p2p.device)  # before any P2P: raises on every rank or none
+    assert plan is not None
     out, lse = _SequenceParallelAttention.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
 
 
+# ---------------------------------------------------------------------- public functions
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                          causal: bool = False, layout: str = "zigzag",
                          softmax_scale: float | None = None, return_lse: bool = False,
-                         impl: str | None = None):
+                         impl: str | None = None, cu_seqlens: Any = None):
     """TokenRing attention (arXiv 2412.20501): queries travel, partial outputs come back.
 
     K/V stay on their rank. At every step a rank sends the query block it holds one way around
@@ -178,107 +308,180 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
     Args:
         q: ``(batch, seq_local, heads, head_dim)``; k, v: ``(batch, seq_local, kv_heads, head_dim)``
             with ``heads % kv_heads == 0`` (GQA).
-        group: ProcessGroup, 1-D DeviceMesh, or None (default group; a world of one when
-            torch.distributed is not initialised).
-        causal: causal mask over the global sequence.
+        group: ProcessGroup, 1-D DeviceMesh, 2-D DeviceMesh with dims ("ulysses", "ring") (then
+            Ulysses inside each group, this strategy across), or None (default group; a world of
+            one when torch.distributed is not initialised).
+        causal: causal mask over the global sequence (per document with ``cu_seqlens``).
         layout: ``"zigzag"`` (default; balanced causal work) or ``"contiguous"``.
-        softmax_scale: defaults to ``1/sqrt(head_dim)``.
+        softmax_scale: defaults to ``1/sqrt(head_dim)``; must be finite.
         return_lse: also return ``lse`` ``(batch, heads, seq_local)`` fp32.
-        impl: block kernel, ``"torch"`` | ``"triton"`` | None (by device).
+        impl: block kernel, ``"torch"`` | ``"sdpa"`` | ``"triton"`` | None (by device).
+        cu_seqlens: packed documents, int32 ``(num_docs + 1,)`` boundaries of the *global* packed
+            sequence (flash-attn convention), the same on every rank; every batch row uses them.
+            The local tensors must come from :func:`shard_sequence` with the same cu_seqlens.
     Returns:
         ``out`` like q (or ``(out, lse)``).
     """
-    return _attention("tokenring", q, k, v, group=group, causal=causal, layout=layout,
-                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl)
+    return _attention("token_ring_attention", "tokenring", q, k, v, group=group, causal=causal,
+                      layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
+                      cu_seqlens=cu_seqlens)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                    causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
-                   return_lse: bool = False, impl: str | None = None):
+                   return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None):
     """Ring attention: K/V blocks rotate around the ring, outputs accumulate where queries live.
 
     Backward rotates K/V again with an fp32 dk/dv accumulator one step behind them. Arguments as
     :func:`token_ring_attention`.
     """
-    return _attention("ring", q, k, v, group=group, causal=causal, layout=layout,
-                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl)
+    return _attention("ring_attention", "ring", q, k, v, group=group, causal=causal, layout=layout,
+                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
+                      cu_seqlens=cu_seqlens)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                       causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
-                      return_lse: bool = False, impl: str | None = None):
+                      return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None):
     """DeepSpeed-Ulysses: all-to-all from sequence shards to head shards and back.
 
     Needs ``heads % world_size == 0``; kv heads that do not divide the world size are replicated
-    (and their gradients summed back). Arguments as :func:`token_ring_attention`.
+    (and their gradients summed back). Arguments as :func:`token_ring_attention` (flat groups only).
     """
-    return _attention("ulysses", q, k, v, group=group, causal=causal, layout=layout,
-                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl)
+    return _attention("ulysses_attention", "ulysses", q, k, v, group=group, causal=causal,
+                      layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
+                      cu_seqlens=cu_seqlens)
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str = "auto",
                  group: Any = None, causal: bool = False, layout: str = "zigzag",
                  softmax_scale: float | None = None, return_lse: bool = False,
-                 impl: str | None = None, hardware: str | None = None):
+                 impl: str | None = None, hardware: str | None = None, cu_seqlens: Any = None):
     """Sequence-parallel attention with ``strategy`` "tokenring" | "ring" | "ulysses" | "auto".
 
     ``"auto"`` asks the simulator's advisor (:func:`tokenloom.simulator.choose_strategy`) which
     strategy is fastest for this shape on ``hardware`` (a catalog name; detected when None). The
-    layout is the caller's: the data is already sharded, so only the strategy is chosen. Every rank
-    gets the same answer because the advice depends only on the (agreed) shapes.
+    layout is the caller's: the data is already sharded, so only the strategy is chosen. With a
+    2-D ("ulysses", "ring") mesh as ``group``, ``strategy`` is the ring dim's ("auto": tokenring).
+    Other arguments as :func:`token_ring_attention`.
     """
-    if strategy == "auto":
-        from tokenloom.simulator import choose_strategy
-
-        comm = Communicator(group)
-        _validate("sp_attention", q, k, v, layout)
-        strategy, _ = choose_strategy(
-            world_size=comm.world_size, seq_len=q.shape[1] * comm.world_size, num_heads=q.shape[2],
-            num_kv_heads=k.shape[2], head_dim=q.shape[3], causal=causal,
-            dtype_bytes=q.element_size(), batch=q.shape[0], hardware=hardware,
-            backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-            layout=layout)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}")
-    return _attention(strategy, q, k, v, group=group, causal=causal, layout=layout,
-                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl)
+    return _attention("sp_attention", strategy, q, k, v, group=group, causal=causal, layout=layout,
+                      softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
+                      cu_seqlens=cu_seqlens, hardware=hardware)
 
 
-def shard_sequence(x: torch.Tensor, rank: int, world_size: int, layout: str = "zigzag",
-                   dim: int = 1) -> torch.Tensor:
-    """This rank's part of a full-sequence tensor (a copy), in the order the API expects."""
-    check_layout(layout)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    dim = dim % x.dim()
-    c = chunk_len(x.shape[dim], world_size, layout, field=f"x.shape[{dim}]")
-    return torch.cat([x.narrow(dim, ch * c, c) for ch in chunks_of_rank(rank, world_size, layout)],
-                     dim=dim)
+# ---------------------------------------------------------------------- shard / gather
+def _seq_layout(world_size: int, layout: str, ulysses: int, cu_seqlens: Any, total: int,
+                what: str) -> SeqLayout:
+    doc_lens = None
+    if cu_seqlens is not None:
+        doc_lens = doc_lens_from_cu_seqlens(_host_list(cu_seqlens), total=total)
+    seq = SeqLayout(world_size, layout, ulysses, doc_lens)
+    if doc_lens is None:
+        try:
+            seq.chunk_lens(total)
+        except UsageError as exc:
+            raise UsageError(f"{what}: {exc}", field=what) from exc
+    return seq
+
+
+def shard_sequence(x: torch.Tensor, rank: int | None = None, world_size: int | None = None,
+                   layout: str = "zigzag", dim: int = 1, *, cu_seqlens: Any = None,
+                   group: Any = None) -> torch.Tensor:
+    """This rank's part of a full-sequence tensor (a copy), in the order the API expects.
+
+    ``rank``/``world_size`` may be left out when ``group`` is given (needed for a 2-D mesh,
+    whose SP ranks hold sub-chunks of their ring rank's chunks). With ``cu_seqlens`` (boundaries
+    of the packed sequence along ``dim``) every document is cut separately (per-document zigzag,
+    see :mod:`tokenloom.parallel.layout`), so ranks may get a token or two more than others.
+    """
+    ulysses = 1
+    if group is not None:
+        groups = resolve_sp_group(group)
+        if rank is not None and rank != groups.rank or world_size not in (None, groups.world_size):
+            raise UsageError(f"shard_sequence: rank/world_size ({rank}, {world_size}) contradict the "
+                             f"group's ({groups.rank}, {groups.world_size}); pass one or the other",
+                             field="rank")
+        rank, world_size, ulysses = groups.rank, groups.world_size, groups.ulysses
+    if rank is None or world_size is None:
+        raise UsageError("shard_sequence needs rank and world_size, or group=", field="rank")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size must be an integer >= 1, got {world_size!r}", field="world_size")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise UsageError(f"rank must be in [0, {world_size}), got {rank!r}", field="rank")
+    dim = _check_dim(x, dim)
+    seq = _seq_layout(world_size, layout, ulysses, cu_seqlens, x.shape[dim], f"x.shape[{dim}]")
+    return take(x, dim, seq.global_ranges(rank, x.shape[dim])).clone()
+
+
+def _check_dim(x: Any, dim: Any) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise UsageError(f"x must be a torch.Tensor, got {type(x).__name__}", field="x")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise UsageError(f"dim must be an int in [-{x.dim()}, {x.dim()}), got {dim!r}", field="dim")
+    return dim % x.dim()
 
 
 def gather_sequence(x_local: torch.Tensor, group: Any = None, layout: str = "zigzag",
-                    dim: int = 1) -> torch.Tensor:
+                    dim: int = 1, *, cu_seqlens: Any = None) -> torch.Tensor:
     """Inverse of :func:`shard_sequence`: the full tensor on every rank (a collective).
 
-    Not differentiable: use it for inputs, outputs and checks.
+    ``group`` as for the attention functions (a 2-D mesh too). Not differentiable: use it for
+    inputs, outputs and checks. Ranks agree on layout, cu_seqlens, dtype and shapes first.
     """
-    check_layout(layout)
-    comm = Communicator(group)
-    dim = dim % x_local.dim()
-    n = comm.world_size
-    per = len(chunks_of_rank(0, n, layout))
-    if x_local.shape[dim] % per:
-        raise ValueError(f"gather_sequence: x_local.shape[{dim}] ({x_local.shape[dim]}) must be "
-                         f"divisible by {per} (chunks per rank in layout {layout!r})")
-    comm.check_agree("gather_sequence shapes", list(x_local.shape))
-    every = comm.all_gather(x_local.detach())
-    c = x_local.shape[dim] // per
-    return torch.cat([every[j].narrow(dim, i * c, c) for j, i in global_chunk_order(n, layout)],
-                     dim=dim)
+    groups = resolve_sp_group(group)
+    n, rank = groups.world_size, groups.rank
+    try:
+        dim = _check_dim(x_local, dim)
+        if cu_seqlens is None:
+            per = len(SeqLayout(n, layout, groups.ulysses).chunks_of(rank))
+            if x_local.shape[dim] % per:
+                raise UsageError(f"gather_sequence: x_local.shape[{dim}] ({x_local.shape[dim]}) must "
+                                 f"be divisible by {per} (chunks per rank in layout {layout!r})",
+                                 field="seq")
+            total = x_local.shape[dim] * n
+        else:
+            cu = _host_list(cu_seqlens)
+            total = cu[-1] if cu else 0
+        seq = _seq_layout(n, layout, groups.ulysses, cu_seqlens, total, "cu_seqlens")
+        if seq.local_len(rank, total) != x_local.shape[dim]:
+            raise UsageError(f"gather_sequence: x_local.shape[{dim}] is {x_local.shape[dim]} but "
+                             f"cu_seqlens gives rank {rank} {seq.local_len(rank, total)} tokens",
+                             field="cu_seqlens")
+        other = tuple(s for i, s in enumerate(x_local.shape) if i != dim)
+        mine = Agreed.of({"layout": layout, "cu_seqlens": seq.doc_lens, "dtype": str(x_local.dtype),
+                          "seq": total, "batch": repr((dim, other)), "mesh": f"{groups.ulysses}x{n}",
+                          "call": "gather_sequence"})
+    except UsageError as exc:
+        from tokenloom.parallel.agree import FIELDS
+
+        mine, seq = Agreed.failed(exc.field if exc.field in FIELDS else "arguments", str(exc)), None
+    gather = (functools.partial(gather_all, groups, what="gather_sequence agreement")
+              if n > 1 else None)
+    agree("gather_sequence", mine, gather, groups.p2p.device)
+    assert seq is not None
+    lens = [seq.local_len(r, total) for r in range(n)]
+    pad = max(lens)
+    x = x_local.detach()
+    if x.shape[dim] < pad:
+        shape = list(x.shape)
+        shape[dim] = pad - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    every = gather_all(groups, x.contiguous(), what="gather_sequence") if n > 1 else x.unsqueeze(0)
+    full_shape = list(x_local.shape)
+    full_shape[dim] = total
+    full = x_local.new_empty(full_shape)
+    for r in range(n):
+        j = 0
+        for start, length in seq.global_ranges(r, total):
+            full.narrow(dim, start, length).copy_(every[r].narrow(dim, j, length))
+            j += length
+    return full
 
 
 __all__ = [
     "gather_sequence",
+    "resolve_strategy",
     "ring_attention",
     "shard_sequence",
     "sp_attention",

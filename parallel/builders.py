@@ -16,24 +16,30 @@ query travels until the ring wraps, then only its late half.
   after the last holder that needs it and is merged into the owner's own contribution.
 - Ulysses (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards, full attention on
   H/N heads, all-to-all back.
+- 2-D hybrid (USP, arXiv 2405.07719): all-to-all over heads inside each Ulysses group, then a
+  TokenRing or Ring over the ring dimension on each head shard, then all-to-all back. Pure Ulysses
+  is the same builder with one group of all ranks and a ring of one.
+
+Which (query chunk, key chunk) pairs are needed comes from the sequence layout
+(:class:`~tokenloom.parallel.layout.SeqLayout`): causal and/or document masks; pairs with no
+visible key are never scheduled. Every rule about sizes and heads comes from
+:class:`~tokenloom.parallel.dims.ParallelDims`.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections import defaultdict
 
-from tokenloom.comm.topology import (
-    causal_pair_kind,
-    check_layout,
-    chunks_of_rank,
-    num_chunks,
-)
+from tokenloom.comm.topology import causal_pair_kind
+from tokenloom.parallel.dims import STRATEGIES, ParallelDims
+from tokenloom.parallel.layout import SeqLayout
 from tokenloom.parallel.schedule import (
     AllToAll,
     Block,
     Buf,
     Compute,
+    Direction,
     Merge,
     Pack,
     Recv,
@@ -42,14 +48,7 @@ from tokenloom.parallel.schedule import (
     Step,
 )
 
-STRATEGIES = ("tokenring", "ring", "ulysses")
-
-
-def needed_pairs(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], causal: bool
-                 ) -> list[tuple[int, int]]:
-    """(query chunk, key chunk) pairs with at least one visible key."""
-    return [(qc, kc) for qc in q_chunks for kc in kv_chunks
-            if not causal or causal_pair_kind(qc, kc) != "none"]
+__all__ = ["STRATEGIES", "build_schedule", "make_blocks", "schedule_for"]
 
 
 def _ordered(chunks: set[int], order: tuple[int, ...]) -> tuple[int, ...]:
@@ -82,7 +81,23 @@ def make_blocks(pairs: list[tuple[int, int]], q_order: tuple[int, ...], kv_order
             blocks.extend(Block((qc,), kvs, True) for qc in qcs)
         else:
             blocks.append(Block(tuple(qcs), kvs, False))
-    return tuple(blocks)
+    return _join_diagonals(blocks)
+
+
+def _join_diagonals(blocks: list[Block]) -> tuple[Block, ...]:
+    """Merge causal blocks ``q=(c,), kv=P+(c,)`` and ``q=(c+1,), kv=P+(c, c+1)`` into one causal
+    block ``q=(c, c+1), kv=P+(c, c+1)``: bottom-right alignment over the concatenation is exactly
+    the pair mask then, and one kernel call replaces several (a whole Ulysses pass is one)."""
+    out: list[Block] = []
+    for blk in blocks:
+        prev = out[-1] if out else None
+        qc = blk.q_chunks[0] if blk.causal else None
+        if (prev is not None and prev.causal and blk.causal and qc == prev.q_chunks[-1] + 1
+                and blk.kv_chunks == prev.kv_chunks + (qc,)):
+            out[-1] = Block(prev.q_chunks + (qc,), blk.kv_chunks, True)
+        else:
+            out.append(blk)
+    return tuple(out)
 
 
 class _Steps:
@@ -107,159 +122,214 @@ class _Steps:
             for s in range(num_steps):
                 ph = per_rank.get(s, {})
                 # Same order on both ends of every pair: the k-th send a->b meets the k-th recv.
-                comms = sorted(ph.get("comms", []), key=lambda c: (c.channel, c.buf, c.peer))
-                steps.append(Step(tuple(comms), tuple(ph.get("computes", [])),
-                                  tuple(ph.get("merges", []))))
+                comms = sorted(ph.get("comms", []), key=lambda c: (str(c.channel), c.buf, c.peer))
+                steps.append(Step(tuple(ph.get("a2a", [])) + tuple(comms),
+                                  tuple(ph.get("computes", [])), tuple(ph.get("merges", []))))
             ranks.append(tuple(steps))
         return tuple(ranks)
 
 
-def _traveling(world_size: int, layout: str, causal: bool, backward: bool, move: str) -> Schedule:
-    """Ring-style schedule where ``move`` ("q" or "kv") blocks visit every rank."""
-    n = world_size
+class _Ring:
+    """One ring of ``members`` (SP ranks in ring order) over head shard ``shard``.
+
+    ``local[i]`` are the chunks member i holds for this ring; steps start at ``first_step``.
+    """
+
+    def __init__(self, sched: _Steps, seq: SeqLayout, members: list[int], local: list[tuple[int, ...]],
+                 *, shard: int, causal: bool, backward: bool, first_step: int) -> None:
+        self.sched, self.seq, self.members, self.local = sched, seq, members, local
+        self.shard, self.causal, self.backward, self.s0 = shard, causal, backward, first_step
+
+    def buf(self, kind: str, i: int, chunks: tuple[int, ...], at: int = -1) -> Buf:
+        return Buf(kind, self.members[i], chunks, at=at, shard=self.shard)
+
+    def pairs(self, q_chunks, kv_chunks) -> list[tuple[int, int]]:
+        return self.seq.needed_pairs(q_chunks, kv_chunks, self.causal)
+
+    def travel(self, move: str, direction: int) -> dict[int, Buf]:
+        """``move`` ("q" or "kv") blocks visit every member; returns member -> its dk/dv home (Ring bwd)."""
+        n = len(self.members)
+        q_kind = "qg" if self.backward else "q"
+        homes = {}
+        for owner in range(n):
+            holders = [(owner + direction * s) % n for s in range(n)]
+            if move == "q":
+                need = [self.pairs(self.local[owner], self.local[h]) for h in holders]
+                moving = [_ordered({qc for qc, _ in p}, self.local[owner]) for p in need]
+            else:
+                need = [self.pairs(self.local[h], self.local[owner]) for h in holders]
+                moving = [_ordered({kc for _, kc in p}, self.local[owner]) for p in need]
+            kind = q_kind if move == "q" else "kv"
+            for s in range(n - 1):  # forward the block with what later holders still need
+                carry = _ordered(set().union(*moving[s + 1:]), self.local[owner])
+                if not carry:
+                    break
+                self.sched.p2p(self.s0 + s, self.members[holders[s]], self.members[holders[s + 1]],
+                               self.buf(kind, owner, carry), kind)
+            if move == "q":
+                self._q_moving_results(owner, holders, need, moving)
+            else:
+                homes[owner] = self._kv_moving_results(owner, holders, need, moving)
+        return homes
+
+    def _q_moving_results(self, owner: int, holders: list[int], need, moving) -> None:
+        """TokenRing: compute at each holder; send each partial straight back one step later."""
+        q_kind, part = ("qg", "dq") if self.backward else ("q", "out")
+        m, local, s0 = self.members, self.local, self.s0
+        acc = self.buf(part, owner, local[owner], at=m[owner])
+        for s, h in enumerate(holders):
+            if not need[s]:
+                continue
+            dst = acc if s == 0 else self.buf(part, owner, moving[s], at=m[h])
+            kv_used = _ordered({kc for _, kc in need[s]}, local[h])
+            self.sched.add(m[h], s0 + s, "computes", Compute(
+                self.buf(q_kind, owner, moving[s]), self.buf("kv", h, kv_used),
+                make_blocks(need[s], moving[s], local[h], self.causal), dst,
+                self.buf("dkv", h, local[h], at=m[h]) if self.backward else None, self.head_shard))
+            if s > 0:
+                self.sched.p2p(s0 + s + 1, m[h], m[owner], dst, part)
+                self.sched.add(m[owner], s0 + s + 1, "merges", Merge(dst, acc))
+
+    @property
+    def head_shard(self) -> tuple[int, int]:
+        return (max(self.shard, 0), self.num_shards)
+
+    num_shards = 1
+
+    def _kv_moving_results(self, owner: int, holders: list[int], need, moving) -> Buf:
+        """Ring: outputs accumulate at the query's rank; in backward a dk/dv accumulator trails K/V.
+
+        The owner's own dk/dv contribution stays home; the travelling accumulator starts at the
+        first other holder that needs the block, carries only the chunks some other holder
+        touched, and is merged at home after the last one. Returns the owner's dk/dv buffer.
+        """
+        q_kind, part = ("qg", "dq") if self.backward else ("q", "out")
+        m, local, s0, n = self.members, self.local, self.s0, len(holders)
+        home = self.buf("dkv", owner, local[owner], at=m[owner])
+        acc_chunks: list[tuple[int, ...]] = [()]
+        seen: set[int] = set()
+        for s in range(1, n):
+            seen |= set(moving[s])
+            acc_chunks.append(_ordered(seen, local[owner]))
+        chain = [home] + [self.buf("dkv", owner, acc_chunks[s], at=m[holders[s]]) for s in range(1, n)]
+        last = max((s for s in range(1, n) if need[s]), default=0)
+        for s, h in enumerate(holders):
+            if need[s]:
+                q_used = _ordered({qc for qc, _ in need[s]}, local[h])
+                self.sched.add(m[h], s0 + s, "computes", Compute(
+                    self.buf(q_kind, h, q_used), self.buf("kv", owner, moving[s]),
+                    make_blocks(need[s], local[h], moving[s], self.causal),
+                    self.buf(part, h, local[h], at=m[h]), chain[s] if self.backward else None,
+                    self.head_shard))
+            if self.backward and 2 <= s <= last and acc_chunks[s - 1]:
+                self.sched.p2p(s0 + s, m[holders[s - 1]], m[h], chain[s - 1], "dkv")
+                self.sched.add(m[h], s0 + s, "merges", Merge(chain[s - 1], chain[s]))
+        if self.backward and last > 0:
+            self.sched.p2p(s0 + last + 1, m[holders[last]], m[owner], chain[last], "dkv")
+            self.sched.add(m[owner], s0 + last + 1, "merges", Merge(chain[last], home))
+        return home
+
+
+def _direction(strategy: str, layout: str) -> int:
+    return -1 if (strategy == "tokenring" and layout == "zigzag") else 1
+
+
+def _flat(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
+    """TokenRing or Ring over the whole group."""
+    n, seq = dims.world_size, dims.seq
     q_kind = "qg" if backward else "q"
-    direction = -1 if (move == "q" and layout == "zigzag") else 1
-    local = [chunks_of_rank(r, n, layout) for r in range(n)]
+    local = [seq.chunks_of(r) for r in range(n)]
     sched = _Steps(n)
-    dkv_home: dict[int, Buf] = {}  # Ring backward: where each rank's dk/dv ends up
-    for owner in range(n):
-        holders = [(owner + direction * s) % n for s in range(n)]
-        if move == "q":
-            need = [needed_pairs(local[owner], local[h], causal) for h in holders]
-            moving = [_ordered({qc for qc, _ in p}, local[owner]) for p in need]
-        else:
-            need = [needed_pairs(local[h], local[owner], causal) for h in holders]
-            moving = [_ordered({kc for _, kc in p}, local[owner]) for p in need]
-        kind = q_kind if move == "q" else "kv"
-        for s in range(n - 1):  # forward the block with what later holders still need
-            carry = _ordered(set().union(*moving[s + 1:]), local[owner])
-            if not carry:
-                break
-            sched.p2p(s, holders[s], holders[s + 1], Buf(kind, owner, carry), kind)
-        if move == "q":
-            _q_moving_results(sched, owner, holders, need, moving, local, backward, causal)
-        else:
-            dkv_home[owner] = _kv_moving_results(sched, owner, holders, need, moving, local,
-                                                 backward, causal)
+    ring = _Ring(sched, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
+                 first_step=0)
+    move = "q" if dims.strategy == "tokenring" else "kv"
+    homes = ring.travel(move, _direction(dims.strategy, dims.layout))
     inputs = tuple((Buf(q_kind, r, local[r]), Buf("kv", r, local[r])) for r in range(n))
     outputs = []
     for r in range(n):
         if not backward:
             outputs.append({"out": Buf("out", r, local[r], at=r)})
-        elif move == "q":
-            outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": Buf("dkv", r, local[r], at=r)})
         else:
-            outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": dkv_home[r]})
-    strategy = "tokenring" if move == "q" else "ring"
-    return Schedule(strategy, layout, causal, backward, n, sched.freeze(), inputs, tuple(outputs))
+            dkv = homes[r] if move == "kv" else Buf("dkv", r, local[r], at=r)
+            outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": dkv})
+    return Schedule(dims.name, dims.layout, causal, backward, n, sched.freeze(), inputs,
+                    tuple(outputs), seq, ())
 
 
-def _q_moving_results(sched: _Steps, owner: int, holders: list[int], need, moving, local,
-                      backward: bool, causal: bool) -> None:
-    """TokenRing: compute at each holder; send each partial straight back one step later."""
-    q_kind, part = ("qg", "dq") if backward else ("q", "out")
-    acc = Buf(part, owner, local[owner], at=owner)
-    for s, h in enumerate(holders):
-        if not need[s]:
-            continue
-        dst = acc if s == 0 else Buf(part, owner, moving[s], at=h)
-        kv_used = _ordered({kc for _, kc in need[s]}, local[h])
-        sched.add(h, s, "computes", Compute(
-            Buf(q_kind, owner, moving[s]), Buf("kv", h, kv_used),
-            make_blocks(need[s], moving[s], local[h], causal), dst,
-            Buf("dkv", h, local[h], at=h) if backward else None))
-        if s > 0:
-            sched.p2p(s + 1, h, owner, dst, part)
-            sched.add(owner, s + 1, "merges", Merge(dst, acc))
+def _hybrid(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
+    """All-to-all over heads inside each group, a ring across groups per head shard, and back.
 
-
-def _kv_moving_results(sched: _Steps, owner: int, holders: list[int], need, moving, local,
-                       backward: bool, causal: bool) -> Buf:
-    """Ring: outputs accumulate at the query's rank; in backward a dk/dv accumulator trails K/V.
-
-    The owner's own dk/dv contribution stays home; the travelling accumulator starts at the first
-    other holder that needs the block, carries only the chunks some other holder touched, and is
-    merged at home after the last one. Returns the buffer in which the owner's dk/dv end up.
+    Pure Ulysses is one group of every rank (a ring of one). Forward: step 0 all-to-all of q and
+    kv; ring steps; all-to-all of out. Backward: all-to-all of dout; pack (q, out, dout) into qg;
+    ring steps; all-to-all of dq and dk/dv. The head-sharded q, kv and out of the forward are
+    inputs of the backward (the API keeps them).
     """
-    q_kind, part = ("qg", "dq") if backward else ("q", "out")
-    n = len(holders)
-    home = Buf("dkv", owner, local[owner], at=owner)
-    acc_chunks: list[tuple[int, ...]] = [()]
-    seen: set[int] = set()
-    for s in range(1, n):
-        seen |= set(moving[s])
-        acc_chunks.append(_ordered(seen, local[owner]))
-    chain = [home] + [Buf("dkv", owner, acc_chunks[s], at=holders[s]) for s in range(1, n)]
-    last = max((s for s in range(1, n) if need[s]), default=0)
-    for s, h in enumerate(holders):
-        if need[s]:
-            q_used = _ordered({qc for qc, _ in need[s]}, local[h])
-            sched.add(h, s, "computes", Compute(
-                Buf(q_kind, h, q_used), Buf("kv", owner, moving[s]),
-                make_blocks(need[s], local[h], moving[s], causal),
-                Buf(part, h, local[h], at=h), chain[s] if backward else None))
-        if backward and 2 <= s <= last and acc_chunks[s - 1]:
-            sched.p2p(s, holders[s - 1], h, chain[s - 1], "dkv")
-            sched.add(h, s, "merges", Merge(chain[s - 1], chain[s]))
-    if backward and last > 0:
-        sched.p2p(last + 1, holders[last], owner, chain[last], "dkv")
-        sched.add(owner, last + 1, "merges", Merge(chain[last], home))
-    return home
-
-
-def _ulysses(world_size: int, layout: str, causal: bool, backward: bool,
-             num_heads: int | None, num_kv_heads: int | None) -> Schedule:
-    n = world_size
-    kv_repeat = 1
-    if num_heads is not None:
-        if num_heads % n:
-            raise ValueError(f"ulysses needs heads ({num_heads}) divisible by world_size ({n}); "
-                             f"use strategy 'tokenring' or 'ring', or a world size dividing {num_heads}")
-        hkv = num_kv_heads or num_heads
-        if num_heads % hkv:
-            raise ValueError(f"heads ({num_heads}) must be a multiple of kv heads ({hkv})")
-        kv_repeat = n // math.gcd(hkv, n)  # replicate kv heads until they split evenly
-    every = tuple(range(num_chunks(n, layout)))
-    local = [chunks_of_rank(r, n, layout) for r in range(n)]
-    blocks = (Block(every, every, causal),)
-    ranks, inputs, outputs = [], [], []
+    n, seq, rep = dims.world_size, dims.seq, dims.kv_repeat
+    groups = dims.a2a_groups()
+    width = len(groups[0])
+    group_chunks = [tuple(sorted(c for m in g for c in seq.chunks_of(m))) for g in groups]
+    sched = _Steps(n)
+    ring_strategy = "tokenring" if dims.strategy == "ulysses" else dims.strategy
+    # backward packs qg in step 1; a ring that sends qg at its first step must start after that
+    first = 2 if backward and len(groups) > 1 else 1
+    inputs, outputs = [], []
     for r in range(n):
-        q_h, kv_h = Buf("q", r, every, shard=r), Buf("kv", r, every, shard=r)
-        out_h = Buf("out", r, every, at=r, shard=r)
+        u, gi = groups_index(groups, r)
+        every, mine = group_chunks[gi], seq.chunks_of(r)
+        q_h, kv_h = Buf("q", r, every, shard=u), Buf("kv", r, every, shard=u)
+        out_h = Buf("out", r, every, at=r, shard=u)
         if not backward:
-            ranks.append((
-                Step((AllToAll("q", "seq2head"), AllToAll("kv", "seq2head", kv_repeat))),
-                Step((), (Compute(q_h, kv_h, blocks, out_h, None, (r, n)),)),
-                Step((AllToAll("out", "head2seq"),)),
-            ))
-            inputs.append((Buf("q", r, local[r]), Buf("kv", r, local[r])))
-            outputs.append({"out": Buf("out", r, local[r], at=r)})
+            sched.add(r, 0, "a2a", AllToAll("q", Direction.SEQ2HEAD))
+            sched.add(r, 0, "a2a", AllToAll("kv", Direction.SEQ2HEAD, rep))
+            inputs.append((Buf("q", r, mine), Buf("kv", r, mine)))
+            outputs.append({"out": Buf("out", r, mine, at=r)})
             continue
-        qg_h = Buf("qg", r, every, shard=r)
-        ranks.append((
-            Step((AllToAll("dout", "seq2head"),)),
-            Step((), (Pack(qg_h, (q_h, out_h, Buf("dout", r, every, shard=r))),
-                      Compute(qg_h, kv_h, blocks, Buf("dq", r, every, at=r, shard=r),
-                              Buf("dkv", r, every, at=r, shard=r), (r, n)))),
-            Step((AllToAll("dq", "head2seq"), AllToAll("dkv", "head2seq", kv_repeat))),
-        ))
-        inputs.append((q_h, kv_h, out_h, Buf("dout", r, local[r])))
-        outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": Buf("dkv", r, local[r], at=r)})
-    return Schedule("ulysses", layout, causal, backward, n, tuple(ranks), tuple(inputs), tuple(outputs))
+        sched.add(r, 0, "a2a", AllToAll("dout", Direction.SEQ2HEAD))
+        sched.add(r, 1, "computes", Pack(Buf("qg", r, every, shard=u),
+                                         (q_h, out_h, Buf("dout", r, every, shard=u))))
+        inputs.append((q_h, kv_h, out_h, Buf("dout", r, mine)))
+        outputs.append({"dq": Buf("dq", r, mine, at=r), "dkv": Buf("dkv", r, mine, at=r)})
+    for u in range(width):
+        members = [g[u] for g in groups]
+        ring = _Ring(sched, seq, members, group_chunks, shard=u, causal=causal, backward=backward,
+                     first_step=first)
+        ring.num_shards = width
+        ring.travel("q" if ring_strategy == "tokenring" else "kv", _direction(ring_strategy, dims.layout))
+    last = max((max(d) for d in sched.ops if d), default=first)
+    for r in range(n):
+        kinds = (("dq", 1), ("dkv", rep)) if backward else (("out", 1),)
+        for kind, repeat in kinds:
+            sched.add(r, last + 1, "a2a", AllToAll(kind, Direction.HEAD2SEQ, repeat))
+    return Schedule(dims.name, dims.layout, causal, backward, n, sched.freeze(), tuple(inputs),
+                    tuple(outputs), seq, groups)
+
+
+def groups_index(groups: tuple[tuple[int, ...], ...], rank: int) -> tuple[int, int]:
+    """``(index of rank in its group, index of the group)``."""
+    for gi, g in enumerate(groups):
+        if rank in g:
+            return g.index(rank), gi
+    raise AssertionError(rank)
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_for(dims: ParallelDims, *, causal: bool, backward: bool) -> Schedule:
+    """The schedule of one attention pass for every rank (cached: schedules are pure data)."""
+    if dims.uses_a2a:
+        return _hybrid(dims, causal, backward)
+    return _flat(dims, causal, backward)
 
 
 def build_schedule(strategy: str, world_size: int, *, layout: str = "zigzag", causal: bool = False,
                    backward: bool = False, num_heads: int | None = None,
-                   num_kv_heads: int | None = None) -> Schedule:
+                   num_kv_heads: int | None = None, ulysses: int = 1,
+                   doc_lens: tuple[int, ...] | None = None) -> Schedule:
     """The schedule of one attention pass for every rank.
 
-    ``num_heads``/``num_kv_heads`` matter only to Ulysses (divisibility, kv replication).
+    ``num_heads``/``num_kv_heads`` matter only when heads are sharded (divisibility, kv
+    replication). ``ulysses`` > 1: 2-D hybrid, Ulysses groups of that size and ``strategy`` across
+    them. ``doc_lens``: packed documents (document-causal mask, empty blocks skipped).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    check_layout(layout)
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if strategy == "ulysses":
-        return _ulysses(world_size, layout, causal, backward, num_heads, num_kv_heads)
-    return _traveling(world_size, layout, causal, backward, "q" if strategy == "tokenring" else "kv")
+    dims = ParallelDims(strategy, world_size, layout=layout, ulysses=ulysses, heads=num_heads,
+                        kv_heads=num_kv_heads, doc_lens=tuple(doc_lens) if doc_lens else None)
+    return schedule_for(dims, causal=causal, backward=backward)

@@ -9,15 +9,20 @@ It raises :class:`ScheduleError` (with the schedule printed and the failing step
 - ranks can always make progress (no deadlock) under the step semantics of ``schedule.py``;
 - every op reads data that is present, and no step sends a buffer it is also writing;
 - every pair the mask needs is computed exactly once and reaches its owner's outputs.
+
+The needed pairs are derived here from the mask itself, token by token position (causal: key
+position <= query position; packed: same document), not from the builders' chunk rules; P2P
+matching is :func:`tokenloom.parallel.schedule.match_p2p`, the rule the runtime and the simulator
+engine use too.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from tokenloom.comm.topology import chunks_of_rank, num_chunks
-from tokenloom.parallel.builders import needed_pairs
 from tokenloom.parallel.schedule import (
     PARTIAL_KINDS,
     AllToAll,
@@ -28,6 +33,8 @@ from tokenloom.parallel.schedule import (
     Schedule,
     Send,
     a2a_bufs,
+    a2a_entries,
+    match_p2p,
 )
 
 Pair = tuple[int, int, int]  # (q_chunk, kv_chunk, head_shard)
@@ -48,32 +55,12 @@ def _fail(sched: Schedule, rank: int, step: int, msg: str) -> None:
 
 
 def _match_p2p(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int]]:
-    """Pair the k-th send a->b with the k-th receive at b from a; return recv position -> send position."""
-    sends: dict[tuple[int, int], list] = defaultdict(list)
-    recvs: dict[tuple[int, int], list] = defaultdict(list)
-    for r, steps in enumerate(sched.ranks):
-        for s, step in enumerate(steps):
-            for i, op in enumerate(step.comms):
-                if isinstance(op, (Send, Recv)) and not 0 <= op.peer < sched.world_size:
-                    _fail(sched, r, s, f"peer {op.peer} outside world_size {sched.world_size}")
-                if isinstance(op, Send):
-                    sends[(r, op.peer)].append((s, i, op.buf))
-                elif isinstance(op, Recv):
-                    recvs[(op.peer, r)].append((s, i, op.buf))
-    match = {}
-    for pair in set(sends) | set(recvs):
-        a, b = pair
-        sa, rb = sends.get(pair, []), recvs.get(pair, [])
-        for k in range(max(len(sa), len(rb))):
-            if k >= len(sa):
-                _fail(sched, b, rb[k][0], f"receive #{k} from rank {a} ({rb[k][2]}) has no matching send")
-            if k >= len(rb):
-                _fail(sched, a, sa[k][0], f"send #{k} to rank {b} ({sa[k][2]}) has no matching receive")
-            if sa[k][2] != rb[k][2]:
-                _fail(sched, b, rb[k][0], f"receive #{k} from rank {a} expects {rb[k][2]} but rank {a} "
-                      f"sends {sa[k][2]} (sizes would differ or data would be swapped)")
-            match[(b, rb[k][0], rb[k][1])] = (a, sa[k][0])
-    return match
+    """Recv position -> send position, by the shared rule; fail on the first problem."""
+    matches, problems = match_p2p(sched)
+    if problems:
+        r, s, msg = problems[0]
+        _fail(sched, r, s, msg)
+    return {m.recv_at: m.send_at[:2] for m in matches}
 
 
 def _progress_order(sched: Schedule) -> list[tuple[int, int]]:
@@ -97,15 +84,23 @@ def _progress_order(sched: Schedule) -> list[tuple[int, int]]:
         for s_send, s_recv in zip(positions, p2p_pos[("r", a, b)]):
             partner[(a, s_send)].append((b, s_recv))
             partner[(b, s_recv)].append((a, s_send))
-    counts = {len(c) for c in coll_pos}
-    if len(counts) > 1:
-        r = min(range(n), key=lambda x: len(coll_pos[x]))
-        _fail(sched, r, len(sched.ranks[r]) - 1, f"ranks enter different numbers of collectives: "
-              f"{[len(c) for c in coll_pos]}")
-    for k in range(counts.pop() if counts else 0):
-        group = [(r, coll_pos[r][k]) for r in range(n)]
-        for member in group:
-            partner[member].extend(g for g in group if g != member)
+    for g, entries in a2a_entries(sched).items():
+        counts = [len(e) for e in entries]
+        if len(set(counts)) > 1:
+            r = g[counts.index(min(counts))]
+            _fail(sched, r, len(sched.ranks[r]) - 1, f"ranks {list(g)} enter different numbers of "
+                  f"all-to-alls: {counts}")
+        for k in range(counts[0] if counts else 0):
+            ops = {op for e in entries for _, op in [e[k]]}
+            if len(ops) > 1:
+                _fail(sched, g[0], entries[0][k][0], f"all-to-all #{k} differs across ranks {list(g)}: "
+                      f"{sorted(map(str, ops))}")
+            group = [(r, entries[i][k][0]) for i, r in enumerate(g)]
+            for member in group:
+                partner[member].extend(x for x in group if x != member)
+    if any(coll_pos[r] for r in range(n) if not any(r in g for g in sched.groups)):
+        r = next(r for r in range(n) if coll_pos[r] and not any(r in g for g in sched.groups))
+        _fail(sched, r, coll_pos[r][0], "enters an all-to-all but belongs to no all-to-all group")
     pc = [0] * n  # next step each rank has to complete; a rank has *posted* step pc[r]
     order = []
     progressed = True
@@ -168,7 +163,9 @@ def check_schedule(sched: Schedule) -> None:
                     _fail(sched, r, s, f"sends {op.buf} while the same step writes it")
                 in_flight[(r, s)][(op.peer, op.buf)] = restrict(need(r, s, op.buf), op.buf)
             elif isinstance(op, AllToAll):
-                src, _ = a2a_bufs(op, r, n, sched.layout)
+                src, _ = a2a_bufs(op, r, sched)
+                if src.kind in PARTIAL_KINDS:  # a result nobody folded into starts empty
+                    held[r].setdefault(src.key, _Held(set(src.chunks)))
                 a2a_src[(r, s, str(op))] = restrict(need(r, s, src), src)
 
     for r in range(n):
@@ -205,8 +202,8 @@ def check_schedule(sched: Schedule) -> None:
                     _fail(sched, r, s, f"receives {op.buf} but already holds a buffer with that name")
                 held[r][op.buf.key] = in_flight[(a, sa)].pop((r, op.buf))
             elif isinstance(op, AllToAll):
-                _, dst = a2a_bufs(op, r, n, sched.layout)
-                parts = [a2a_src[(j, _coll_step(sched, j, op), str(op))] for j in range(n)]
+                _, dst = a2a_bufs(op, r, sched)
+                parts = [a2a_src[(j, _coll_step(sched, j, op), str(op))] for j in sched.group_of(r)]
                 got = _Held(set(dst.chunks), set().union(*(p.pairs for p in parts)))
                 held[r][dst.key] = restrict(got, dst) if dst.kind in PARTIAL_KINDS else got
         # Phase 4: merges.
@@ -225,16 +222,45 @@ def _coll_step(sched: Schedule, rank: int, op: AllToAll) -> int:
     raise ScheduleError(f"rank {rank} never enters {op}\n{sched}")
 
 
+def required_pairs(sched: Schedule) -> set[Pair]:
+    """Every (query chunk, key chunk, head shard) whose tokens the mask connects.
+
+    Derived from token positions: chunk ``c``'s tokens are the global ranges the layout gives it;
+    a query at position i sees a key at j iff both are in the same document and, when causal,
+    j <= i. For a dense schedule (size-free) every chunk is taken one token long.
+    """
+    seq = sched.seq_layout
+    k = seq.num_chunks
+    starts = list(itertools.accumulate(seq.doc_lens or (k,), initial=0))
+
+    def doc_spans(c: int) -> dict[int, tuple[int, int]]:
+        """document -> (first, last) global position of chunk c's tokens in it."""
+        ranges = seq._chunk_ranges(c, None if seq.varlen else k)
+        spans: dict[int, tuple[int, int]] = {}
+        for a, length in ranges:
+            for pos in (a, a + length - 1):
+                d = bisect.bisect_right(starts, pos) - 1
+                lo, hi = spans.get(d, (pos, pos))
+                spans[d] = (min(lo, pos), max(hi, pos))
+        return spans
+
+    spans = [doc_spans(c) for c in range(k)]
+    pairs = set()
+    for qc, kc in itertools.product(range(k), repeat=2):
+        if any(d in spans[kc] and (not sched.causal or spans[kc][d][0] <= spans[qc][d][1])
+               for d in spans[qc]):
+            pairs.update((qc, kc, h) for h in range(sched.head_shards))
+    return pairs
+
+
 def _check_coverage(sched: Schedule, held: list[dict], computed: set[Pair]) -> None:
     n = sched.world_size
-    shards = n if sched.strategy == "ulysses" else 1
-    every = tuple(range(num_chunks(n, sched.layout)))
-    required = {(qc, kc, h) for qc, kc in needed_pairs(every, every, sched.causal) for h in range(shards)}
+    required = required_pairs(sched)
     if computed != required:
         missing, extra = sorted(required - computed), sorted(computed - required)
         raise ScheduleError(f"coverage: missing pairs {missing[:6]}, unneeded pairs {extra[:6]}\n{sched}")
     for r in range(n):
-        local = set(chunks_of_rank(r, n, sched.layout))
+        local = set(sched.seq_layout.chunks_of(r))
         for kind, buf in sched.outputs[r].items():
             h = held[r].get(buf.key)
             idx = 1 if kind == "dkv" else 0

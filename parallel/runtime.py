@@ -5,29 +5,38 @@ The runtime makes no decisions: it walks its rank's steps with the four-phase se
 :func:`tokenloom.kernels.block_forward` / ``block_backward`` for the blocks.
 
 Buffers live in a dict keyed by :attr:`Buf.key`. Each holds its chunks (global chunk ids, in the
-order they sit along the sequence axis) and its fields (:data:`WIRE_FIELDS`): per-token fields are
-``(batch, seq, heads, head_dim)``, per-row statistics ``(batch, heads, seq)``. Partial results that
-this rank folds into (``out``, ``dq``, ``dkv``) are held in the accumulation dtype (fp32); on the
-wire each field travels in the dtype WIRE_FIELDS names ("io": the input dtype, "acc": fp32).
-A buffer is freed after its last use in the schedule unless it is an output or asked to be kept.
+order they sit along the sequence axis; chunks may differ in length, see :class:`Dims`) and its
+fields (:data:`WIRE_FIELDS`): per-token fields are ``(batch, seq, heads, head_dim)``, per-row
+statistics ``(batch, heads, seq)``. Partial results that this rank folds into (``out``, ``dq``,
+``dkv``) are held in the accumulation dtype (fp32); on the wire each field travels in the dtype
+WIRE_FIELDS names ("io": the input dtype, "acc": fp32). A buffer is freed after its last use in
+the schedule unless it is an output or asked to be kept.
+
+Packed sequences: a block's chunks hold pieces of several documents; the block runs one kernel
+call per document present on both sides (queries of a document see only its keys), so a block
+never computes across documents. P2P ops are posted in ``step.comms`` order, field by field, which
+is the order :func:`tokenloom.parallel.schedule.match_p2p` assumes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
 from tokenloom.comm.communicator import P2P, Communicator
-from tokenloom.comm.topology import chunks_of_rank, global_chunk_order
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
 from tokenloom.kernels.reference import acc_dtype
+from tokenloom.parallel.layout import SeqLayout
 from tokenloom.parallel.schedule import (
+    PARTIAL_KINDS,
     WIRE_FIELDS,
     AllToAll,
+    Block,
     Buf,
     Compute,
+    Direction,
     Merge,
     Pack,
     Recv,
@@ -37,6 +46,7 @@ from tokenloom.parallel.schedule import (
 )
 
 Key = tuple  # Buf.key
+Segment = tuple[int, int, int]  # (global chunk, offset inside the chunk, length) in tokens
 
 
 @dataclass(frozen=True)
@@ -44,14 +54,15 @@ class Dims:
     """Per-rank tensor geometry shared by every buffer of one attention call."""
 
     batch: int
-    chunk: int  # tokens per sequence chunk
+    chunk_lens: tuple[int, ...]  # tokens of every global chunk
     heads: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype  # input ("io") dtype
     device: torch.device
-    world_size: int
-    kv_repeat: int = 1  # Ulysses: kv heads replicated so that they split over the ranks
+    head_shards: int = 1  # how many head shards an all-to-all makes
+    kv_repeat: int = 1  # kv heads replicated so that they split over the head shards
+    seq: SeqLayout | None = None  # packed documents (None or dense: one piece per chunk)
 
     @property
     def acc(self) -> torch.dtype:
@@ -59,13 +70,16 @@ class Dims:
 
     def num_heads(self, head_kind: str, shard: int) -> int:
         if head_kind == "q":
-            return self.heads if shard < 0 else self.heads // self.world_size
+            return self.heads if shard < 0 else self.heads // self.head_shards
         if shard < 0:
             return self.kv_heads
-        return self.kv_heads * self.kv_repeat // self.world_size
+        return self.kv_heads * self.kv_repeat // self.head_shards
 
     def wire_dtype(self, dt: str) -> torch.dtype:
         return self.dtype if dt == "io" else self.acc
+
+    def length(self, chunks: Iterable[int]) -> int:
+        return sum(self.chunk_lens[c] for c in chunks)
 
 
 @dataclass
@@ -76,6 +90,30 @@ class Held:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Groups:
+    """The communicators of one SP rank: P2P along its ring, all-to-all inside its group.
+
+    A flat group uses one communicator for both. On a 2-D mesh SP rank ``p = ring_rank * ulysses
+    + ulysses_rank``: P2P peers are addressed in the ring communicator (``p // ulysses``) and the
+    all-to-all runs over the Ulysses communicator.
+    """
+
+    rank: int
+    world_size: int
+    p2p: Communicator
+    a2a: Communicator
+    ulysses: int = 1
+
+    @classmethod
+    def flat(cls, comm: Communicator) -> "Groups":
+        return cls(comm.rank, comm.world_size, comm, comm, 1)
+
+    def p2p_rank(self, sp_rank: int) -> int:
+        assert sp_rank % self.ulysses == self.rank % self.ulysses, (sp_rank, self.rank)
+        return sp_rank // self.ulysses
+
+
 def seq_dim(width: str) -> int:
     return 1 if width == "d" else 2
 
@@ -84,41 +122,62 @@ def head_dim_of(width: str) -> int:
     return 2 if width == "d" else 1
 
 
-def _runs(have: tuple[int, ...], want: Iterable[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs ``(pos_in_have, pos_in_want, length)`` mapping ``want`` into ``have``."""
-    index = {c: i for i, c in enumerate(have)}
+def _offsets(lens: tuple[int, ...], have: tuple[int, ...]) -> dict[int, int]:
+    out, acc = {}, 0
+    for c in have:
+        out[c] = acc
+        acc += lens[c]
+    return out
+
+
+def seg_ranges(lens: tuple[int, ...], have: tuple[int, ...], segs: Iterable[Segment]
+               ) -> list[tuple[int, int]]:
+    """Token ranges ``(start, length)`` of ``segs`` inside a buffer holding ``have`` (merged)."""
+    off = _offsets(lens, have)
     runs: list[list[int]] = []
-    for j, c in enumerate(want):
-        if c not in index:
+    for c, o, n in segs:
+        if c not in off:
             raise KeyError(f"chunk {c} is not held (held chunks {have})")
-        i = index[c]
-        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
-            runs[-1][2] += 1
+        start = off[c] + o
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1][1] += n
         else:
-            runs.append([i, j, 1])
-    return [tuple(r) for r in runs]
+            runs.append([start, n])
+    return [(a, n) for a, n in runs if n]
 
 
-def select(t: torch.Tensor, dim: int, chunk: int, have: tuple[int, ...], want: tuple[int, ...]
-           ) -> torch.Tensor:
+def whole(lens: tuple[int, ...], chunks: Iterable[int]) -> list[Segment]:
+    return [(c, 0, lens[c]) for c in chunks]
+
+
+def take(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of ``ranges`` along ``dim``: a view when there is one range."""
+    if len(ranges) == 1:
+        return t.narrow(dim, *ranges[0])
+    if not ranges:
+        return t.narrow(dim, 0, 0)
+    return torch.cat([t.narrow(dim, a, n) for a, n in ranges], dim=dim)
+
+
+def select(t: torch.Tensor, dim: int, lens: tuple[int, ...], have: tuple[int, ...],
+           want: tuple[int, ...]) -> torch.Tensor:
     """The rows of ``want`` chunks from ``t`` (which holds ``have``): a view when they are adjacent."""
-    runs = _runs(have, want)
-    if len(runs) == 1:
-        i, _, n = runs[0]
-        return t.narrow(dim, i * chunk, n * chunk)
-    return torch.cat([t.narrow(dim, i * chunk, n * chunk) for i, _, n in runs], dim=dim)
+    return take(t, dim, seg_ranges(lens, have, whole(lens, want)))
 
 
-def place(t: torch.Tensor, dim: int, chunk: int, have: tuple[int, ...], want: tuple[int, ...]):
-    """Yield ``(view of t at want's runs, slice of a want-shaped tensor)`` pairs for folding."""
-    for i, j, n in _runs(have, want):
-        yield t.narrow(dim, i * chunk, n * chunk), (j * chunk, n * chunk)
+def place(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]
+          ) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """Yield ``(view of t at a range, row offset in a ranges-shaped tensor, length)``."""
+    j = 0
+    for a, n in ranges:
+        yield t.narrow(dim, a, n), j, n
+        j += n
 
 
 def alloc(buf: Buf, dims: Dims, *, fill: bool = False) -> dict[str, torch.Tensor]:
     """Tensors for ``buf``'s fields: uninitialised in wire dtypes (to receive into), or, with
     ``fill``, an empty fold destination in the accumulation dtype (zeros, lse = -inf)."""
-    length = len(buf.chunks) * dims.chunk
+    length = dims.length(buf.chunks)
     fields = {}
     for name, head_kind, width, dt in WIRE_FIELDS[buf.kind]:
         h = dims.num_heads(head_kind, buf.shard)
@@ -131,16 +190,45 @@ def alloc(buf: Buf, dims: Dims, *, fill: bool = False) -> dict[str, torch.Tensor
     return fields
 
 
+def sub_blocks(blk: Block, dims: Dims) -> list[tuple[list[Segment], list[Segment]]]:
+    """``(query segments, key segments)`` of each kernel call of ``blk``: one for a dense
+    sequence, one per document present on both sides for a packed one."""
+    lens, seq = dims.chunk_lens, dims.seq
+    if seq is None or not seq.varlen:
+        return [(whole(lens, blk.q_chunks), whole(lens, blk.kv_chunks))]
+    per_chunk = {c: {d: (o, n) for d, o, n in seq.pieces(c)} for c in (*blk.q_chunks, *blk.kv_chunks)}
+    docs_q = set().union(*(per_chunk[c] for c in blk.q_chunks))
+    docs_kv = set().union(*(per_chunk[c] for c in blk.kv_chunks))
+    calls = []
+    for d in sorted(docs_q & docs_kv):
+        qs = [(c, *per_chunk[c][d]) for c in blk.q_chunks if d in per_chunk[c]]
+        ks = [(c, *per_chunk[c][d]) for c in blk.kv_chunks if d in per_chunk[c]]
+        calls.append((qs, ks))
+    return calls
+
+
+class StepError(RuntimeError):
+    """A step failed for a reason other than communication; the message marks the step."""
+
+
+def _with_context(exc: Exception, context: str) -> Exception:
+    """Append ``context`` to ``exc``'s message in place (Python 3.10 has no add_note)."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{context}", *exc.args[1:])
+        return exc
+    return StepError(f"{type(exc).__name__}: {exc}\n{context}")
+
+
 class Runner:
     """Executes one schedule on one rank; reusable across calls with the same geometry."""
 
-    def __init__(self, schedule: Schedule, comm: Communicator, dims: Dims, *, softmax_scale: float | None,
-                 impl: str | None = None, keep: Iterable[Key] = ()) -> None:
-        if schedule.world_size != comm.world_size:
-            raise ValueError(f"schedule is for world_size {schedule.world_size}, the group has "
-                             f"{comm.world_size} ranks")
-        self.schedule, self.comm, self.dims = schedule, comm, dims
-        self.rank = comm.rank
+    def __init__(self, schedule: Schedule, comm: Communicator | Groups, dims: Dims, *,
+                 softmax_scale: float | None, impl: str | None = None, keep: Iterable[Key] = ()) -> None:
+        groups = comm if isinstance(comm, Groups) else Groups.flat(comm)
+        assert schedule.world_size == groups.world_size, (schedule.world_size, groups.world_size)
+        self.schedule, self.groups, self.dims = schedule, groups, dims
+        self.comm = groups.p2p
+        self.rank = groups.rank
         self.scale, self.impl = softmax_scale, impl
         self.steps = schedule.ranks[self.rank]
         self.outputs = schedule.outputs[self.rank] if schedule.outputs else {}
@@ -156,8 +244,7 @@ class Runner:
                 if isinstance(op, (Send, Recv)):
                     keys.append(op.buf.key)
                 else:
-                    keys.extend(b.key for b in a2a_bufs(op, self.rank, self.comm.world_size,
-                                                        self.schedule.layout))
+                    keys.extend(b.key for b in a2a_bufs(op, self.rank, self.schedule))
             for op in step.computes:
                 if isinstance(op, Compute):
                     keys += [op.q_src.key, op.kv_src.key, op.dst.key]
@@ -176,98 +263,110 @@ class Runner:
         held = store.get(buf.key)
         if held is None:
             held = store[buf.key] = Held(buf.chunks, alloc(buf, self.dims, fill=True))
-        elif not set(buf.chunks) <= set(held.chunks):
-            raise RuntimeError(f"rank {self.rank}: fold into {buf} but only chunks {held.chunks} held")
+        else:
+            assert set(buf.chunks) <= set(held.chunks), (self.rank, buf, held.chunks)
         return held
 
     def _get(self, store: dict, buf: Buf) -> Held:
         held = store.get(buf.key)
-        if held is None:
-            raise RuntimeError(f"rank {self.rank}: buffer {buf} is not here (schedule bug)")
+        assert held is not None, f"rank {self.rank}: buffer {buf} is not here (schedule bug)"
         return held
 
     # ------------------------------------------------------------------ folds
-    def _fold(self, dst: Held, chunks: tuple[int, ...], fields: dict[str, torch.Tensor]) -> None:
-        """Fold a partial over ``chunks`` into ``dst``: lse-merge for outputs, sum for grads."""
-        c = self.dims.chunk
+    def _fold(self, dst: Held, segs: list[Segment], fields: dict[str, torch.Tensor]) -> None:
+        """Fold a partial over ``segs`` into ``dst``: lse-merge for outputs, sum for grads."""
+        ranges = seg_ranges(self.dims.chunk_lens, dst.chunks, segs)
         if "lse" in fields:
-            for (o_view, (j, n)), (l_view, _) in zip(place(dst.fields["out"], 1, c, dst.chunks, chunks),
-                                                     place(dst.fields["lse"], 2, c, dst.chunks, chunks)):
+            for (o_view, j, n), (l_view, _, _) in zip(place(dst.fields["out"], 1, ranges),
+                                                      place(dst.fields["lse"], 2, ranges)):
                 merge_into_(o_view, l_view, fields["out"].narrow(1, j, n), fields["lse"].narrow(2, j, n))
             return
         for name, value in fields.items():
-            for view, (j, n) in place(dst.fields[name], 1, c, dst.chunks, chunks):
+            for view, j, n in place(dst.fields[name], 1, ranges):
                 view.add_(value.narrow(1, j, n))
 
     def _compute(self, store: dict, op: Compute) -> None:
-        c, d = self.dims.chunk, self.dims
+        d = self.dims
+        lens = d.chunk_lens
         qs, kvs = self._get(store, op.q_src), self._get(store, op.kv_src)
         dst = self._ensure(store, op.dst)
         dst_kv = self._ensure(store, op.dst_kv) if op.dst_kv is not None else None
         for blk in op.blocks:
-            k = select(kvs.fields["k"], 1, c, kvs.chunks, blk.kv_chunks)
-            v = select(kvs.fields["v"], 1, c, kvs.chunks, blk.kv_chunks)
-            q = select(qs.fields["q"], 1, c, qs.chunks, blk.q_chunks)
-            if op.q_src.kind == "q":
-                out, lse = block_forward(q, k, v, causal=blk.causal, softmax_scale=self.scale,
-                                         impl=self.impl)
-                self._fold(dst, blk.q_chunks, {"out": out, "lse": lse})
-                continue
-            dout = select(qs.fields["dout"], 1, c, qs.chunks, blk.q_chunks)
-            lse = select(qs.fields["lse"], 2, c, qs.chunks, blk.q_chunks)
-            delta = select(qs.fields["delta"], 2, c, qs.chunks, blk.q_chunks)
-            dq, dk, dv = block_backward(dout, q, k, v, lse, delta, causal=blk.causal,
-                                        softmax_scale=self.scale, impl=self.impl)
-            self._fold(dst, blk.q_chunks, {"dq": dq.to(d.acc)})
-            assert dst_kv is not None
-            self._fold(dst_kv, blk.kv_chunks, {"dk": dk.to(d.acc), "dv": dv.to(d.acc)})
+            for q_segs, kv_segs in sub_blocks(blk, d):
+                q_rows, kv_rows = seg_ranges(lens, qs.chunks, q_segs), seg_ranges(lens, kvs.chunks, kv_segs)
+                q = take(qs.fields["q"], 1, q_rows)
+                k, v = take(kvs.fields["k"], 1, kv_rows), take(kvs.fields["v"], 1, kv_rows)
+                if op.q_src.kind == "q":
+                    out, lse = block_forward(q, k, v, causal=blk.causal, softmax_scale=self.scale,
+                                             impl=self.impl)
+                    self._fold(dst, q_segs, {"out": out, "lse": lse})
+                    continue
+                dout = take(qs.fields["dout"], 1, q_rows)
+                lse = take(qs.fields["lse"], 2, q_rows)
+                delta = take(qs.fields["delta"], 2, q_rows)
+                dq, dk, dv = block_backward(dout, q, k, v, lse, delta, causal=blk.causal,
+                                            softmax_scale=self.scale, impl=self.impl)
+                self._fold(dst, q_segs, {"dq": dq.to(d.acc)})
+                assert dst_kv is not None
+                self._fold(dst_kv, kv_segs, {"dk": dk.to(d.acc), "dv": dv.to(d.acc)})
 
     def _pack(self, store: dict, op: Pack) -> None:
         by_kind = {b.kind: self._get(store, b) for b in op.srcs}
         q, out, dout = by_kind["q"], by_kind["out"], by_kind["dout"]
-        if not (q.chunks == out.chunks == dout.chunks == op.dst.chunks):
-            raise RuntimeError(f"rank {self.rank}: pack {op} with mismatched chunks")
+        assert q.chunks == out.chunks == dout.chunks == op.dst.chunks, (self.rank, op)
         fields = {"q": q.fields["q"], "dout": dout.fields["dout"], "lse": out.fields["lse"],
                   "delta": attention_delta(out.fields["out"], dout.fields["dout"])}
         store[op.dst.key] = Held(op.dst.chunks, fields)
 
-    # ------------------------------------------------------------------ all-to-all (Ulysses)
+    # ------------------------------------------------------------------ all-to-all
+    def _a2a_layout(self) -> tuple[tuple[int, ...], list[tuple[int, ...]], int]:
+        """(group members, their local chunks, padded local length)."""
+        group = self.schedule.group_of(self.rank)
+        seq = self.schedule.seq_layout
+        local = [seq.chunks_of(m) for m in group]
+        return group, local, max(self.dims.length(ch) for ch in local)
+
     def _a2a_post(self, store: dict, op: AllToAll) -> tuple:
-        n, d = self.comm.world_size, self.dims
-        src_buf, dst_buf = a2a_bufs(op, self.rank, n, self.schedule.layout)
-        src = self._get(store, src_buf)
-        order = global_chunk_order(n, self.schedule.layout)
-        every = tuple(range(len(order)))
+        d, comm = self.dims, self.groups.a2a
+        group, local, pad = self._a2a_layout()
+        src_buf, dst_buf = a2a_bufs(op, self.rank, self.schedule)
+        if op.kind in PARTIAL_KINDS:
+            src = self._ensure(store, src_buf)  # nothing folded into it: an empty result
+        else:
+            src = self._get(store, src_buf)
+        m = len(group)
         handles, pending = [], []
         for name, head_kind, width, dt in WIRE_FIELDS[op.kind]:
             t = src.fields[name].to(d.wire_dtype(dt))
             hd, sd = head_dim_of(width), seq_dim(width)
-            if op.direction == "seq2head":
+            if op.direction == Direction.SEQ2HEAD:
                 if head_kind == "kv" and op.kv_repeat > 1:
                     t = t.repeat_interleave(op.kv_repeat, dim=hd)
-                x = t.unflatten(hd, (n, t.shape[hd] // n)).movedim(hd, 0).contiguous()
-            else:  # head2seq: rank j gets its own chunks of this head shard
-                x = torch.stack([select(t, sd, d.chunk, every, chunks_of_rank(j, n, self.schedule.layout))
-                                 for j in range(n)]).contiguous()
+                t = _pad(t, sd, pad)
+                x = t.unflatten(hd, (m, t.shape[hd] // m)).movedim(hd, 0).contiguous()
+            else:  # head2seq: member j gets its own chunks of this head shard
+                x = torch.stack([_pad(select(t, sd, d.chunk_lens, src.chunks, local[j]), sd, pad)
+                                 for j in range(m)]).contiguous()
             y = torch.empty_like(x)
-            handles.append(self.comm.all_to_all(y, x, what=f"all_to_all {name}"))
+            handles.append(comm.all_to_all(y, x, what=f"all_to_all {name}"))
             pending.append((name, head_kind, width, y))
         return handles, pending, dst_buf, op
 
     def _a2a_finish(self, store: dict, state) -> None:
         handles, pending, dst_buf, op = state
-        n, d = self.comm.world_size, self.dims
+        d = self.dims
+        group, local, _ = self._a2a_layout()
         for h in handles:
             h.wait()
         fields = {}
         for name, head_kind, width, y in pending:
             hd, sd = head_dim_of(width), seq_dim(width)
-            if op.direction == "seq2head":  # y[j] holds rank j's chunks; put them in global order
-                parts = [y[j].narrow(sd, i * d.chunk, d.chunk)
-                         for j, i in global_chunk_order(n, self.schedule.layout)]
+            if op.direction == Direction.SEQ2HEAD:  # y[j] holds member j's chunks: global order
+                segs = {c: (j, o) for j, ch in enumerate(local) for c, o in _offsets(d.chunk_lens, ch).items()}
+                parts = [y[segs[c][0]].narrow(sd - 0, segs[c][1], d.chunk_lens[c]) for c in dst_buf.chunks]
                 fields[name] = torch.cat(parts, dim=sd)
-            else:  # y[j] holds head shard j of my chunks
-                t = y.movedim(0, hd).flatten(hd, hd + 1)
+            else:  # y[j] holds head shard j of my chunks (padded)
+                t = y.narrow(sd + 1, 0, d.length(dst_buf.chunks)).movedim(0, hd).flatten(hd, hd + 1)
                 if head_kind == "kv" and op.kv_repeat > 1:
                     t = t.unflatten(hd, (t.shape[hd] // op.kv_repeat, op.kv_repeat)).sum(hd + 1)
                 fields[name] = t
@@ -280,25 +379,24 @@ class Runner:
             try:
                 self._step(store, s, step)
             except Exception as exc:
-                lines = self.schedule.describe(mark=(self.rank, s)).splitlines()
-                mine = [ln for ln in lines[1:] if ln.startswith(f"  r{self.rank} ")]
-                exc.add_note(f"tokenloom: rank {self.rank} failed in step {s} of\n"
-                             + "\n".join([lines[0], *mine]))
-                raise
+                text = self.schedule.describe(mark=(self.rank, s), ranks=[self.rank])
+                raise _with_context(exc, f"tokenloom: rank {self.rank} failed in step {s} of\n{text}")
         return store
 
     def _step(self, store: dict, s: int, step) -> None:
         d = self.dims
         ops, recvs, a2a = [], [], []
-        for op in step.comms:
+        for op in step.comms:  # posting order: match_p2p's rule
             if isinstance(op, Send):
                 held = self._get(store, op.buf)
+                peer = self.groups.p2p_rank(op.peer)
                 for name, _, width, dt in WIRE_FIELDS[op.buf.kind]:
-                    t = select(held.fields[name], seq_dim(width), d.chunk, held.chunks, op.buf.chunks)
-                    ops.append(P2P("send", op.peer, t.to(d.wire_dtype(dt)).contiguous()))
+                    t = select(held.fields[name], seq_dim(width), d.chunk_lens, held.chunks, op.buf.chunks)
+                    ops.append(P2P("send", peer, t.to(d.wire_dtype(dt)).contiguous()))
             elif isinstance(op, Recv):
                 fields = alloc(op.buf, d)
-                ops.extend(P2P("recv", op.peer, t) for t in fields.values())
+                peer = self.groups.p2p_rank(op.peer)
+                ops.extend(P2P("recv", peer, t) for t in fields.values())
                 recvs.append((op.buf, fields))
             else:
                 a2a.append(self._a2a_post(store, op))
@@ -322,26 +420,34 @@ class Runner:
     def _merge(self, store: dict, m: Merge) -> None:
         src = self._get(store, m.src)
         dst = self._ensure(store, m.dst)
-        self._fold(dst, src.chunks, src.fields)
+        self._fold(dst, whole(self.dims.chunk_lens, src.chunks), src.fields)
 
     # ------------------------------------------------------------------ outputs
     def output(self, store: dict, kind: str, name: str) -> torch.Tensor:
         """Field ``name`` of output ``kind`` over this rank's local chunks (empty parts filled)."""
-        buf = self.outputs[kind]
-        return extract(store, buf, name, self.dims, self.schedule.layout)
+        return extract(store, self.outputs[kind], name, self.dims)
 
 
-def extract(store: dict, buf: Buf, name: str, dims: Dims, layout: str) -> torch.Tensor:
+def _pad(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    extra = length - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def extract(store: dict, buf: Buf, name: str, dims: Dims) -> torch.Tensor:
     """Field ``name`` of ``buf`` laid out over ``buf.chunks``; chunks never written are 0 (lse -inf)."""
     held = store.get(buf.key)
     if held is not None and held.chunks == tuple(buf.chunks):
         return held.fields[name]
-    spec = {f[0]: f for f in WIRE_FIELDS[buf.kind]}[name]
-    width = spec[2]
+    width = {f[0]: f for f in WIRE_FIELDS[buf.kind]}[name][2]
     out = alloc(buf, dims, fill=True)[name]
     if held is not None:
+        lens, sd = dims.chunk_lens, seq_dim(width)
         present = tuple(c for c in buf.chunks if c in held.chunks)
-        src = select(held.fields[name], seq_dim(width), dims.chunk, held.chunks, present)
-        for view, (j, n) in place(out, seq_dim(width), dims.chunk, tuple(buf.chunks), present):
-            view.copy_(src.narrow(seq_dim(width), j, n))
+        src = select(held.fields[name], sd, lens, held.chunks, present)
+        for view, j, n in place(out, sd, seg_ranges(lens, tuple(buf.chunks), whole(lens, present))):
+            view.copy_(src.narrow(sd, j, n))
     return out

@@ -21,8 +21,42 @@ gradients add; a destination that does not exist yet starts empty. The builders 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Union
+from enum import Enum
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from tokenloom.parallel.layout import SeqLayout
+
+
+class Kind(str, Enum):
+    """What a buffer holds (its wire fields: :data:`WIRE_FIELDS`). Compares equal to its value."""
+
+    Q = "q"
+    KV = "kv"
+    OUT = "out"
+    QG = "qg"
+    DOUT = "dout"
+    DQ = "dq"
+    DKV = "dkv"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Direction(str, Enum):
+    """All-to-all direction: sequence shards -> head shards, or back."""
+
+    SEQ2HEAD = "seq2head"
+    HEAD2SEQ = "head2seq"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 # kind -> ((field name, head kind "q"|"kv", per-token width "d"|"1", dtype "io"|"acc"), ...)
 # "io" travels in the input dtype, "acc" in fp32. Fields with width "d" are (batch, seq, heads, d);
@@ -52,6 +86,7 @@ class Buf:
 
     def __post_init__(self) -> None:
         assert self.kind in WIRE_FIELDS, self.kind
+        object.__setattr__(self, "kind", Kind(self.kind))
         assert len(set(self.chunks)) == len(self.chunks), self.chunks
 
     @property
@@ -64,7 +99,7 @@ class Buf:
     def __str__(self) -> str:
         at = f"@{self.at}" if self.at >= 0 and self.at != self.owner else ""
         shard = f"h{self.shard}" if self.shard >= 0 else ""
-        chunks = ",".join(map(str, self.chunks)) if len(self.chunks) <= 4 else f"{self.chunks[0]}..{self.chunks[-1]}"
+        chunks = _chunk_list(self.chunks, 4)
         return f"{self.kind}{self.owner}{shard}[{chunks}]{at}"
 
 
@@ -90,15 +125,20 @@ class Recv:
 
 @dataclass(frozen=True)
 class AllToAll:
-    """Equal-split all-to-all over the whole group (Ulysses): ``seq2head`` or ``head2seq``.
+    """Equal-split all-to-all over this rank's all-to-all group (:attr:`Schedule.groups`).
 
-    ``kind`` names the wire fields moved; ``kv_repeat`` > 1 when kv heads were replicated so they
-    divide the world size.
+    ``seq2head`` turns the members' sequence chunks of all heads into all their chunks of one head
+    shard (the member's index in the group); ``head2seq`` is the inverse. ``kind`` names the wire
+    fields moved; ``kv_repeat`` > 1 when kv heads were replicated so they divide the group size.
     """
 
     kind: str
-    direction: str
+    direction: Direction
     kv_repeat: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "direction", Direction(self.direction))
 
     def __str__(self) -> str:
         return f"a2a:{self.kind}:{self.direction}"
@@ -107,23 +147,30 @@ class AllToAll:
 Comm = Union[Send, Recv, AllToAll]
 
 
-def a2a_bufs(op: AllToAll, rank: int, world_size: int, layout: str) -> tuple[Buf, Buf]:
+def a2a_bufs(op: AllToAll, rank: int, sched: "Schedule") -> tuple[Buf, Buf]:
     """What an all-to-all consumes and produces on ``rank``: (source buffer, destination buffer).
 
-    ``seq2head`` turns this rank's sequence chunks of all heads into all chunks (global order) of
-    head shard ``rank``; ``head2seq`` is the inverse. Partial kinds carry ``at=rank``.
+    The sequence side is this rank's own chunks of all heads; the head side is every chunk of the
+    group's members (global order) of head shard ``index of rank in its group``. Partial kinds
+    carry ``at=rank``.
     """
-    from tokenloom.comm.topology import chunks_of_rank, num_chunks
-
-    every = tuple(range(num_chunks(world_size, layout)))
-    local = chunks_of_rank(rank, world_size, layout)
+    group = sched.group_of(rank)
+    seq = sched.seq_layout
     at = rank if op.kind in PARTIAL_KINDS else -1
-    seq_side = Buf(op.kind, rank, local, at=at)
-    head_side = Buf(op.kind, rank, every, at=at, shard=rank)
-    if op.direction == "seq2head":
+    seq_side = Buf(op.kind, rank, seq.chunks_of(rank), at=at)
+    every = tuple(sorted(c for m in group for c in seq.chunks_of(m)))
+    head_side = Buf(op.kind, rank, every, at=at, shard=group.index(rank))
+    if op.direction == Direction.SEQ2HEAD:
         return seq_side, head_side
-    assert op.direction == "head2seq", op.direction
+    assert op.direction == Direction.HEAD2SEQ, op.direction
     return head_side, seq_side
+
+
+def _chunk_list(chunks: tuple[int, ...], limit: int) -> str:
+    """Chunk ids separated by commas (unambiguous above 9), elided in the middle past ``limit``."""
+    if len(chunks) > limit:
+        return f"{chunks[0]}..{chunks[-1]}"
+    return ",".join(map(str, chunks))
 
 
 @dataclass(frozen=True)
@@ -145,7 +192,8 @@ class Block:
                 if not self.causal or causal_pair_kind(qc, kc) != "none"]
 
     def __str__(self) -> str:
-        return f"{''.join(map(str, self.q_chunks))}x{''.join(map(str, self.kv_chunks))}{'c' if self.causal else ''}"
+        q, kv = _chunk_list(self.q_chunks, 8), _chunk_list(self.kv_chunks, 8)
+        return f"{q}x{kv}{'c' if self.causal else ''}"
 
 
 @dataclass(frozen=True)
@@ -209,7 +257,12 @@ class Step:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-rank step lists plus what each rank starts with and ends with."""
+    """Per-rank step lists plus what each rank starts with and ends with.
+
+    ``seq`` says which chunks each rank holds (None: the flat layout of ``layout`` over
+    ``world_size``); ``groups`` partitions the ranks into all-to-all groups (empty: no
+    all-to-all). ``head_shards`` is how many head shards the computes are split into.
+    """
 
     strategy: str
     layout: str
@@ -219,17 +272,41 @@ class Schedule:
     ranks: tuple[tuple[Step, ...], ...]
     inputs: tuple[tuple[Buf, ...], ...]  # per rank: buffers present before step 0
     outputs: tuple[dict[str, Buf], ...] = field(default_factory=tuple)  # per rank: result kind -> buffer
+    seq: "SeqLayout | None" = None
+    groups: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_steps(self) -> int:
         return max((len(steps) for steps in self.ranks), default=0)
 
-    def describe(self, mark: tuple[int, int] | None = None) -> str:
+    @property
+    def seq_layout(self) -> "SeqLayout":
+        from tokenloom.parallel.layout import SeqLayout
+
+        return self.seq if self.seq is not None else SeqLayout(self.world_size, self.layout)
+
+    @property
+    def head_shards(self) -> int:
+        return len(self.groups[0]) if self.groups else 1
+
+    def group_of(self, rank: int) -> tuple[int, ...]:
+        for g in self.groups:
+            if rank in g:
+                return g
+        raise AssertionError(f"rank {rank} is in no all-to-all group of {self.strategy}")
+
+    def describe(self, mark: tuple[int, int] | None = None, ranks: list[int] | None = None) -> str:
         """Compact text, one line per (rank, step); ``mark=(rank, step)`` flags a failing step."""
         head = (f"{self.strategy} {'bwd' if self.backward else 'fwd'} layout={self.layout} "
                 f"causal={self.causal} world_size={self.world_size}")
+        if self.seq is not None and (self.seq.ulysses > 1 or self.seq.varlen):
+            head += f" ulysses={self.seq.ulysses}"
+            if self.seq.varlen:
+                head += f" docs={len(self.seq.doc_lens or ())}"
         lines = [head]
         for r, steps in enumerate(self.ranks):
+            if ranks is not None and r not in ranks:
+                continue
             for s, step in enumerate(steps):
                 flag = "  <-- here" if mark == (r, s) else ""
                 lines.append(f"  r{r} s{s}: {step}{flag}")
@@ -237,3 +314,62 @@ class Schedule:
 
     def __str__(self) -> str:
         return self.describe()
+
+
+@dataclass(frozen=True)
+class P2PMatch:
+    """A send and the receive it meets: ``(rank, step, index in step.comms)`` of each side."""
+
+    send_at: tuple[int, int, int]
+    recv_at: tuple[int, int, int]
+    send: Send
+    recv: Recv
+
+
+def match_p2p(sched: Schedule) -> tuple[list[P2PMatch], list[tuple[int, int, str]]]:
+    """Pair sends with receives by the runtime's rule; return ``(matches, problems)``.
+
+    The rule (the one NCCL and gloo apply to what the runtime posts): between ranks a and b the
+    k-th send from a (in step order, then in ``step.comms`` order, which is the posting order)
+    meets the k-th receive at b from a. A pair whose buffers differ, an op without partner and a
+    peer outside the world are ``(rank, step, message)`` problems. Checker, simulator engine and
+    runtime all rely on this one function.
+    """
+    sends: dict[tuple[int, int], list] = defaultdict(list)
+    recvs: dict[tuple[int, int], list] = defaultdict(list)
+    problems: list[tuple[int, int, str]] = []
+    for r, steps in enumerate(sched.ranks):
+        for s, step in enumerate(steps):
+            for i, op in enumerate(step.comms):
+                if isinstance(op, (Send, Recv)) and not 0 <= op.peer < sched.world_size:
+                    problems.append((r, s, f"peer {op.peer} outside world_size {sched.world_size}"))
+                elif isinstance(op, Send):
+                    sends[(r, op.peer)].append((s, i, op))
+                elif isinstance(op, Recv):
+                    recvs[(op.peer, r)].append((s, i, op))
+    matches = []
+    for a, b in sorted(set(sends) | set(recvs)):
+        sa, rb = sends.get((a, b), []), recvs.get((a, b), [])
+        for k in range(max(len(sa), len(rb))):
+            if k >= len(sa):
+                problems.append((b, rb[k][0], f"receive #{k} from rank {a} ({rb[k][2].buf}) has no "
+                                              f"matching send"))
+            elif k >= len(rb):
+                problems.append((a, sa[k][0], f"send #{k} to rank {b} ({sa[k][2].buf}) has no "
+                                              f"matching receive"))
+            elif sa[k][2].buf != rb[k][2].buf:
+                problems.append((b, rb[k][0], f"receive #{k} from rank {a} expects {rb[k][2].buf} but "
+                                              f"rank {a} sends {sa[k][2].buf} (sizes would differ or "
+                                              f"data would be swapped)"))
+            else:
+                matches.append(P2PMatch((a, *sa[k][:2]), (b, *rb[k][:2]), sa[k][2], rb[k][2]))
+    return matches, problems
+
+
+def a2a_entries(sched: Schedule) -> dict[tuple[int, ...], list[list[tuple[int, AllToAll]]]]:
+    """Per all-to-all group: for each member (in group order), its ``(step, op)`` collectives."""
+    out = {}
+    for g in sched.groups:
+        out[g] = [[(s, op) for s, st in enumerate(sched.ranks[r]) for op in st.comms
+                   if isinstance(op, AllToAll)] for r in g]
+    return out

@@ -128,7 +128,7 @@ def _ulysses_bad_heads(rank, n):
 
 
 def test_ulysses_heads_not_divisible_is_a_clear_error():
-    with pytest.raises(RankError, match=r"heads \(3\) must be divisible by world_size \(2\)"):
+    with pytest.raises(RankError, match=r"heads \(3\) divisible by world_size \(2\)"):
         spawn_ranks(2, _ulysses_bad_heads)
 
 
@@ -138,7 +138,7 @@ def _mismatched(rank, n):
 
 
 def test_mismatched_shapes_across_ranks_error_not_hang():
-    with pytest.raises(RankError, match=r"differs across ranks .*1: \[1, 6, 2, 4"):
+    with pytest.raises(RankError, match=r"ranks disagree on seq \(rank 0: 4; rank 1: 6\)"):
         spawn_ranks(2, _mismatched, timeout=30)
 
 

@@ -1,0 +1,119 @@
+"""The derived rules of one sequence-parallel attention run, in one typed object.
+
+:class:`ParallelDims` (after torchtitan's ``ParallelDims``) answers every question that the
+builders, the public API, the CLI job and the simulator would otherwise each re-derive: which
+strategy runs on which dimension, how many head shards the all-to-all makes, whether the heads
+divide, how often kv heads are replicated for Ulysses, how the sequence is chunked (dense or
+packed, flat or 2-D) and how long each chunk is. Bad values raise
+:class:`tokenloom.errors.UsageError` naming the argument. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tokenloom.errors import UsageError
+from tokenloom.parallel.layout import SeqLayout
+
+STRATEGIES = ("tokenring", "ring", "ulysses")
+RING_STRATEGIES = ("tokenring", "ring")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """One attention run's parallel shape.
+
+    ``strategy`` is "tokenring" | "ring" | "ulysses" ("auto" is resolved before, in
+    :func:`tokenloom.parallel.attention.resolve_strategy`). On a 2-D mesh (``ulysses`` > 1) it is
+    the strategy of the outer (ring) dimension and Ulysses runs on the inner one. ``heads`` /
+    ``kv_heads`` may be None for size-free questions (schedules of non-Ulysses strategies).
+    """
+
+    strategy: str
+    world_size: int
+    layout: str = "zigzag"
+    ulysses: int = 1
+    heads: int | None = None
+    kv_heads: int | None = None
+    doc_lens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"strategy must be 'auto' or one of {STRATEGIES}, got {self.strategy!r}")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise UsageError(f"world_size must be an integer >= 1, got {self.world_size!r}")
+        if self.ulysses > 1 and self.strategy == "ulysses":
+            raise UsageError("strategy: on a 2-D ('ulysses', 'ring') mesh Ulysses runs on the inner "
+                             "dim; pass the ring dim's strategy, 'tokenring' or 'ring'")
+        self.seq  # validates layout, ulysses and doc_lens
+        if self.heads is not None:
+            hkv = self.kv_heads if self.kv_heads is not None else self.heads
+            if self.heads < 1 or hkv < 1 or self.heads % hkv:
+                raise UsageError(f"heads ({self.heads}) must be a positive multiple of kv heads ({hkv})",
+                                 field="kv_heads")
+            if self.heads % self.head_shards:
+                what = "ulysses mesh dim size" if self.ulysses > 1 else "world_size"
+                raise UsageError(
+                    f"{self.name} needs heads ({self.heads}) divisible by {what} "
+                    f"({self.head_shards}); use strategy 'tokenring' or 'ring', or a size dividing "
+                    f"{self.heads}", field="heads")
+
+    # -------------------------------------------------------------- strategy
+    @property
+    def ring(self) -> int:
+        return self.world_size // self.ulysses
+
+    @property
+    def name(self) -> str:
+        """Schedule name: "tokenring", "ring", "ulysses" or "ulysses+<ring strategy>"."""
+        return f"ulysses+{self.strategy}" if self.ulysses > 1 else self.strategy
+
+    @property
+    def uses_a2a(self) -> bool:
+        return self.strategy == "ulysses" or self.ulysses > 1
+
+    @property
+    def head_shards(self) -> int:
+        """Ranks one all-to-all spreads the heads over (1: no all-to-all)."""
+        if self.strategy == "ulysses":
+            return self.world_size
+        return self.ulysses
+
+    @property
+    def kv_repeat(self) -> int:
+        """Times each kv head is replicated so kv heads split evenly over the head shards."""
+        if not self.uses_a2a:
+            return 1
+        hkv = self.kv_heads if self.kv_heads is not None else self.heads
+        if hkv is None:
+            return 1
+        return self.head_shards // math.gcd(hkv, self.head_shards)
+
+    def a2a_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The all-to-all groups (a partition of the SP ranks); empty without all-to-all."""
+        if self.strategy == "ulysses":
+            return (tuple(range(self.world_size)),)
+        if self.ulysses > 1:
+            return tuple(tuple(range(b, b + self.ulysses)) for b in range(0, self.world_size, self.ulysses))
+        return ()
+
+    # -------------------------------------------------------------- sequence
+    @property
+    def seq(self) -> SeqLayout:
+        """Which chunks each rank holds; a 1-D group keeps the flat layout for every strategy."""
+        return SeqLayout(self.world_size, self.layout, self.ulysses, self.doc_lens)
+
+    def chunk_lens(self, seq_len: int | None = None) -> tuple[int, ...]:
+        return self.seq.chunk_lens(seq_len)
+
+    def local_len(self, rank: int, seq_len: int | None = None) -> int:
+        return self.seq.local_len(rank, seq_len)
+
+    def dense_seq_len(self, seq_local: int) -> int:
+        """Global length of a dense sequence whose shards are ``seq_local`` long; checks it divides."""
+        per = len(self.seq.chunks_of(0))
+        if seq_local <= 0 or seq_local % per:
+            raise UsageError(f"seq_local (q.shape[1]={seq_local}) must be a positive multiple of "
+                             f"{per}: layout {self.layout!r} holds {per} equal chunk(s) per rank")
+        return seq_local * self.world_size
