@@ -68,6 +68,10 @@ MAX_HARDWARE_FILE_BYTES = 16 << 20
 def _check(owner: str, ranges: dict, values: dict) -> None:
     for name, (integer, lo, lo_open, hi) in ranges.items():
         if name in values:
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                kind = "an integer" if integer else "a number"
+                raise UsageError(f"{owner}.{name} must be {kind}, got {_kind(value)}", field=f"{owner}.{name}")
             check_number(values[name], f"{owner}.{name}", lo=lo, hi=hi, lo_open=lo_open, integer=integer)
 
 

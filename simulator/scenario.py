@@ -76,8 +76,8 @@ def _schedule(strategy: str, world_size: int, layout: str, causal: bool, backwar
 # Work limit. A pass of N ranks moves about 2 N^2 point-to-point transfers (TokenRing, Ring) or
 # 3 N^2 all-to-all pair transfers (Ulysses), and the engine spends ~0.1 ms per transfer (build,
 # route, price, record; measured on one 2.x GHz core), so 1024 GPUs would take many minutes and
-# gigabytes. Refuse up front instead; the limit admits 256 GPUs for one pass (~30 s).
-MAX_SIM_TRANSFERS = 300_000
+# gigabytes. Refuse up front instead; the limit admits 256 GPUs for one forward pass (~25 s here).
+MAX_SIM_TRANSFERS = 150_000
 _TRANSFERS_PER_RANK_SQUARED = {"tokenring": 2, "ring": 2, "ulysses": 3}
 
 

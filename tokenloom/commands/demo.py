@@ -4,6 +4,8 @@
    each checked against the fp64 single-process reference.
 2. MoE expert placement on a bundled small trace (contiguous vs greedy vs ILP).
 3. The simulator's comparison of the three strategies on an 8xH100 node.
+4. TokenWeave: a tensor-parallel stack on local CPU ranks (baseline vs TokenWeave, checked against
+   fp64), then the simulated 8xH100 table for four models.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ MAX_DEMO_SEQ = 16384  # CPU attention: ~a minute at the default; beyond this the
 
 def attention_section(out, *, world_size: int, seq: int, causal: bool = True) -> bool:
     """Run every strategy on ``world_size`` forked CPU ranks; print a table; True if all checks pass."""
-    from tokenloom.comm.spawn import spawn_ranks
-    from tokenloom.commands.run import AttentionRun, attention_rank  # torch: only when run
+    from tokenloom.jobs.attention import AttentionRun, combine, job  # torch: only when run
+    from tokenloom.launch import run_job
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
     print(f"== Sequence-parallel attention on {world_size} local CPU ranks (gloo), seq {seq}, "
@@ -34,9 +36,9 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
     all_ok = True
     for strategy in ("tokenring", "ring", "ulysses"):
         cfg = AttentionRun(strategy=strategy, seq=seq, heads=8, kv_heads=2, head_dim=64,
-                           causal=causal, check=True, iters=2)
+                           causal=causal, dtype="fp32", check=True, iters=2)
         cfg.validate(world_size)
-        rep = spawn_ranks(world_size, attention_rank, cfg, timeout=300, threads=threads)[0]
+        rep = combine(run_job(job, cfg, launcher="local", world_size=world_size, threads=threads), cfg)
         chk = rep["check"]
         ok = all(c["ok"] for c in chk.values())
         all_ok &= ok
@@ -48,6 +50,52 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
     print("(errors: max |x - fp64 reference| over out and dq/dk/dv; times: slowest rank, median)",
           file=out)
     return all_ok
+
+
+def tokenweave_section(out, *, world_size: int = 2) -> bool:
+    """TokenWeave on ``world_size`` forked CPU ranks (dense and MoE), then simulated TP8 on H100."""
+    from tokenloom.comm.spawn import spawn_ranks
+    from tokenloom.jobs import tokenweave as tw
+    from tokenloom.simulator.hardware import make_cluster
+    from tokenloom.simulator.tokenweave import MODELS, model_shape, simulate_tokenweave
+
+    print(f"== TokenWeave: tensor-parallel layers on {world_size} local CPU ranks (gloo), 2 layers, fp32, "
+          f"checked against the fp64 single-device stack ==", file=out)
+    print(f"{'layer':<26}{'tokens':>7}{'plan':>16}{'baseline ms':>13}{'tokenweave ms':>15}{'max err':>9}  check",
+          file=out)
+    all_ok = True
+    cases = (("dense 256/8 heads/2 kv", tw.TokenweaveRun(tokens=1100, hidden=256, heads=8, kv_heads=2, ffn=512)),
+             ("MoE 4 experts top-2", tw.TokenweaveRun(tokens=2100, hidden=128, heads=8, kv_heads=2, ffn=256,
+                                                      moe_experts=4)))
+    for label, base in cases:
+        cfg = tw.TokenweaveRun(**{**base.__dict__, "check": True, "iters": 2})
+        cfg.validate(world_size)
+        res = spawn_ranks(world_size, _tokenweave_rank, cfg, timeout=300)
+        rep = tw.combine(res, cfg)
+        ok = all(c["ok"] for c in rep["check"].values())
+        all_ok &= ok
+        plan = f"{rep['plan']['mode']} " + "+".join(str(e - s) for s, e in rep["plan"]["pieces"])
+        err = max(c["max_abs_err"] for c in rep["check"].values())
+        print(f"{label:<26}{cfg.tokens:>7}{plan:>16}{max(rep['baseline_ms']):>13.1f}"
+              f"{max(rep['tokenweave_ms']):>15.1f}{err:>9.1e}  {'ok' if ok else 'FAILED'}", file=out)
+    print("(ms per layer, slowest rank; two cores leave overlap little room: see docs/tokenweave.md)", file=out)
+    cluster = make_cluster("h100-sxm", 8)
+    print("Simulated TP8 on h100-sxm, ms per layer (tokenloom simulate tokenweave):", file=out)
+    print(f"  {'model':<16}{'tokens':>7}{'baseline':>10}{'tokenweave':>12}{'no-comm':>9}{'speedup':>9}", file=out)
+    for model in MODELS:
+        layer, layers = model_shape(model, 8)
+        for tokens in (2048, 8192, 32768):
+            s = simulate_tokenweave(cluster, layer, tokens, num_layers=layers, model=model).summary()
+            print(f"  {model:<16}{tokens:>7}{s['baseline_ms']:>10.3f}{s['tokenweave_ms']:>12.3f}"
+                  f"{s['no_comm_ms']:>9.3f}{s['speedup']:>8.2f}x", file=out)
+    return all_ok
+
+
+def _tokenweave_rank(rank: int, world_size: int, cfg) -> dict:
+    from tokenloom.comm.communicator import Communicator
+    from tokenloom.jobs.tokenweave import job
+
+    return job(Communicator(), cfg)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -69,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     from tokenloom.simulator.demo import demo_section as simulator_section
 
     simulator_section(out)
+    print(file=out)
+    ok &= tokenweave_section(out, world_size=2)
     print(f"\ndone in {time.perf_counter() - t0:.1f} s", file=out)
     return 0 if ok else 1
 
