@@ -64,11 +64,11 @@ def tokenweave_section(out, *, world_size: int = 2) -> bool:
     print(f"{'layer':<26}{'tokens':>7}{'plan':>16}{'baseline ms':>13}{'tokenweave ms':>15}{'max err':>9}  check",
           file=out)
     all_ok = True
-    cases = (("dense 256/8 heads/2 kv", tw.TokenweaveRun(tokens=1100, hidden=256, heads=8, kv_heads=2, ffn=512)),
+    cases = (("dense 128/8 heads/2 kv", tw.TokenweaveRun(tokens=1100, hidden=128, heads=8, kv_heads=2, ffn=256)),
              ("MoE 4 experts top-2", tw.TokenweaveRun(tokens=2100, hidden=128, heads=8, kv_heads=2, ffn=256,
                                                       moe_experts=4)))
     for label, base in cases:
-        cfg = tw.TokenweaveRun(**{**base.__dict__, "check": True, "iters": 2})
+        cfg = tw.TokenweaveRun(**{**base.__dict__, "check": True, "iters": 1})
         cfg.validate(world_size)
         res = spawn_ranks(world_size, _tokenweave_rank, cfg, timeout=300)
         rep = tw.combine(res, cfg)
