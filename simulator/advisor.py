@@ -167,9 +167,9 @@ def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, he
     if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS:
         # Too many ranks to simulate every candidate in a call's time budget: TokenRing is the
         # default (no head divisibility needed, both link directions busy), priced by nothing.
+        CostModel(shape, cluster, layouts[0])  # still refuse a sequence the layout cannot split
         warnings.warn(f"strategy='auto': {world_size} ranks are too many to simulate every strategy "
                       f"quickly; using tokenring ({layouts[0]}). Pass strategy= to choose.", stacklevel=3)
-        CostModel(shape, cluster, layouts[0])  # still refuse a sequence the layout cannot split
         return "tokenring", layouts[0]
     best = advise_attention(cluster, shape, causal=causal, backward=backward, layouts=layouts).winner
     return best.strategy, best.layout
