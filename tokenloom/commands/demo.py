@@ -54,8 +54,8 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
 
 def tokenweave_section(out, *, world_size: int = 2) -> bool:
     """TokenWeave on ``world_size`` forked CPU ranks (dense and MoE), then simulated TP8 on H100."""
-    from tokenloom.comm.spawn import spawn_ranks
     from tokenloom.jobs import tokenweave as tw
+    from tokenloom.launch import run_job
     from tokenloom.simulator.hardware import make_cluster
     from tokenloom.simulator.tokenweave import MODELS, model_shape, simulate_tokenweave
 
@@ -70,7 +70,7 @@ def tokenweave_section(out, *, world_size: int = 2) -> bool:
     for label, base in cases:
         cfg = tw.TokenweaveRun(**{**base.__dict__, "check": True, "iters": 1})
         cfg.validate(world_size)
-        res = spawn_ranks(world_size, _tokenweave_rank, cfg, timeout=300)
+        res = run_job(tw.job, cfg, launcher="local", world_size=world_size)
         rep = tw.combine(res, cfg)
         ok = all(c["ok"] for c in rep["check"].values())
         all_ok &= ok
@@ -89,13 +89,6 @@ def tokenweave_section(out, *, world_size: int = 2) -> bool:
             print(f"  {model:<16}{tokens:>7}{s['baseline_ms']:>10.3f}{s['tokenweave_ms']:>12.3f}"
                   f"{s['no_comm_ms']:>9.3f}{s['speedup']:>8.2f}x", file=out)
     return all_ok
-
-
-def _tokenweave_rank(rank: int, world_size: int, cfg) -> dict:
-    from tokenloom.comm.communicator import Communicator
-    from tokenloom.jobs.tokenweave import job
-
-    return job(Communicator(), cfg)
 
 
 def _run(args: argparse.Namespace) -> int:
