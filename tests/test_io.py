@@ -65,3 +65,64 @@ def test_outputs_all_or_nothing_and_symlink_target(tmp_path):
         out.write("--a", lambda p: p.write_text("new"))
         out.commit()
     assert link.is_symlink() and real.read_text() == "new"
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[NaN]", "NaN"), ('{"a": Infinity}', "Infinity"), ("[1e400]", "1e400"), ("[-1e999]", "1e999"),
+    ("[" + "9" * 5000 + "]", "digits"), ("[" * 50000, "deep"), ("{", "not valid JSON"),
+    (b"\xff\xfe[]", "UTF-8"), ("", "not valid JSON"),
+])
+def test_read_json_is_strict_and_names_the_flag(content, words, tmp_path):
+    from tokenloom.errors import UsageError
+    from tokenloom.io import read_json
+
+    path = tmp_path / "f.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UsageError, match=words) as info:
+        read_json(path, "--trace")
+    assert str(info.value).startswith("--trace") and "\n" not in str(info.value)
+    assert read_json(_write(tmp_path / "ok.json", '{"a": [1, 2.5e10, -3]}'), "--trace") == {"a": [1, 2.5e10, -3]}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_read_json_refuses_non_files_without_opening_them(tmp_path):
+    from tokenloom.errors import UsageError
+    from tokenloom.io import read_json
+
+    os.mkfifo(tmp_path / "fifo")  # opening a FIFO with no writer would block forever
+    big = _write(tmp_path / "big.json", "[" + "0," * 600 + "0]")
+    for path, words in ((tmp_path / "fifo", "not a regular file"), (tmp_path, "directory"),
+                        ("/dev/null", "not a regular file"), (tmp_path / "none.json", "no such file"),
+                        ("", "empty path"), ("a\0b", "cannot read"), (big, "limit")):
+        with pytest.raises(UsageError, match=words):
+            read_json(path, "--plan", max_bytes=1024)
+
+
+def test_output_paths_with_odd_names_are_usage_errors(tmp_path):
+    from tokenloom.errors import UsageError
+    from tokenloom.io import resolve_output
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / ("x" * 300), "a\0b", tmp_path / "loop", tmp_path / "file" / "child", ""):
+        with pytest.raises(UsageError, match="--out"):
+            resolve_output(bad, "--out")
+
+
+def test_commit_rechecks_a_target_replaced_during_the_work(tmp_path):
+    from tokenloom.errors import UsageError
+    from tokenloom.io import OutputFiles
+
+    target = tmp_path / "out.json"
+    with OutputFiles() as out:
+        out.claim("--out", target)
+        out.write("--out", lambda p: p.write_text("new"))
+        os.mkfifo(target)  # someone put a FIFO there while we worked
+        with pytest.raises(UsageError, match="not a regular file"):
+            out.commit()
+    assert stat.S_ISFIFO(os.stat(target).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
