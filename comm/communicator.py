@@ -145,9 +145,22 @@ def _waiter() -> concurrent.futures.ThreadPoolExecutor:
     return _WAITER[pid]
 
 
+_BUSY = [0]
+
+
 def _wait_all(works: Sequence[Any]) -> None:
-    for work in works:
-        work.wait()
+    _BUSY[0] += 1
+    try:
+        for work in works:
+            work.wait()
+    finally:
+        _BUSY[0] -= 1
+
+
+def waits_in_flight() -> bool:
+    """True while the waiter thread is blocked on a transfer (one abandoned after a lost peer:
+    destroying the process group would wait for it until the backend's own timeout)."""
+    return _BUSY[0] > 0
 
 
 def _lost_error(what: str, failure: dict) -> PeerLostError:

@@ -89,6 +89,7 @@ class Monitor:
         store: a c10d Store shared by all ranks (FileStore, TCPStore, PrefixStore...).
         rank, world_size: this rank (None: a launcher that only observes) and the number of ranks.
         store_host: the rank whose process hosts the store (hand-started ranks: rank 0), if any.
+        startup_s: how long a rank may take to write its first heartbeat (default max(timeout, 60)).
         timeout_s: a peer whose heartbeat has not moved for this long is lost.
         watch: ranks to watch; default all peers up to 64 ranks, else the 4 ring neighbours
             (every rank is then still watched by 4 others, and the abort key reaches everyone).
@@ -96,12 +97,14 @@ class Monitor:
 
     def __init__(self, store: Any, rank: int | None, world_size: int, *, timeout_s: float,
                  interval_s: float | None = None, watch: list[int] | None = None,
-                 store_host: int | None = None) -> None:
+                 store_host: int | None = None, startup_s: float | None = None) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.name = "the launcher" if rank is None else f"rank {rank}"
         self.store_host = store_host
         self.timeout_s = float(timeout_s)
         self.interval_s = interval_s or max(0.05, min(1.0, self.timeout_s / 10))
+        # A rank that never beat is still starting (a cold Ray worker imports torch for seconds).
+        self.startup_s = max(self.timeout_s, 60.0) if startup_s is None else startup_s
         if watch is None:
             if world_size <= 64:
                 watch = [r for r in range(world_size) if r != rank]
@@ -183,12 +186,16 @@ class Monitor:
             payload = self._read(r)
             if payload is not None and payload.get("state") != "running":
                 continue  # finished or failed on its own: reported through its own error
-            last_moved = self._seen[r][1] if r in self._seen else self._started
-            if now - last_moved > self.timeout_s:
+            if r in self._seen:
+                if now - self._seen[r][1] > self.timeout_s:
+                    lost.append(r)
+            elif now - self._started > self.startup_s:
                 lost.append(r)
         if lost:
-            self.publish(lost, f"not responding (no heartbeat for {self.timeout_s:g} s: died or "
-                               f"stopped)", by=self.name)
+            never = [r for r in lost if r not in self._seen]
+            reason = (f"not responding (no heartbeat for {self.timeout_s:g} s: died or stopped)"
+                      if not never else f"never started (no heartbeat within {self.startup_s:g} s)")
+            self.publish(lost, reason, by=self.name)
         return self.failure
 
     def _read(self, r: int) -> dict | None:

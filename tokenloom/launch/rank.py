@@ -78,7 +78,11 @@ def run_rank(job: Callable, config: Any, *, store: Any, rank: int, world_size: i
             kwargs = {"device_id": device} if backend == "nccl" else {}
             # A little above the watchdog's bound, so the watchdog's message (naming the lost
             # rank) wins over the backend's own timeout.
-            pg_timeout = datetime.timedelta(seconds=timeout_s + 2 * monitor.interval_s + 1)
+            # gloo waits go through the watchdog (bounded by timeout_s); the group's own timeout
+            # also covers the rendezvous, where a cold rank may still be importing torch.
+            slack = 2 * monitor.interval_s + 1
+            bound = timeout_s if backend == "nccl" else max(timeout_s, monitor.startup_s)
+            pg_timeout = datetime.timedelta(seconds=bound + slack)
             dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
                                     world_size=world_size, timeout=pg_timeout, **kwargs)
         health.set_step("job")
@@ -94,7 +98,11 @@ def run_rank(job: Callable, config: Any, *, store: Any, rank: int, world_size: i
         raise
     finally:
         monitor.stop(state)
-        if dist.is_initialized():
+        from tokenloom.comm.communicator import waits_in_flight
+
+        # After a failure a transfer may still be blocked on a lost peer; destroying the group
+        # would wait for it, so the group is left to the process's exit (launchers end it).
+        if dist.is_initialized() and (state == "done" or not waits_in_flight()):
             dist.destroy_process_group()
 
 
