@@ -5,7 +5,7 @@ tensors, ours are BSHD, so we pass transposed views:
 
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``
   (fp32, fp64, fp16, bf16; fp32 softmax statistics for the half types).
-- CUDA: ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, head_dim <= 256) else
+- CUDA: ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, head_dim <= 256, sm80+) else
   ``aten._scaled_dot_product_efficient_attention`` (fp32 too), each with its backward. head_dim is
   zero-padded to a multiple of 8 (zeros change no score). These paths have not run on a GPU yet.
 - Anything else (other devices, fp64 on CUDA): the pure-torch reference.
@@ -74,9 +74,17 @@ def _pad_dim(x: torch.Tensor, to: int) -> torch.Tensor:
     return x if x.shape[-1] == to else torch.nn.functional.pad(x, (0, to - x.shape[-1]))
 
 
-def _cuda_backend(dtype: torch.dtype, head_dim: int) -> str:
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # FA2 in torch needs sm80+
+
+
+def _cuda_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """"flash" for fp16/bf16 with padded head_dim <= 256 on sm80+, else "efficient"."""
     padded = -(-head_dim // 8) * 8
-    return "flash" if dtype in (torch.float16, torch.bfloat16) and padded <= 256 else "efficient"
+    if dtype in (torch.float16, torch.bfloat16) and padded <= 256 and _flash_capable(device):
+        return "flash"
+    return "efficient"
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +109,7 @@ def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     d, seq_q = q.shape[-1], q.shape[-2]
     dp = -(-d // 8) * 8
     qp, kp, vp = (_pad_dim(t, dp) for t in (q, k, v))
-    if _cuda_backend(q.dtype, d) == "flash":
+    if _cuda_backend(q.device, q.dtype, d) == "flash":
         r = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False, scale=scale)
     else:
         r = torch.ops.aten._scaled_dot_product_efficient_attention(qp, kp, vp, None, True, 0.0, causal,
@@ -121,7 +129,7 @@ def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     d, seq_q, seq_k = q.shape[-1], q.shape[-2], k.shape[-2]
     dp = -(-d // 8) * 8
     dop, qp, kp, vp, outp = (_pad_dim(t, dp) for t in (dout, q, k, v, out))
-    backend = _cuda_backend(q.dtype, d)
+    backend = _cuda_backend(q.device, q.dtype, d)
     aux = _cuda_aux(q.device, q.dtype, backend)
     if backend == "flash":
         cum_q, cum_k, seed, offset = aux
