@@ -32,7 +32,8 @@ import functools
 from collections import defaultdict
 
 from tokenloom.comm.topology import causal_pair_kind
-from tokenloom.parallel.dims import STRATEGIES, ParallelDims
+from tokenloom.errors import UsageError
+from tokenloom.parallel.dims import STRATEGIES, ParallelDims, describe_strategy, hybrid_name, parse_strategy
 from tokenloom.parallel.layout import SeqLayout
 from tokenloom.parallel.schedule import (
     AllToAll,
@@ -48,7 +49,8 @@ from tokenloom.parallel.schedule import (
     Step,
 )
 
-__all__ = ["STRATEGIES", "build_schedule", "make_blocks", "schedule_for"]
+__all__ = ["STRATEGIES", "ParallelDims", "build_schedule", "describe_strategy", "hybrid_name", "make_blocks",
+           "parse_strategy", "schedule_for"]
 
 
 def _ordered(chunks: set[int], order: tuple[int, ...]) -> tuple[int, ...]:
@@ -328,8 +330,16 @@ def build_schedule(strategy: str, world_size: int, *, layout: str = "zigzag", ca
 
     ``num_heads``/``num_kv_heads`` matter only when heads are sharded (divisibility, kv
     replication). ``ulysses`` > 1: 2-D hybrid, Ulysses groups of that size and ``strategy`` across
-    them. ``doc_lens``: packed documents (document-causal mask, empty blocks skipped).
+    them (or name the hybrid ``strategy="ulysses<N>+tokenring"``). ``doc_lens``: packed documents
+    (document-causal mask, empty blocks skipped).
     """
-    dims = ParallelDims(strategy, world_size, layout=layout, ulysses=ulysses, heads=num_heads,
+    name, named_ulysses = parse_strategy(strategy)
+    if named_ulysses > 1:  # "ulysses8+tokenring": the simulator's and advisor's hybrid names
+        if ulysses not in (1, named_ulysses):
+            raise UsageError(f"strategy {strategy!r} contradicts ulysses={ulysses}", field="strategy")
+        ulysses = named_ulysses
+    if ulysses > world_size or world_size % ulysses:
+        raise UsageError(f"ulysses size {ulysses} must divide world_size {world_size}", field="ulysses")
+    dims = ParallelDims(name, world_size, layout=layout, ulysses=ulysses, heads=num_heads,
                         kv_heads=num_kv_heads, doc_lens=tuple(doc_lens) if doc_lens else None)
     return schedule_for(dims, causal=causal, backward=backward)

@@ -58,8 +58,7 @@ def _match_p2p(sched: Schedule) -> dict[tuple[int, int, int], tuple[int, int]]:
     """Recv position -> send position, by the shared rule; fail on the first problem."""
     matches, problems = match_p2p(sched)
     if problems:
-        r, s, msg = problems[0]
-        _fail(sched, r, s, msg)
+        _fail(sched, problems[0].rank, problems[0].step, problems[0].message)
     return {m.recv_at: m.send_at[:2] for m in matches}
 
 

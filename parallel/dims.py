@@ -20,6 +20,33 @@ STRATEGIES = ("tokenring", "ring", "ulysses")
 RING_STRATEGIES = ("tokenring", "ring")
 
 
+def hybrid_name(ulysses: int, ring_strategy: str) -> str:
+    """Name of a 2-D hybrid for the simulator and the advisor, e.g. ``"ulysses8+tokenring"``."""
+    return f"ulysses{ulysses}+{ring_strategy}"
+
+
+def parse_strategy(name: str) -> tuple[str, int]:
+    """``(strategy, ulysses size)``: ``"ring"`` -> ("ring", 1); ``"ulysses8+tokenring"`` ->
+    ("tokenring", 8). UsageError for anything else."""
+    if name in STRATEGIES:
+        return name, 1
+    head, _, ring = str(name).partition("+")
+    size = head[len("ulysses"):]
+    if head.startswith("ulysses") and size.isdigit() and int(size) >= 1 and ring in RING_STRATEGIES:
+        return ring, int(size)
+    raise UsageError(f"strategy must be one of {STRATEGIES} or 'ulysses<N>+tokenring' / "
+                     f"'ulysses<N>+ring' (2-D hybrid), got {name!r}", field="strategy")
+
+
+def describe_strategy(name: str, world_size: int, gpus_per_node: int = 0) -> str:
+    """Readable form of a hybrid name: "ulysses x8 inside nodes, tokenring x4 across"."""
+    strategy, u = parse_strategy(name)
+    if u == 1:
+        return name
+    where = "nodes" if u == gpus_per_node else f"groups of {u}"
+    return f"ulysses x{u} inside {where}, {strategy} x{world_size // u} across"
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """One attention run's parallel shape.
@@ -63,6 +90,12 @@ class ParallelDims:
     @property
     def ring(self) -> int:
         return self.world_size // self.ulysses
+
+    @classmethod
+    def named(cls, name: str, world_size: int, **kwargs) -> "ParallelDims":
+        """From a strategy name that may be a hybrid (:func:`parse_strategy`)."""
+        strategy, ulysses = parse_strategy(name)
+        return cls(strategy, world_size, ulysses=ulysses, **kwargs)
 
     @property
     def name(self) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 if TYPE_CHECKING:
     from tokenloom.parallel.layout import SeqLayout
@@ -326,23 +326,33 @@ class P2PMatch:
     recv: Recv
 
 
-def match_p2p(sched: Schedule) -> tuple[list[P2PMatch], list[tuple[int, int, str]]]:
+class P2PProblem(NamedTuple):
+    """Why a P2P op cannot complete: ``kind`` is "unmatched", "mismatch" or "peer"."""
+
+    rank: int
+    step: int
+    message: str
+    kind: str
+
+
+def match_p2p(sched: Schedule) -> tuple[list[P2PMatch], list[P2PProblem]]:
     """Pair sends with receives by the runtime's rule; return ``(matches, problems)``.
 
     The rule (the one NCCL and gloo apply to what the runtime posts): between ranks a and b the
     k-th send from a (in step order, then in ``step.comms`` order, which is the posting order)
     meets the k-th receive at b from a. A pair whose buffers differ, an op without partner and a
-    peer outside the world are ``(rank, step, message)`` problems. Checker, simulator engine and
+    peer outside the world are :class:`P2PProblem`. Checker, simulator engine and
     runtime all rely on this one function.
     """
     sends: dict[tuple[int, int], list] = defaultdict(list)
     recvs: dict[tuple[int, int], list] = defaultdict(list)
-    problems: list[tuple[int, int, str]] = []
+    problems: list[P2PProblem] = []
     for r, steps in enumerate(sched.ranks):
         for s, step in enumerate(steps):
             for i, op in enumerate(step.comms):
                 if isinstance(op, (Send, Recv)) and not 0 <= op.peer < sched.world_size:
-                    problems.append((r, s, f"peer {op.peer} outside world_size {sched.world_size}"))
+                    problems.append(P2PProblem(r, s, f"peer {op.peer} outside world_size "
+                                                     f"{sched.world_size}", "peer"))
                 elif isinstance(op, Send):
                     sends[(r, op.peer)].append((s, i, op))
                 elif isinstance(op, Recv):
@@ -352,15 +362,16 @@ def match_p2p(sched: Schedule) -> tuple[list[P2PMatch], list[tuple[int, int, str
         sa, rb = sends.get((a, b), []), recvs.get((a, b), [])
         for k in range(max(len(sa), len(rb))):
             if k >= len(sa):
-                problems.append((b, rb[k][0], f"receive #{k} from rank {a} ({rb[k][2].buf}) has no "
-                                              f"matching send"))
+                problems.append(P2PProblem(b, rb[k][0], f"receive #{k} from rank {a} ({rb[k][2].buf}) "
+                                                        f"has no matching send", "unmatched"))
             elif k >= len(rb):
-                problems.append((a, sa[k][0], f"send #{k} to rank {b} ({sa[k][2].buf}) has no "
-                                              f"matching receive"))
+                problems.append(P2PProblem(a, sa[k][0], f"send #{k} to rank {b} ({sa[k][2].buf}) has "
+                                                        f"no matching receive", "unmatched"))
             elif sa[k][2].buf != rb[k][2].buf:
-                problems.append((b, rb[k][0], f"receive #{k} from rank {a} expects {rb[k][2].buf} but "
-                                              f"rank {a} sends {sa[k][2].buf} (sizes would differ or "
-                                              f"data would be swapped)"))
+                problems.append(P2PProblem(b, rb[k][0], f"receive #{k} from rank {a} expects "
+                                                        f"{rb[k][2].buf} but rank {a} sends {sa[k][2].buf} "
+                                                        f"(sizes would differ or data would be swapped)",
+                                                        "mismatch"))
             else:
                 matches.append(P2PMatch((a, *sa[k][:2]), (b, *rb[k][:2]), sa[k][2], rb[k][2]))
     return matches, problems

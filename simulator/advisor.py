@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from tokenloom.comm.topology import check_layout
-from tokenloom.parallel.builders import STRATEGIES
+from tokenloom.parallel.builders import STRATEGIES, describe_strategy, hybrid_name, parse_strategy
 from tokenloom.errors import UsageError
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.hardware import LOCAL_CPU, Cluster, make_cluster
@@ -30,6 +30,7 @@ PREFERRED_LAYOUTS = ("zigzag", "contiguous")  # ties (e.g. Ulysses, whose cost i
 class Advice:
     ranking: list[AttentionResult]  # fastest first
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (strategy, layout, why)
+    gpus_per_node: int = 0  # to describe 2-D hybrids ("ulysses x8 inside nodes")
 
     @property
     def winner(self) -> AttentionResult:
@@ -50,6 +51,8 @@ class Advice:
         """One sentence: who wins and by how much (or that it is a tie)."""
         best, rival = self.winner, self.rival
         name = f"{best.strategy} ({best.layout})"
+        if parse_strategy(best.strategy)[1] > 1:
+            name += f" [{describe_strategy(best.strategy, best.summary()['world_size'], self.gpus_per_node)}]"
         if rival is None:
             return f"{name} is the only strategy that fits: {best.total_s * 1e3:.3f} ms."
         gain = rival.total_s / best.total_s - 1 if best.total_s > 0 else 0.0
@@ -98,17 +101,30 @@ def _gb(num_bytes: float) -> str:
     return f"{num_bytes / 1e9:.3f} GB"
 
 
+def hybrid_candidates(cluster: Cluster) -> tuple[str, ...]:
+    """2-D hybrids worth pricing on a multi-node cluster: Ulysses over a node (or half of one),
+    TokenRing or Ring across (``"ulysses8+tokenring"``; needs a 2-D DeviceMesh to run)."""
+    per_node, n = cluster.gpus_per_node, cluster.num_gpus
+    if n <= per_node:
+        return ()
+    sizes = [u for u in (per_node, per_node // 2) if 1 < u < n and n % u == 0]
+    return tuple(hybrid_name(u, ring) for u in sizes for ring in ("tokenring", "ring"))
+
+
 def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
-                     strategies: tuple[str, ...] = STRATEGIES,
+                     strategies: tuple[str, ...] | None = None,
                      layouts: tuple[str, ...] = PREFERRED_LAYOUTS) -> Advice:
     """Simulate every feasible (strategy, layout); UsageError if none fits the shape or the
-    simulations together exceed the work limit (checked before any is run)."""
+    simulations together exceed the work limit (checked before any is run). ``strategies``
+    None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`)."""
+    if strategies is None:
+        strategies = STRATEGIES + hybrid_candidates(cluster)
     feasible, skipped = [], []
     for strategy in strategies:
         for layout in layouts:
             try:
                 check_feasible(strategy, cluster.num_gpus, shape)
-                CostModel(shape, cluster, layout)  # seq against the layout
+                CostModel(shape, cluster, layout, head_shards=parse_strategy(strategy)[1])  # seq vs layout
             except UsageError as exc:
                 skipped.append((strategy, layout, str(exc)))
                 continue
@@ -120,7 +136,7 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
                for strategy, layout in feasible]
     order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
     results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
-    return Advice(results, skipped)
+    return Advice(results, skipped, cluster.gpus_per_node)
 
 
 def _field_of(message: str) -> str:
@@ -171,7 +187,8 @@ def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, he
         warnings.warn(f"strategy='auto': {world_size} ranks are too many to simulate every strategy "
                       f"quickly; using tokenring ({layouts[0]}). Pass strategy= to choose.", stacklevel=3)
         return "tokenring", layouts[0]
-    best = advise_attention(cluster, shape, causal=causal, backward=backward, layouts=layouts).winner
+    best = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=STRATEGIES,
+                            layouts=layouts).winner  # a flat group cannot run a 2-D hybrid
     return best.strategy, best.layout
 
 

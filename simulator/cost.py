@@ -74,10 +74,14 @@ class AttentionShape:
 class CostModel:
     """Prices schedule ops for one shape on one cluster with a given layout (results cached)."""
 
-    def __init__(self, shape: AttentionShape, cluster: Cluster, layout: str) -> None:
+    def __init__(self, shape: AttentionShape, cluster: Cluster, layout: str,
+                 head_shards: int | None = None) -> None:
         self.shape = shape
         self.cluster = cluster
         self.world_size = cluster.num_gpus
+        # all-to-all group size: world for Ulysses, the inner dim for a 2-D hybrid
+        self.head_shards = head_shards or cluster.num_gpus
+        self.kv_repeat = self.head_shards // math.gcd(shape.kv_heads, self.head_shards)
         self.layout = layout
         check_choice(layout, "layout", LAYOUTS)
         n = num_chunks(self.world_size, layout)
@@ -98,7 +102,7 @@ class CostModel:
         for _name, head_kind, width, dtype in WIRE_FIELDS[kind]:
             heads = s.num_heads if head_kind == "q" else s.kv_heads * kv_repeat
             if shard:
-                heads /= self.world_size
+                heads /= self.head_shards
             total += heads * (s.head_dim if width == "d" else 1) * (s.dtype_bytes if dtype == "io" else 4)
         return total * s.batch
 
@@ -106,8 +110,9 @@ class CostModel:
         """Bytes of ``buf`` as it travels (all its fields)."""
         key = ("buf", buf.kind, len(buf.chunks), buf.shard >= 0, kv_repeat)
         if key not in self._cache:
+            rep = kv_repeat if buf.shard < 0 else self.kv_repeat  # head-side kv: replicated heads
             self._cache[key] = len(buf.chunks) * self.chunk * self._bytes_per_token(
-                buf.kind, buf.shard >= 0, kv_repeat)
+                buf.kind, buf.shard >= 0, rep)
         return self._cache[key]
 
     def a2a_pair_bytes(self, op: AllToAll) -> float:
@@ -115,7 +120,7 @@ class CostModel:
         key = ("a2a", op.kind, op.kv_repeat)
         if key not in self._cache:
             tokens = len(chunks_of_rank(0, self.world_size, self.layout)) * self.chunk
-            self._cache[key] = tokens * self._bytes_per_token(op.kind, False, op.kv_repeat) / self.world_size
+            self._cache[key] = tokens * self._bytes_per_token(op.kind, False, op.kv_repeat) / self.head_shards
         return self._cache[key]
 
     # -- kernels -------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Each rank has one compute stream and its posted communication beside it. A step follows the
 schedule's four phases: at ``post`` every comm op is posted and the computes start back to back;
 the step waits for its computes and for every transfer it takes part in; then the merges run and
-the next step posts. Point-to-point operations match like NCCL's: the k-th send from a to b on a
-channel meets the k-th receive at b from a on that channel, and bytes start to move only once both
-sides have posted (a rendezvous) plus the route latency. An all-to-all starts when every rank has
-entered it and ends, for all, when its last pair transfer lands. Transfers share links through
+the next step posts. Point-to-point operations match by the runtime's rule
+(:func:`tokenloom.parallel.schedule.match_p2p`): the k-th send from a to b meets the k-th receive
+at b from a, and bytes start to move only once both
+sides have posted (a rendezvous) plus the route latency. An all-to-all starts when every rank of its group
+has entered it and ends, for all, when its last pair transfer lands. Transfers share links through
 :class:`~tokenloom.simulator.network.FluidNetwork`.
 
 Events are processed in time order (a heap of posts and transfer starts, plus the network's next
@@ -22,11 +23,10 @@ import gc
 import heapq
 import math
 from typing import Iterator
-from collections import defaultdict
 
 import numpy as np
 
-from tokenloom.parallel.schedule import AllToAll, Recv, Schedule, Send
+from tokenloom.parallel.schedule import Schedule, a2a_entries, match_p2p
 from tokenloom.simulator.cost import CostModel
 from tokenloom.simulator.network import FluidNetwork, Topology
 from tokenloom.simulator.timeline import Timeline, Transfer
@@ -101,54 +101,42 @@ class _Plan:
         return len(self.src) - 1
 
     def _match_p2p(self, sched: Schedule, cost: CostModel, topo: Topology) -> None:
-        sends: dict[tuple, list] = defaultdict(list)
-        recvs: dict[tuple, list] = defaultdict(list)
-        for r, steps in enumerate(sched.ranks):
-            for s, st in enumerate(steps):
-                for op in st.comms:
-                    if isinstance(op, Send):
-                        sends[(r, op.peer, op.channel)].append((s, op))
-                    elif isinstance(op, Recv):
-                        recvs[(op.peer, r, op.channel)].append((s, op))
-        for key in sorted(set(sends) | set(recvs)):
-            a, b, channel = key
-            out, inc = sends.get(key, []), recvs.get(key, [])
-            for (sa, send), (sb, recv) in zip(out, inc):
-                if send.buf != recv.buf:
-                    raise SimulationError(f"rank {b} step {sb} receives {recv.buf} from rank {a}, which "
-                                          f"sends {send.buf} (step {sa}, channel {channel!r})")
-                f = self._new_flow(a, b, cost.buf_bytes(send.buf), topo, str(send.buf), channel, -1)
-                self.ops[a][sa].append(("p2p", f))
-                self.ops[b][sb].append(("p2p", f))
-                self.flow_ends.append(((a, sa), (b, sb)))
-            for s, op in out[len(inc):]:
-                self.ops[a][s].append(("never", f"send {op.buf} to rank {b}: no matching receive"))
-            for s, op in inc[len(out):]:
-                self.ops[b][s].append(("never", f"receive {op.buf} from rank {a}: no matching send"))
+        """Flows for matched sends/receives: the runtime's rule (:func:`match_p2p`)."""
+        matches, problems = match_p2p(sched)
+        for p in problems:
+            if p.kind == "mismatch":
+                raise SimulationError(f"rank {p.rank} step {p.step}: {p.message}")
+            self.ops[p.rank][p.step].append(("never", p.message))
+        for m in matches:
+            (a, sa, _), (b, sb, _) = m.send_at, m.recv_at
+            f = self._new_flow(a, b, cost.buf_bytes(m.send.buf), topo, str(m.send.buf), m.send.channel, -1)
+            self.ops[a][sa].append(("p2p", f))
+            self.ops[b][sb].append(("p2p", f))
+            self.flow_ends.append(((a, sa), (b, sb)))
 
     def _collectives(self, sched: Schedule, cost: CostModel, topo: Topology) -> None:
-        n = sched.world_size
-        entries = [[(s, op) for s, st in enumerate(steps) for op in st.comms if isinstance(op, AllToAll)]
-                   for steps in sched.ranks]
-        common = min(len(e) for e in entries) if entries else 0
-        for k in range(common):
-            op = entries[0][k][1]
-            pos = {r: entries[r][k][0] for r in range(n)}
-            for r in range(n):
-                if entries[r][k][1] != op:
-                    raise SimulationError(f"rank {r} enters {entries[r][k][1]} as collective #{k}; rank 0 "
-                                          f"enters {op}")
-                self.ops[r][pos[r]].append(("coll", k))
-            pair = cost.a2a_pair_bytes(op)
-            flows = [self._new_flow(i, j, pair, topo, str(op), f"a2a:{op.kind}", k)
-                     for i in range(n) for j in range(n) if i != j]
-            for f in flows:
-                self.flow_ends.append(())
-            self.coll_flows.append(flows)
-            self.coll_pos.append(pos)
-        for r, e in enumerate(entries):
-            for s, op in e[common:]:
-                self.ops[r][s].append(("never", f"{op}: not every rank enters it"))
+        """All-to-alls per group (:attr:`Schedule.groups`): the k-th of every member meet."""
+        for group, entries in a2a_entries(sched).items():
+            common = min(len(e) for e in entries) if entries else 0
+            for k in range(common):
+                op = entries[0][k][1]
+                c = len(self.coll_flows)
+                pos = {r: entries[i][k][0] for i, r in enumerate(group)}
+                for i, r in enumerate(group):
+                    if entries[i][k][1] != op:
+                        raise SimulationError(f"rank {r} enters {entries[i][k][1]} as collective #{k}; rank "
+                                              f"{group[0]} enters {op}")
+                    self.ops[r][pos[r]].append(("coll", c))
+                pair = cost.a2a_pair_bytes(op)
+                flows = [self._new_flow(i, j, pair, topo, str(op), f"a2a:{op.kind}", c)
+                         for i in group for j in group if i != j]
+                for f in flows:
+                    self.flow_ends.append(())
+                self.coll_flows.append(flows)
+                self.coll_pos.append(pos)
+            for i, e in enumerate(entries):
+                for s, op in e[common:]:
+                    self.ops[group[i]][s].append(("never", f"{op}: not every rank of {list(group)} enters it"))
 
 
 def simulate(sched: Schedule, cost: CostModel) -> Timeline:
@@ -237,7 +225,7 @@ class _Run:
                     self._start(ref, t)
             elif kind == "coll":
                 self.coll_arrivals[ref] += 1
-                if self.coll_arrivals[ref] == self.sched.world_size:
+                if self.coll_arrivals[ref] == len(plan.coll_pos[ref]):
                     for f in plan.coll_flows[ref]:
                         self._start(f, t)
                     if not plan.coll_flows[ref]:  # one rank: the all-to-all is the identity

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenloom.errors import UsageError
-from tokenloom.parallel.builders import STRATEGIES, build_schedule
+from tokenloom.parallel.builders import STRATEGIES, ParallelDims, build_schedule, parse_strategy
 from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import no_gc, simulate
@@ -83,7 +83,9 @@ _TRANSFERS_PER_RANK_SQUARED = {"tokenring": 2, "ring": 2, "ulysses": 3}
 
 def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
     """Upper estimate of the transfers the engine walks for ``strategy`` (forward [+ backward])."""
-    return _TRANSFERS_PER_RANK_SQUARED[strategy] * world_size * world_size * (2 if backward else 1)
+    base, ulysses = parse_strategy(strategy)
+    per = _TRANSFERS_PER_RANK_SQUARED[base] if ulysses == 1 else _TRANSFERS_PER_RANK_SQUARED["ulysses"]
+    return per * world_size * world_size * (2 if backward else 1)
 
 
 def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus") -> int:
@@ -101,6 +103,13 @@ def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus") -> int:
 
 def check_feasible(strategy: str, world_size: int, shape: AttentionShape) -> None:
     """UsageError if ``strategy`` cannot run ``shape`` on ``world_size`` ranks (before building)."""
+    base, ulysses = parse_strategy(strategy)  # also "ulysses<N>+tokenring|ring" (2-D hybrid)
+    if ulysses > 1:
+        if world_size % ulysses or ulysses >= world_size:
+            raise UsageError(f"{strategy}: the Ulysses size {ulysses} must divide gpus ({world_size}) and be "
+                             f"smaller", field="strategy")
+        ParallelDims(base, world_size, ulysses=ulysses, heads=shape.num_heads, kv_heads=shape.kv_heads)
+        return
     check_choice(strategy, "strategy", STRATEGIES)
     if strategy == "ulysses" and shape.num_heads % world_size:
         raise UsageError(f"heads ({shape.num_heads}) must be divisible by gpus ({world_size}) for ulysses; "
@@ -113,7 +122,8 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
     """Simulate ``strategy`` on ``cluster``; UsageError for shapes the schedule cannot take or
     sizes over the work limit (:func:`check_work`)."""
     check_feasible(strategy, cluster.num_gpus, shape)
-    cost = CostModel(shape, cluster, layout)  # validates seq against the layout
+    ulysses = parse_strategy(strategy)[1]
+    cost = CostModel(shape, cluster, layout, head_shards=ulysses if ulysses > 1 else None)  # validates seq
     check_work([(strategy, cluster.num_gpus, backward)])
     passes = []
     for bwd in ((False, True) if backward else (False,)):

@@ -30,10 +30,10 @@ def _advise(args: argparse.Namespace) -> int:
     print(f"{cluster.describe()}: seq {shape.seq_len}, heads {shape.num_heads}/{shape.kv_heads} kv, head_dim "
           f"{shape.head_dim}, {'causal' if args.causal else 'full'}, "
           f"{'forward+backward' if args.backward else 'forward'}")
-    print(f"  {'strategy':<11}{'layout':<12}{'total ms':>10}{'compute':>10}{'exposed':>10}{'overlap':>9}"
+    print(f"  {'strategy':<20}{'layout':<12}{'total ms':>10}{'compute':>10}{'exposed':>10}{'overlap':>9}"
           f"{'GB/rank':>10}")
     for row in advice.to_dict()["ranking"]:
-        print(f"  {row['strategy']:<11}{row['layout']:<12}{row['total_ms']:>10.3f}{row['compute_ms']:>10.3f}"
+        print(f"  {row['strategy']:<20}{row['layout']:<12}{row['total_ms']:>10.3f}{row['compute_ms']:>10.3f}"
               f"{row['exposed_comm_ms']:>10.3f}{row['overlap_fraction']:>9.0%}{row['bytes_per_rank'] / 1e9:>10.3f}")
     for strategy, layout, why in advice.skipped:
         print(f"  {strategy} ({layout}) skipped: {why}")
