@@ -1,4 +1,4 @@
-"""The placement section of ``tokenloom demo``: three planners on the bundled small trace.
+"""The placement section of ``tokenloom demo``: planners on the bundled small trace, both execution models.
 
 The trace (``data/demo_trace.npz``, 12 layers x 32 experts, top-4, 2000 tokens, 4 expert domains)
 was made by::
@@ -18,6 +18,7 @@ from tokenloom.placement.trace import Trace, load_trace
 
 DEMO_GPUS, DEMO_GPUS_PER_NODE, DEMO_REDUNDANT = 8, 4, 8
 DEMO_TIME_LIMIT = 3.0
+DEMO_ROWS = (("contiguous", "dp"), ("greedy", "dp"), ("ilp", "dp"), ("ilp", "expert"))
 
 
 def demo_trace() -> Trace:
@@ -27,18 +28,19 @@ def demo_trace() -> Trace:
 
 
 def demo_section(out: TextIO) -> None:
-    """Write a title line and a table (method, max/mean load, cross-GPU/node tokens, seconds) to ``out``."""
+    """Write a title line and a table (method, token home, max/mean load, messages, cross-node tokens, seconds)."""
     trace = demo_trace()
     out.write(f"MoE expert placement: bundled trace ({trace.num_layers} layers x {trace.num_experts} experts, "
               f"top-{trace.top_k}) on {DEMO_GPUS} GPUs in {DEMO_GPUS // DEMO_GPUS_PER_NODE} nodes, "
               f"{DEMO_REDUNDANT} redundant slots\n")
-    out.write(f"  {'method':<11} {'max/mean load':>13} {'cross-GPU tok':>13} {'cross-node tok':>14} {'seconds':>8}\n")
-    for method in ("contiguous", "greedy", "ilp"):
+    out.write(f"  {'method':<11} {'home':<7} {'max/mean load':>13} {'msgs/token':>10} {'cross-node tok':>14} {'seconds':>8}\n")
+    for method, home in DEMO_ROWS:
         start = time.perf_counter()
         plan = plan_placement(trace, DEMO_GPUS, gpus_per_node=DEMO_GPUS_PER_NODE, num_redundant=DEMO_REDUNDANT,
-                              method=method, time_limit=DEMO_TIME_LIMIT, progress=False)
+                              method=method, time_limit=DEMO_TIME_LIMIT, progress=False, token_home=home)
         seconds = time.perf_counter() - start
         m = plan.metrics
-        out.write(f"  {method:<11} {max(m['max_mean_load']):>13.3f} {m['cross_gpu_tokens']:>13.0f} "
+        out.write(f"  {method:<11} {home:<7} {max(m['max_mean_load']):>13.3f} {m['messages']['messages_per_token']:>10.3f} "
                   f"{m['cross_node_tokens']:>14.0f} {seconds:>8.2f}\n")
-    out.write("  (max/mean: worst layer's busiest GPU over the mean; tokens: routed between consecutive layers)\n")
+    out.write("  (max/mean: worst layer's busiest GPU over the mean; msgs/token: remote node messages per token and\n"
+              "   MoE layer under the row's token home, dispatch + combine; cross-node tok: routed between consecutive layers)\n")

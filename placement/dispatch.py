@@ -18,8 +18,9 @@ remote nodes of its k replicas, and combined on the node of its new top-1 replic
 other distinct nodes. The first MoE layer starts from a uniform home.
 
 Everything is an exact expectation over homes and replica choices (replica choices independent
-across a token's experts), per node, except the GPU-level count under ``local``, where each token
-gets one home GPU drawn with a fixed seed (exact over homes would cost G times more).
+across a token's experts), per node, except the GPU-level count under ``local``: there at most
+``GPU_SAMPLE_TOKENS`` tokens per layer, each with one home GPU, are drawn with a fixed seed (exact
+over homes would cost G times more); it is exact over replica choices for those.
 
 NIC messages: a token homed on GPU (h, i) sends to GPU (n, i) of each remote node n (DeepEP's
 rail-aligned RDMA), so per GPU NIC out = its tokens' remote nodes and in = what other nodes'
@@ -36,6 +37,7 @@ import numpy as np
 TOKEN_HOMES = ("dp", "expert")
 REPLICA_CHOICES = ("uniform", "local")
 GPU_SAMPLE_SEED = 0
+GPU_SAMPLE_TOKENS = 2048  # tokens per layer in the sampled GPU-level count under ``local``
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def _gpu_remote(ids: np.ndarray, layout: Layout, rule: str) -> float:
         hit = 1.0 - np.prod(1.0 - uniform[ids], axis=1)
         return float(hit.sum(1).mean() * (num_gpus - 1) / num_gpus)
     rng = np.random.default_rng(GPU_SAMPLE_SEED)
+    if ids.shape[0] > GPU_SAMPLE_TOKENS:
+        ids = ids[np.sort(rng.choice(ids.shape[0], GPU_SAMPLE_TOKENS, replace=False))]
     home = rng.integers(num_gpus, size=ids.shape[0])
     gpn = layout.gpus_per_node
     node_mask = (np.arange(num_gpus)[None, :] // gpn) == (home // gpn)[:, None]  # (T, G)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tokenloom.errors import UsageError
+
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """(X, n) weights -> (pack index, rank in pack), each (X, n); n/num_packs items per pack."""
@@ -122,5 +124,5 @@ def eplb_rows(loads: np.ndarray, num_slots: int, num_gpus: int, gpus_per_node: i
         return rebalance_experts(loads, num_slots, 1, 1, num_gpus)[0]
     groups = num_nodes if num_groups is None else num_groups
     if loads.shape[1] % groups or groups % num_nodes:
-        raise ValueError(f"num_groups: {groups} groups need to divide {loads.shape[1]} experts and be a multiple of {num_nodes} nodes")
+        raise UsageError(f"num_groups: {groups} groups need to divide {loads.shape[1]} experts and be a multiple of {num_nodes} nodes")
     return rebalance_experts(loads, num_slots, groups, num_nodes, num_gpus)[0]

@@ -17,6 +17,8 @@ import heapq
 
 import numpy as np
 
+from tokenloom.errors import UsageError
+
 from tokenloom.placement.packing import SlotBins, expand_replicas, pack_balanced
 from tokenloom.placement.problem import PlacementProblem
 
@@ -95,4 +97,4 @@ def baseline_plan(method: str, problem: PlacementProblem, loads: np.ndarray) -> 
         return np.tile(row, (problem.num_layers, 1))
     if method == "greedy":
         return np.stack([greedy_layer(loads[l], problem) for l in range(problem.num_layers)])
-    raise ValueError(f"method: unknown {method!r}; valid: contiguous, round_robin, greedy, ilp")
+    raise UsageError(f"method: unknown {method!r}; valid: contiguous, round_robin, greedy, ilp")

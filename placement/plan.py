@@ -15,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenloom.io import atomic_write
+from tokenloom.errors import UsageError
+from tokenloom.io import atomic_write, read_json
+from tokenloom.validate import check_number
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, PlacementProblem
 
 PLAN_FORMAT = "tokenloom.plan/1"
+MAX_GPUS = 4096  # expert-parallel GPUs a plan may declare (EP runs from 4 to a few hundred GPUs)
+MAX_EXPERTS = 1 << 14
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Plan:
     metrics: dict = field(default_factory=dict)
     intra_node_gbps: float = DEFAULT_INTRA_NODE_GBPS
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS
+    token_home: str = "dp"
+    replica_choice: str = "uniform"
 
     def __post_init__(self) -> None:
         self.phy2log = check_phy2log(self.phy2log, self.num_experts, self.num_gpus)
@@ -80,6 +86,8 @@ class Plan:
             "intra_node_gbps": self.intra_node_gbps,
             "inter_node_gbps": self.inter_node_gbps,
             "method": self.method,
+            "token_home": self.token_home,
+            "replica_choice": self.replica_choice,
             "phy2log": self.phy2log.tolist(),
             "log2phy": self.log2phy.tolist(),
             "logcnt": self.logcnt.tolist(),
@@ -97,63 +105,86 @@ def check_phy2log(phy2log: object, num_experts: int, num_gpus: int) -> np.ndarra
     """Validate a (L, num_slots) phy2log: ids in range, full GPUs, every expert present, no duplicate on a GPU."""
     arr = np.asarray(phy2log)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 2 or 0 in arr.shape:
-        raise ValueError(f"phy2log: expected a non-empty 2-D integer array (num_layers, num_slots), got dtype {arr.dtype} shape {arr.shape}")
+        raise UsageError(f"phy2log: expected a non-empty 2-D integer array (num_layers, num_slots), got dtype {arr.dtype} shape {arr.shape}")
     arr = arr.astype(np.int64)
     num_slots = arr.shape[1]
     if num_slots % num_gpus:
-        raise ValueError(f"phy2log: {num_slots} slots do not divide over num_gpus={num_gpus}")
+        raise UsageError(f"phy2log: {num_slots} slots do not divide over num_gpus={num_gpus}")
     if arr.min() < 0 or arr.max() >= num_experts:
-        raise ValueError(f"phy2log: expert id out of range; valid ids are 0..{num_experts - 1}")
+        raise UsageError(f"phy2log: expert id out of range; valid ids are 0..{num_experts - 1}")
     for l, row in enumerate(arr):
         missing = np.flatnonzero(np.bincount(row, minlength=num_experts) == 0)
         if missing.size:
-            raise ValueError(f"phy2log: layer {l} has no replica of expert {int(missing[0])}")
+            raise UsageError(f"phy2log: layer {l} has no replica of expert {int(missing[0])}")
         per_gpu = np.sort(row.reshape(num_gpus, -1), axis=1)
         dup = np.flatnonzero((per_gpu[:, 1:] == per_gpu[:, :-1]).any(axis=1))
         if dup.size:
-            raise ValueError(f"phy2log: layer {l} puts two replicas of one expert on GPU {int(dup[0])}")
+            raise UsageError(f"phy2log: layer {l} puts two replicas of one expert on GPU {int(dup[0])}")
     return arr
 
 
 _REQUIRED = ("num_experts", "num_gpus", "gpus_per_node", "num_slots", "phy2log", "method")
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
-    """Read and validate a plan JSON; every problem is a ValueError naming the field."""
+def load_plan(path: str | os.PathLike, field: str = "plan") -> Plan:
+    """Read and validate a plan JSON; every problem is a UsageError naming the flag, file and key."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"plan: cannot read {str(p)!r}: no such file")
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"plan: cannot read {str(p)!r} as JSON ({str(exc).splitlines()[0]})") from None
+        return _plan_from_dict(read_json(p, field), p, field)
+    except UsageError as exc:
+        text = str(exc)
+        if text.startswith(f"{field}:"):
+            raise
+        raise UsageError(f"{field} {p}: {text}", field=field) from None
+
+
+def _plan_from_dict(data: object, p: Path, field: str) -> Plan:
     if not isinstance(data, dict):
-        raise ValueError(f"plan: {str(p)!r} must hold a JSON object")
+        raise UsageError(f"{field}: {str(p)!r} must hold a JSON object")
     for key in _REQUIRED:
         if key not in data:
-            raise ValueError(f"{key}: missing key in plan {str(p)!r}")
+            raise UsageError(f"{key}: missing key in plan {str(p)!r}")
     ints = {k: _positive_int(data[k], k) for k in ("num_experts", "num_gpus", "gpus_per_node", "num_slots")}
+    for key, limit in (("num_experts", MAX_EXPERTS), ("num_gpus", MAX_GPUS), ("gpus_per_node", MAX_GPUS)):
+        if ints[key] > limit:
+            raise UsageError(f"{key}: {ints[key]} exceeds the limit {limit}")
     try:
         phy2log = np.asarray(data["phy2log"])
     except ValueError:
-        raise ValueError("phy2log: not a rectangular array") from None
+        raise UsageError("phy2log: not a rectangular array") from None
+    if not isinstance(data["method"], str):
+        raise UsageError(f"method: expected a string, got {data['method']!r}")
+    for key in ("solver", "metrics"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise UsageError(f"{key}: expected a JSON object, got {type(data[key]).__name__}")
+    model = {}
+    for key, valid in (("token_home", ("dp", "expert")), ("replica_choice", ("uniform", "local"))):
+        if key in data and data[key] not in valid:
+            raise UsageError(f"{key}: {data[key]!r} is not one of {', '.join(valid)}")
+        if key in data:
+            model[key] = data[key]
+    bandwidth = {k: float(check_number(data.get(k, d), k, lo=0, lo_open=True, hi=1e6))
+                 for k, d in (("intra_node_gbps", DEFAULT_INTRA_NODE_GBPS), ("inter_node_gbps", DEFAULT_INTER_NODE_GBPS))}
     plan = Plan(
         phy2log=phy2log, num_experts=ints["num_experts"], num_gpus=ints["num_gpus"],
         gpus_per_node=ints["gpus_per_node"], method=str(data["method"]),
         solver=data.get("solver") or {}, metrics=data.get("metrics") or {},
-        intra_node_gbps=float(data.get("intra_node_gbps", DEFAULT_INTRA_NODE_GBPS)),
-        inter_node_gbps=float(data.get("inter_node_gbps", DEFAULT_INTER_NODE_GBPS)),
+        **bandwidth, **model,
     )
     if plan.num_slots != ints["num_slots"]:
-        raise ValueError(f"num_slots: {ints['num_slots']} but phy2log has {plan.num_slots} columns")
+        raise UsageError(f"num_slots: {ints['num_slots']} but phy2log has {plan.num_slots} columns")
     for key in ("logcnt", "log2phy"):
-        if key in data and not np.array_equal(np.asarray(data[key]), getattr(plan, key)):
-            raise ValueError(f"{key}: does not match phy2log")
+        try:
+            given = np.asarray(data[key]) if key in data else None
+        except ValueError:
+            raise UsageError(f"{key}: not a rectangular array") from None
+        if given is not None and (given.dtype == object or not np.array_equal(given, getattr(plan, key))):
+            raise UsageError(f"{key}: does not match phy2log")
     plan.problem()  # validates gpus_per_node and the bandwidths
     return plan
 
 
 def _positive_int(value: object, field_name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
+        raise UsageError(f"{field_name}: expected a positive integer, got {value!r}")
     return value

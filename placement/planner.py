@@ -1,11 +1,21 @@
 """The public entry points: ``plan_placement`` and ``evaluate_plan``.
 
-``ilp`` runs two stages inside one time budget (``time_limit`` seconds for the whole run):
+``token_home="dp"`` (default; DeepEP with DP attention): per layer, EPLB replica counts and the
+balanced greedy packing improved by swaps, then the node-level co-activation search
+(colocate.py) under a per-layer cap on the busiest GPU: by default EPLB's own max load on that
+layer (so the plan is never less balanced than EPLB), or ``max_imbalance`` x the mean. Layers
+are independent, so they can run as Ray tasks (``map_fn``).
+
+``token_home="expert"`` (MoETuner / ExFlow), method ``ilp``: two stages inside one time budget:
 
 1. balance (about 40% of the budget): per layer, EPLB replica counts, the greedy packing improved
    by swaps, then the min-max ILP from that start (balance.py);
 2. traffic (the rest, less a reserve for the metrics): re-place each layer to cut tokens over slow
-   links between consecutive layers without raising any layer's busiest GPU (affinity.py).
+   links between consecutive layers without raising any layer's busiest GPU above its cap
+   (stage 1's max load, or ``max_imbalance`` x the mean when looser; affinity.py).
+
+With a raw trace, ``holdout`` keeps a seeded fraction of the tokens out of planning and the plan's
+metrics carry the message metrics on both sides (``metrics["messages"]``, ``metrics["heldout"]``).
 """
 
 from __future__ import annotations
@@ -16,10 +26,13 @@ import warnings
 
 import numpy as np
 
+from tokenloom.errors import UsageError
 from tokenloom.placement.affinity import place_across_layers, weighted_cost
-from tokenloom.placement.balance import balance_layer, load_lower_bound
+from tokenloom.placement.balance import balance_layer, improve_by_swaps, load_lower_bound
+from tokenloom.placement.dispatch import REPLICA_CHOICES, TOKEN_HOMES, message_metrics
+from tokenloom.placement.eplb import eplb_rows
 from tokenloom.placement.greedy import baseline_plan, eplb_replica_counts, greedy_layer
-from tokenloom.placement.metrics import PlanMetrics, evaluate_layers
+from tokenloom.placement.metrics import PlanMetrics, evaluate_layers, gpu_loads
 from tokenloom.placement.migrate import count_moves, migrate_layer
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, PlacementProblem
@@ -27,6 +40,7 @@ from tokenloom.placement.solver import OPTIMAL, highs_available, worst_status
 from tokenloom.placement.trace import Trace
 
 METHODS = ("ilp", "greedy", "round_robin", "contiguous")
+DP_SEARCH_SHARE = 0.7  # of the time budget for the dp layer searches (the rest: metrics, writing)
 BALANCE_SHARE = 0.4  # of the time budget for stage 1
 METRICS_RESERVE = 0.05  # of the time budget kept for the final metrics
 
@@ -44,46 +58,127 @@ def plan_placement(
     previous: Plan | None = None,
     max_moves: int | None = None,
     progress: bool | None = None,
+    token_home: str = "dp",
+    replica_choice: str = "uniform",
+    max_imbalance: float | None = None,
+    expert_groups: int | None = None,
+    holdout: float = 0.0,
+    seed: int = 0,
+    map_fn=None,
 ) -> Plan:
     """Place every layer's experts (and redundant replicas) on ``num_gpus`` GPUs.
 
-    ``trace``: loads (L, E) and optional transitions (L-1, E, E). ``num_redundant``: extra slots
-    per layer (default: the fewest that make the slots divide the GPUs). ``previous`` with
-    ``max_moves``: start from that plan and move at most ``max_moves`` experts per layer.
-    ``progress``: a tqdm bar over layers (default: only when stdout is a terminal).
-    Returns a :class:`Plan` whose ``metrics`` are measured on ``trace``.
+    ``trace``: loads (L, E), optional transitions (L-1, E, E), raw ``topk_ids`` (L, T, K) for the
+    dp search and message metrics. ``num_redundant``: extra slots per layer (default: the fewest
+    that make the slots divide the GPUs). ``previous`` with ``max_moves``: start from that plan
+    and move at most ``max_moves`` experts per layer. ``token_home`` / ``replica_choice``: the
+    execution model (dispatch.py). ``max_imbalance``: cap on each layer's busiest GPU / mean
+    (default: EPLB's on that layer for dp). ``expert_groups``: EPLB's routing groups for the
+    default cap (default: one per node). ``holdout``: fraction of tokens held out (seeded by
+    ``seed``). ``map_fn(fn, items)``: how dp layers are solved (default: a loop; Ray tasks from
+    the CLI). ``progress``: a tqdm bar over layers (default: only when stdout is a terminal).
+    Returns a :class:`Plan` whose ``metrics`` are measured on the planning tokens.
     """
     start = time.perf_counter()
     if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; valid: {', '.join(METHODS)}")
-    if not isinstance(time_limit, (int, float)) or not np.isfinite(time_limit) or time_limit <= 0:
-        raise ValueError(f"time_limit: must be a positive number of seconds, got {time_limit!r}")
+        raise UsageError(f"method: unknown {method!r}; valid: {', '.join(METHODS)}")
+    if token_home not in TOKEN_HOMES:
+        raise UsageError(f"token_home: unknown {token_home!r}; valid: {', '.join(TOKEN_HOMES)}")
+    if replica_choice not in REPLICA_CHOICES:
+        raise UsageError(f"replica_choice: unknown {replica_choice!r}; valid: {', '.join(REPLICA_CHOICES)}")
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not np.isfinite(time_limit) or time_limit <= 0:
+        raise UsageError(f"time_limit: must be a positive number of seconds, got {time_limit!r}")
+    if max_imbalance is not None and (not np.isfinite(max_imbalance) or not 1.0 <= max_imbalance <= 1e6):
+        raise UsageError(f"max_imbalance: must be a number >= 1 (busiest GPU / mean), got {max_imbalance!r}")
+    if not (isinstance(holdout, (int, float)) and 0.0 <= holdout < 1.0):
+        raise UsageError(f"holdout: must be in [0, 1), got {holdout!r}")
     problem = PlacementProblem.build(
         trace.num_layers, trace.num_experts, num_gpus, gpus_per_node, num_redundant,
         intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps,
     )
+    full = trace
+    heldout = None
+    if holdout > 0:
+        trace, heldout = trace.split(holdout, seed)
     if progress is None:
         progress = sys.stdout.isatty()
     if (previous is None) != (max_moves is None):
-        raise ValueError("max_moves: give both a previous plan and max_moves, or neither")
+        raise UsageError("max_moves: give both a previous plan and max_moves, or neither")
     if previous is not None:
         if method != "ilp":
             warnings.warn(f"method: {method!r} has no effect with a previous plan; re-planning is a local search from it",
                           stacklevel=2)
         rows, solver = _migrate(trace, problem, previous, max_moves)
         method = "migrate"
+    elif method == "ilp" and token_home == "dp":
+        rows, solver = _dp(trace, problem, start, float(time_limit), max_imbalance, expert_groups, map_fn)
     elif method == "ilp":
-        rows, solver = _ilp(trace, problem, start, float(time_limit), progress)
+        rows, solver = _ilp(trace, problem, start, float(time_limit), progress, max_imbalance)
     else:
         rows = baseline_plan(method, problem, trace.loads)
         solver = {"name": "none", "status": "heuristic", "gap": None, "bound": _bounds(trace, rows, problem)}
-    metrics = evaluate_layers(rows, trace, problem)
+    metrics = evaluate_layers(rows, trace, problem).to_dict()
+    if trace.is_raw:
+        metrics["messages"] = _messages(rows, trace, problem, token_home, replica_choice)
+    if heldout is not None:
+        metrics["heldout"] = {"fraction": float(holdout), "seed": int(seed), "num_tokens": int(heldout.topk_ids.shape[1]),
+                              "messages": _messages(rows, heldout, problem, token_home, replica_choice)}
+    metrics["num_tokens"] = full.num_tokens
     solver["seconds"] = time.perf_counter() - start
     return Plan(
         phy2log=rows, num_experts=problem.num_experts, num_gpus=problem.num_gpus,
-        gpus_per_node=problem.gpus_per_node, method=method, solver=solver, metrics=metrics.to_dict(),
+        gpus_per_node=problem.gpus_per_node, method=method, solver=solver, metrics=metrics,
         intra_node_gbps=float(problem.intra_node_gbps), inter_node_gbps=float(problem.inter_node_gbps),
+        token_home=token_home, replica_choice=replica_choice,
     )
+
+
+def _messages(rows: np.ndarray, trace: Trace, problem: PlacementProblem, token_home: str, replica_choice: str) -> dict:
+    return message_metrics(rows, trace.topk_ids, problem.num_experts, problem.num_gpus, problem.gpus_per_node,
+                           token_home, replica_choice).to_dict()
+
+
+def eplb_policy_rows(loads: np.ndarray, problem: PlacementProblem, expert_groups: int | None = None) -> tuple[np.ndarray, str]:
+    """EPLB's own choice for this shape: hierarchical when its groups divide the nodes, else global."""
+    groups = problem.num_nodes if expert_groups is None else expert_groups
+    if problem.num_nodes > 1 and problem.num_experts % groups == 0 and groups % problem.num_nodes == 0:
+        return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "hierarchical", groups), "hierarchical"
+    return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "global"), "global"
+
+
+def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, max_imbalance: float | None,
+        expert_groups: int | None, map_fn):
+    """Per layer: balanced start, cap, node-level co-activation search (colocate.plan_layer)."""
+    if expert_groups is not None and (problem.num_experts % expert_groups or expert_groups % problem.num_nodes):
+        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be a "
+                         f"multiple of the {problem.num_nodes} nodes")
+    eplb, policy = eplb_policy_rows(trace.loads, problem, expert_groups)
+    budget = max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter()) / trace.num_layers
+    items = [(trace.loads[l], trace.coactivation(l), eplb[l], problem, max_imbalance, budget) for l in range(trace.num_layers)]
+    results = list(map_fn(dp_layer, items)) if map_fn is not None else [dp_layer(item) for item in items]
+    rows = np.stack([r[0] for r in results])
+    caps = [r[1] for r in results]
+    solver = {"name": "colocate", "status": "heuristic", "gap": None, "bound": _bounds(trace, rows, problem),
+              "cap": caps, "cap_rule": f"eplb {policy}" if max_imbalance is None else f"max_imbalance {max_imbalance:g}",
+              "eplb_policy": policy, "coactivation": trace.coactivation(0) is not None, "time_limit": time_limit}
+    return rows, solver
+
+
+def dp_layer(item) -> tuple[np.ndarray, float]:
+    """One dp layer (a pure function of its inputs, so it can run as a Ray task): (row, cap)."""
+    from tokenloom.placement.colocate import plan_layer
+
+    loads, coact, eplb_row, problem, max_imbalance, budget = item
+    counts = eplb_replica_counts(loads, problem.num_slots, problem.num_gpus)
+    begin = improve_by_swaps(loads, greedy_layer(loads, problem, counts), problem)
+    begin_max = float(gpu_loads(loads, begin, problem.num_gpus).max())
+    mean = float(loads.sum()) / problem.num_gpus
+    target = float(gpu_loads(loads, eplb_row, problem.num_gpus).max()) if max_imbalance is None else max_imbalance * mean
+    cap = max(begin_max, target)
+    if coact is None or problem.num_nodes == 1:
+        return begin, cap
+    row = plan_layer(coact, loads, [begin, eplb_row], cap, problem, time.perf_counter() + budget)
+    return row, cap
 
 
 def _bounds(trace: Trace, rows: np.ndarray, problem: PlacementProblem) -> list[float]:
@@ -102,7 +197,8 @@ def _progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", leave=False)
 
 
-def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, progress: bool):
+def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, progress: bool,
+         max_imbalance: float | None = None):
     deadline = start + time_limit * (1 - METRICS_RESERVE)
     balance_deadline = start + time_limit * BALANCE_SHARE
     rows, layers = [], []
@@ -128,6 +224,8 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
     traffic = {"status": "skipped (trace has no transitions)"}
     if trace.has_transitions:
         caps = np.array([r.max_load for r in layers])
+        if max_imbalance is not None:
+            caps = np.maximum(caps, max_imbalance * trace.loads.sum(axis=1) / problem.num_gpus)
         bar = _progress_bar(progress, trace.num_layers - 1, "traffic")
         result = place_across_layers(rows, trace.loads, caps, trace.transitions, problem, deadline, bar)
         if bar is not None:
@@ -152,7 +250,7 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
 
 def _migrate(trace: Trace, problem: PlacementProblem, previous: Plan, max_moves: object):
     if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves < 0:
-        raise ValueError(f"max_moves: must be an integer >= 0, got {max_moves!r}")
+        raise UsageError(f"max_moves: must be an integer >= 0, got {max_moves!r}")
     for name, want, got in (
         ("num_layers", trace.num_layers, previous.num_layers),
         ("num_experts", trace.num_experts, previous.num_experts),
@@ -160,7 +258,7 @@ def _migrate(trace: Trace, problem: PlacementProblem, previous: Plan, max_moves:
         ("num_slots", problem.num_slots, previous.num_slots),
     ):
         if want != got:
-            raise ValueError(f"previous: plan has {name}={got} but this request has {want}")
+            raise UsageError(f"previous: plan has {name}={got} but this request has {want}")
     rows = np.stack([
         migrate_layer(trace.loads[l], previous.phy2log[l], problem, int(max_moves)) for l in range(trace.num_layers)
     ])
@@ -179,7 +277,7 @@ def evaluate_plan(
     tokens per layer boundary and in total, and the estimated all-to-all seconds.
     """
     if trace.num_layers != plan.num_layers or trace.num_experts != plan.num_experts:
-        raise ValueError(
+        raise UsageError(
             f"trace: shape (num_layers={trace.num_layers}, num_experts={trace.num_experts}) does not match the plan's "
             f"(num_layers={plan.num_layers}, num_experts={plan.num_experts})"
         )
@@ -193,10 +291,49 @@ def evaluate_plan(
     return evaluate_layers(plan.phy2log, trace, problem)
 
 
+def evaluate_messages(plan: Plan, trace: Trace, *, token_home: str | None = None,
+                      replica_choice: str | None = None) -> dict | None:
+    """Message metrics (dispatch.py) of ``plan`` on a raw ``trace``; None for aggregated traces.
+
+    The execution model defaults to the plan's own.
+    """
+    if not trace.is_raw:
+        return None
+    token_home = plan.token_home if token_home is None else token_home
+    replica_choice = plan.replica_choice if replica_choice is None else replica_choice
+    _check_shape(plan, trace)
+    return _messages(plan.phy2log, trace, plan.problem(), token_home, replica_choice)
+
+
+def _check_shape(plan: Plan, trace: Trace) -> None:
+    if trace.num_layers != plan.num_layers or trace.num_experts != plan.num_experts:
+        raise UsageError(
+            f"trace: shape (num_layers={trace.num_layers}, num_experts={trace.num_experts}) does not match the plan's "
+            f"(num_layers={plan.num_layers}, num_experts={plan.num_experts})"
+        )
+
+
+BASELINES = ("contiguous", "round_robin", "greedy", "eplb")
+
+
+def _baseline_rows(name: str, problem: PlacementProblem, trace: Trace) -> np.ndarray:
+    if name == "eplb":  # DeepSeek's policy choice for this shape (may hold two replicas on one GPU)
+        return eplb_policy_rows(trace.loads, problem)[0]
+    return baseline_plan(name, problem, trace.loads)
+
+
 def baseline_metrics(plan: Plan, trace: Trace) -> dict[str, PlanMetrics]:
-    """Metrics of the load-oblivious baselines and greedy on the same cluster and trace."""
+    """Metrics of the load-oblivious baselines, greedy and DeepSeek EPLB on the same cluster and trace."""
     problem = plan.problem()
-    return {m: evaluate_layers(baseline_plan(m, problem, trace.loads), trace, problem) for m in ("contiguous", "round_robin", "greedy")}
+    return {m: evaluate_layers(_baseline_rows(m, problem, trace), trace, problem) for m in BASELINES}
+
+
+def baseline_messages(plan: Plan, trace: Trace, token_home: str, replica_choice: str) -> dict[str, dict]:
+    """Message metrics of the baselines (empty for aggregated traces)."""
+    if not trace.is_raw:
+        return {}
+    problem = plan.problem()
+    return {m: _messages(_baseline_rows(m, problem, trace), trace, problem, token_home, replica_choice) for m in BASELINES}
 
 
 def traffic_cost(plan: Plan, trace: Trace) -> float:
@@ -205,4 +342,4 @@ def traffic_cost(plan: Plan, trace: Trace) -> float:
     return weighted_cost(plan.phy2log, trace.transitions, plan.problem())
 
 
-__all__ = ["METHODS", "plan_placement", "evaluate_plan", "baseline_metrics", "traffic_cost"]
+__all__ = ["METHODS", "plan_placement", "evaluate_plan", "evaluate_messages", "baseline_metrics", "traffic_cost"]

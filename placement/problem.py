@@ -16,14 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenloom.errors import UsageError
+
 DEFAULT_INTRA_NODE_GBPS = 450.0  # NVLink4 through NVSwitch, one direction (REFERENCE.md §6)
 DEFAULT_INTER_NODE_GBPS = 50.0  # one 400 Gb/s NIC per GPU
 DEFAULT_TOKEN_BYTES = 7168 * 2  # DeepSeek-V3 hidden size in bf16
+MAX_GPUS = 4096  # expert-parallel GPUs (deployments run 4 to a few hundred); more is refused up front
+MAX_SLOTS_PER_GPU = 1024
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+        raise UsageError(f"{name}: must be an integer >= {minimum}, got {value!r}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -50,19 +54,21 @@ class PlacementProblem:
         _check_int("gpus_per_node", self.gpus_per_node, 1)
         _check_int("num_redundant", self.num_redundant, 0)
         _check_int("token_bytes", self.token_bytes, 1)
+        if self.num_gpus > MAX_GPUS:
+            raise UsageError(f"num_gpus: {self.num_gpus} exceeds the limit {MAX_GPUS}", field="num_gpus")
         if self.num_gpus % self.gpus_per_node:
             valid = ", ".join(map(str, _divisors(self.num_gpus)))
-            raise ValueError(f"gpus_per_node: {self.gpus_per_node} does not divide num_gpus={self.num_gpus}; valid: {valid}")
+            raise UsageError(f"gpus_per_node: {self.gpus_per_node} does not divide num_gpus={self.num_gpus}; valid: {valid}")
         num_slots = self.num_experts + self.num_redundant
         if num_slots % self.num_gpus:
             fix = (-num_slots) % self.num_gpus
-            raise ValueError(
+            raise UsageError(
                 f"num_redundant: {self.num_experts} experts + {self.num_redundant} redundant = {num_slots} slots "
                 f"do not divide evenly over num_gpus={self.num_gpus}; valid: num_redundant = "
                 f"{(-self.num_experts) % self.num_gpus} + a multiple of {self.num_gpus} (e.g. {self.num_redundant + fix})"
             )
-        if num_slots // self.num_gpus > self.num_experts:
-            raise ValueError(
+        if num_slots // self.num_gpus > min(self.num_experts, MAX_SLOTS_PER_GPU):
+            raise UsageError(
                 f"num_redundant: {num_slots // self.num_gpus} slots per GPU but only {self.num_experts} experts, "
                 f"so some GPU would hold two replicas of one expert; valid: num_redundant <= "
                 f"{self.num_experts * self.num_gpus - self.num_experts}"
@@ -70,7 +76,7 @@ class PlacementProblem:
         for name in ("intra_node_gbps", "inter_node_gbps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float, np.floating)) or not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+                raise UsageError(f"{name}: must be a positive number, got {value!r}")
 
     @classmethod
     def build(
@@ -85,6 +91,8 @@ class PlacementProblem:
         """Fill the defaults: ``gpus_per_node = min(num_gpus, 8)``; redundant slots as the module says."""
         _check_int("num_gpus", num_gpus, 1)
         _check_int("num_experts", num_experts, 1)
+        if num_gpus > MAX_GPUS:
+            raise UsageError(f"num_gpus: {num_gpus} exceeds the limit {MAX_GPUS}", field="num_gpus")
         if gpus_per_node is None:
             gpus_per_node = min(int(num_gpus), 8)
             if num_gpus % gpus_per_node:  # e.g. 12 GPUs: fall back to one node rather than fail

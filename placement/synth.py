@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenloom.errors import UsageError
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -43,21 +45,24 @@ class SynthConfig:
         for field in ("num_layers", "num_experts", "top_k", "num_tokens", "num_successors"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{field}: must be an integer >= 1, got {value!r}")
+                raise UsageError(f"{field}: must be an integer >= 1, got {value!r}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k: {self.top_k} exceeds num_experts={self.num_experts}; valid: 1..{self.num_experts}")
+            raise UsageError(f"top_k: {self.top_k} exceeds num_experts={self.num_experts}; valid: 1..{self.num_experts}")
         if isinstance(self.num_domains, bool) or not isinstance(self.num_domains, (int, np.integer)) or not 0 <= self.num_domains <= self.num_experts:
-            raise ValueError(f"num_domains: must be an integer in 0..num_experts={self.num_experts}, got {self.num_domains!r}")
+            raise UsageError(f"num_domains: must be an integer in 0..num_experts={self.num_experts}, got {self.num_domains!r}")
         if self.num_domains and self.top_k > self.num_experts // self.num_domains:
-            raise ValueError(f"num_domains: {self.num_domains} domains leave {self.num_experts // self.num_domains} experts each, fewer than top_k={self.top_k}")
+            raise UsageError(f"num_domains: {self.num_domains} domains leave {self.num_experts // self.num_domains} experts each, fewer than top_k={self.top_k}")
+        cells = self.num_layers * self.num_tokens * self.num_experts
+        if cells > 1 << 31:
+            raise UsageError(f"num_tokens: layers x tokens x experts = {cells:.3g} exceeds the limit {1 << 31:.3g}; use fewer tokens")
         if self.num_successors > self.num_experts:
-            raise ValueError(f"num_successors: {self.num_successors} exceeds num_experts={self.num_experts}")
+            raise UsageError(f"num_successors: {self.num_successors} exceeds num_experts={self.num_experts}")
         if not np.isfinite(self.skew) or self.skew < 0:
-            raise ValueError(f"skew: must be a finite number >= 0, got {self.skew!r}")
+            raise UsageError(f"skew: must be a finite number >= 0, got {self.skew!r}")
         if not np.isfinite(self.affinity) or not 0.0 <= self.affinity <= 1.0:
-            raise ValueError(f"affinity: must be in [0, 1], got {self.affinity!r}")
+            raise UsageError(f"affinity: must be in [0, 1], got {self.affinity!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed: must be an integer >= 0, got {self.seed!r}")
+            raise UsageError(f"seed: must be an integer >= 0, got {self.seed!r}")
 
 
 def synth_topk(config: SynthConfig) -> np.ndarray:
