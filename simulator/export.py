@@ -25,9 +25,9 @@ def _span(name: str, cat: str, rank: int, track: str, start: float, end: float, 
             "ts": start * _US, "dur": max(end - start, 0.0) * _US, "args": args}
 
 
-def _compute_spans(tl: Timeline, offset: float, label: str) -> Iterator[dict]:
+def _compute_spans(tl: Timeline, offset: float, label: str, max_ranks: int | None = None) -> Iterator[dict]:
     cost = tl.cost
-    for r, steps in enumerate(tl.schedule.ranks):
+    for r, steps in enumerate(tl.schedule.ranks[:max_ranks]):
         for s, step in enumerate(steps):
             t = offset + tl.post[r, s]
             for op in step.computes:
@@ -44,9 +44,11 @@ def _compute_spans(tl: Timeline, offset: float, label: str) -> Iterator[dict]:
                 t += dur
 
 
-def _comm_spans(tl: Timeline, offset: float, label: str) -> Iterator[dict]:
+def _comm_spans(tl: Timeline, offset: float, label: str, max_ranks: int | None = None) -> Iterator[dict]:
     a2a: dict[tuple[int, str], list] = defaultdict(list)
     for tr in tl.transfers:
+        if max_ranks is not None and tr.src >= max_ranks:
+            continue
         if tr.channel.startswith("a2a:"):
             a2a[(tr.src, tr.label, tr.ready)].append(tr)
             continue
@@ -58,14 +60,15 @@ def _comm_spans(tl: Timeline, offset: float, label: str) -> Iterator[dict]:
                     bytes=sum(t.num_bytes for t in group), **{"pass": label})
 
 
-def chrome_trace(result: AttentionResult) -> dict:
-    """The Chrome trace-event JSON object for every pass of ``result``."""
+def chrome_trace(result: AttentionResult, max_ranks: int | None = None) -> dict:
+    """The Chrome trace-event JSON object for every pass of ``result`` (the first ``max_ranks``
+    ranks only, if given)."""
     events: list[dict] = []
     offset = 0.0
     for tl in result.passes:
         label = "backward" if tl.schedule.backward else "forward"
-        events.extend(_compute_spans(tl, offset, label))
-        events.extend(_comm_spans(tl, offset, label))
+        events.extend(_compute_spans(tl, offset, label, max_ranks))
+        events.extend(_comm_spans(tl, offset, label, max_ranks))
         offset += tl.total_s
     tracks = sorted({(ev["pid"], ev["tid"]) for ev in events}, key=lambda x: (x[0], x[1] != "compute", x[1]))
     meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}}
@@ -88,7 +91,7 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = [e for e in chrome_trace(result)["traceEvents"] if e["ph"] == "X" and e["pid"] < max_ranks]
+    events = [e for e in chrome_trace(result, max_ranks)["traceEvents"] if e["ph"] == "X"]
     ranks = sorted({e["pid"] for e in events})
     colors = {"compute": "#4C72B0", "merge": "#8172B2", "exposed_comm": "#C44E52", "p2p": "#55A868",
               "all_to_all": "#DD8452"}
@@ -97,18 +100,21 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
     for r in ranks:
         rows[(r, "compute")] = len(rows)
         rows[(r, "comm")] = len(rows)
-    channel_rows: dict[tuple[int, str], int] = {}
+    lanes: dict[int, list[str]] = defaultdict(list)  # rank -> its comm channels, stacked in the comm row
+    for tid, pid in sorted({(e["tid"], e["pid"]) for e in events if e["tid"] != "compute"}):
+        lanes[pid].append(tid)
+    # One broken_barh per (row band, colour): a bar per event made 64 ranks take a minute.
+    bands: dict[tuple[float, float, str], list[tuple[float, float]]] = defaultdict(list)
     for e in events:
-        row_key = (e["pid"], "compute" if e["tid"] == "compute" else "comm")
-        height = 0.8
-        y = rows[row_key]
-        if row_key[1] == "comm":  # stack channels inside the comm row
-            lanes = sorted({ev["tid"] for ev in events if ev["pid"] == e["pid"] and ev["tid"] != "compute"})
-            channel_rows.setdefault((e["pid"], e["tid"]), lanes.index(e["tid"]))
-            height = 0.8 / max(len(lanes), 1)
-            y = y - 0.4 + height * (channel_rows[(e["pid"], e["tid"])] + 0.5)
-        ax.barh(-y, e["dur"] / 1e3, left=e["ts"] / 1e3, height=height * 0.9, color=colors[e["cat"]],
-                edgecolor="white", linewidth=0.3)
+        y, height = rows[(e["pid"], "compute" if e["tid"] == "compute" else "comm")], 0.8
+        if e["tid"] != "compute":  # stack channels inside the comm row
+            mine = lanes[e["pid"]]
+            height = 0.8 / len(mine)
+            y = y - 0.4 + height * (mine.index(e["tid"]) + 0.5)
+        bands[(-y, height, colors[e["cat"]])].append((e["ts"] / 1e3, e["dur"] / 1e3))
+    for (y, height, color), spans in bands.items():
+        ax.broken_barh(spans, (y - height * 0.45, height * 0.9), facecolors=color, edgecolor="white",
+                       linewidth=0.3)
     ax.set_yticks([-v for v in rows.values()])
     ax.set_yticklabels([f"r{r} {kind}" for r, kind in rows])
     ax.set_xlabel("time (ms)")
@@ -119,7 +125,9 @@ def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(ranks)),
               fontsize=8, ncol=len(colors), frameon=False)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_write(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=110)
+    finally:
+        plt.close(fig)
