@@ -48,11 +48,12 @@ SHAPES = [  # (experts, gpus, gpus_per_node, redundant, expected slots)
 ]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,home", [(m, "expert") for m in METHODS] + [("ilp", "dp")])
 @pytest.mark.parametrize("num_experts,num_gpus,gpn,redundant,num_slots", SHAPES)
-def test_invariants_every_method(tmp_path, method, num_experts, num_gpus, gpn, redundant, num_slots):
+def test_invariants_every_method(tmp_path, method, home, num_experts, num_gpus, gpn, redundant, num_slots):
     trace = _trace(3, num_experts)
-    plan = plan_placement(trace, num_gpus, gpus_per_node=gpn, num_redundant=redundant, method=method, time_limit=2.0)
+    plan = plan_placement(trace, num_gpus, gpus_per_node=gpn, num_redundant=redundant, method=method, time_limit=2.0,
+                          token_home=home)
     _check_invariants(plan, num_experts, num_gpus, num_slots)
     plan.save(tmp_path / "p.json")
     back = load_plan(tmp_path / "p.json")
@@ -63,7 +64,10 @@ def test_invariants_every_method(tmp_path, method, num_experts, num_gpus, gpn, r
     for l, row in enumerate(plan.phy2log):
         ref = _gpu_loads(trace.loads[l], row, num_gpus)
         assert metrics.max_mean_load[l] == pytest.approx(ref.max() / ref.mean())
-    if method == "ilp":  # never worse than greedy on any layer, whatever the shape
+    if method == "ilp" and home == "dp":  # every layer within its cap (EPLB's max load, or the balanced start's)
+        for l, row in enumerate(plan.phy2log):
+            assert _gpu_loads(trace.loads[l], row, num_gpus).max() <= plan.solver["cap"][l] * (1 + 1e-9)
+    elif method == "ilp":  # never worse than greedy on any layer, whatever the shape
         greedy = plan_placement(trace, num_gpus, gpus_per_node=gpn, num_redundant=redundant, method="greedy")
         assert all(i <= g * (1 + 1e-12) for i, g in zip(plan.metrics["max_mean_load"], greedy.metrics["max_mean_load"]))
 
@@ -72,7 +76,7 @@ def test_ilp_never_worse_than_greedy_and_cuts_traffic():
     trace = _trace(6, 32, top_k=4, num_domains=4)
     kw = dict(gpus_per_node=4, num_redundant=8)
     greedy = plan_placement(trace, 8, method="greedy", **kw)
-    ilp = plan_placement(trace, 8, method="ilp", time_limit=4.0, **kw)
+    ilp = plan_placement(trace, 8, method="ilp", time_limit=4.0, token_home="expert", **kw)
     assert all(i <= g + 1e-12 for i, g in zip(ilp.metrics["max_mean_load"], greedy.metrics["max_mean_load"]))
     assert ilp.metrics["cross_node_tokens"] < 0.9 * greedy.metrics["cross_node_tokens"]
     assert ilp.solver["status"] in ("optimal", "feasible") and ilp.solver["seconds"] < 6.0
@@ -97,7 +101,8 @@ def _brute_min_max(loads, counts, num_gpus):
 def test_ilp_balance_is_optimal_against_brute_force(seed):
     rng = np.random.default_rng(seed)
     loads = rng.integers(1, 100, size=(1, 6)).astype(float)
-    plan = plan_placement(Trace(loads=loads), 3, gpus_per_node=3, num_redundant=3, method="ilp", time_limit=5.0)
+    plan = plan_placement(Trace(loads=loads), 3, gpus_per_node=3, num_redundant=3, method="ilp", time_limit=5.0,
+                          token_home="expert")
     counts = eplb_replica_counts(loads[0], 9, 3)
     best = _brute_min_max(loads[0], counts, 3)
     got = _gpu_loads(loads[0], plan.phy2log[0], 3).max()
@@ -107,7 +112,7 @@ def test_ilp_balance_is_optimal_against_brute_force(seed):
 
 def test_exact_chain_is_optimal_against_brute_force():
     trace = _trace(3, 4, top_k=2, seed=5)
-    plan = plan_placement(trace, 2, gpus_per_node=1, method="ilp", time_limit=5.0)  # 2 nodes of 1 GPU
+    plan = plan_placement(trace, 2, gpus_per_node=1, method="ilp", time_limit=5.0, token_home="expert")  # 2 nodes of 1 GPU
     assert plan.solver["traffic"]["method"] == "exact_chain" and plan.solver["status"] == "optimal"
     problem = PlacementProblem.build(3, 4, 2, 1)
     weights = problem.link_weights()
