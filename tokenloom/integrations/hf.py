@@ -42,13 +42,13 @@ transformers is imported only in this module, and only when a function here is c
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
 import torch
 
-from tokenloom.comm.communicator import Communicator
-from tokenloom.comm.topology import LAYOUTS, chunks_of_rank
+from tokenloom.comm.topology import LAYOUTS
 from tokenloom.errors import UsageError
 from tokenloom.validate import check_choice
 
@@ -68,6 +68,14 @@ _UNSUPPORTED = {
 _OK, _MASK, _POSITIONS = 0, 1, 2
 
 
+def _groups(group: Any) -> Any:
+    """The SP rank's communicators for ``group`` (flat group, 1-D or 2-D ("ulysses", "ring") mesh)."""
+    from tokenloom.parallel.groups import resolve_sp_group
+
+    return resolve_sp_group(group)
+
+
+@functools.lru_cache(maxsize=1)
 def _supports_cu_seqlens() -> bool:
     """Whether tokenloom.parallel's public API takes ``cu_seqlens`` (packed sequences)."""
     from tokenloom.parallel import shard_sequence, sp_attention
@@ -131,15 +139,19 @@ def global_position_ids(seq_len: int, *, cu_seqlens: torch.Tensor | None = None,
     return pos.unsqueeze(0).to(device)
 
 
-def _shard(x: torch.Tensor, rank: int, world_size: int, layout: str,
-           cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+def _shard(x: torch.Tensor, group: Any, layout: str, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """This SP rank's part of ``x`` along dim 1 (``group=None``: the default group)."""
     from tokenloom.parallel import shard_sequence
 
-    if cu_seqlens is None:
-        return shard_sequence(x, rank, world_size, layout=layout, dim=1)
-    if not _supports_cu_seqlens():
-        raise _packed_unsupported()
-    return shard_sequence(x, rank, world_size, layout=layout, dim=1, cu_seqlens=cu_seqlens)
+    extra = {}
+    if cu_seqlens is not None:
+        if not _supports_cu_seqlens():
+            raise _packed_unsupported()
+        extra["cu_seqlens"] = cu_seqlens
+    if group is None:  # shard_sequence wants the rank spelled out for the default group
+        g = _groups(None)
+        return shard_sequence(x, g.rank, g.world_size, layout=layout, dim=1, **extra)
+    return shard_sequence(x, group=group, layout=layout, dim=1, **extra)
 
 
 def shard_inputs(input_ids: torch.Tensor, *, group: Any = None, layout: str = "zigzag",
@@ -159,7 +171,6 @@ def shard_inputs(input_ids: torch.Tensor, *, group: Any = None, layout: str = "z
     if input_ids.dim() != 2:
         raise UsageError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}",
                          field="input_ids")
-    comm = Communicator(group)
     seq_len = input_ids.shape[1]
     if labels is None:
         labels = causal_lm_labels(input_ids, cu_seqlens=cu_seqlens, ignore_index=ignore_index)
@@ -168,16 +179,10 @@ def shard_inputs(input_ids: torch.Tensor, *, group: Any = None, layout: str = "z
                          f"{tuple(labels.shape)}", field="labels")
     positions = global_position_ids(seq_len, cu_seqlens=cu_seqlens, device=input_ids.device)
     positions = positions.expand(input_ids.shape[0], -1)
-    rank, n = comm.rank, comm.world_size
-    parts = n * len(chunks_of_rank(0, n, layout))
-    if cu_seqlens is None and seq_len % parts:
-        raise UsageError(f"input_ids: sequence length {seq_len} must be divisible by {parts} "
-                         f"({n} ranks x {parts // n} chunk(s) per rank in layout {layout!r})",
-                         field="input_ids")
-    local_labels = _shard(labels, rank, n, layout, cu_seqlens)
+    local_labels = _shard(labels, group, layout, cu_seqlens)
     batch = {
-        "input_ids": _shard(input_ids, rank, n, layout, cu_seqlens),
-        "position_ids": _shard(positions, rank, n, layout, cu_seqlens),
+        "input_ids": _shard(input_ids, group, layout, cu_seqlens),
+        "position_ids": _shard(positions, group, layout, cu_seqlens),
         "labels": local_labels,
         "shift_labels": local_labels,
         "num_items_in_batch": (labels != ignore_index).sum(),
@@ -193,14 +198,16 @@ def sum_gradients(model: torch.nn.Module, *, group: Any = None) -> None:
     After it each rank holds the single-device gradient of the global loss. Skip it when the
     group is already part of your data-parallel gradient reduction (e.g. FSDP over dp x sp).
     """
-    comm = Communicator(group)
-    if comm.world_size == 1:
+    g = _groups(group)
+    if g.world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
-    comm.all_reduce(flat, "sum_gradients")
+    if g.ulysses > 1:  # a 2-D mesh: sum inside each Ulysses group, then across the ring
+        g.a2a.all_reduce(flat, "sum_gradients (ulysses)")
+    g.p2p.all_reduce(flat, "sum_gradients")
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -221,7 +228,7 @@ class _SPAttention:
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
         self._refuse_unsupported(module, query, key, dropout, kwargs)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        comm = Communicator(self.group)
+        groups = _groups(self.group)
         cu_seqlens = _cu_seqlens_of(kwargs)  # global boundaries: local lengths may differ by rank
         extra = {}
         if cu_seqlens is not None:
@@ -229,8 +236,8 @@ class _SPAttention:
                 raise _packed_unsupported()
             extra["cu_seqlens"] = cu_seqlens
             cu_seqlens = _check_cu_seqlens(cu_seqlens, None)
-        code = self._local_problem(attention_mask, kwargs.get("position_ids"), comm, cu_seqlens)
-        _agree(comm, code)
+        code = self._local_problem(attention_mask, kwargs.get("position_ids"), groups, cu_seqlens)
+        _agree(groups, code)
         from tokenloom.parallel import sp_attention
 
         out = sp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -257,7 +264,7 @@ class _SPAttention:
             raise UsageError(f"heads: query has {query.shape[1]} heads, key {key.shape[1]} with "
                              f"num_key_value_groups={groups}", field="num_key_value_groups")
 
-    def _local_problem(self, attention_mask, position_ids, comm: Communicator,
+    def _local_problem(self, attention_mask, position_ids, groups: Any,
                        cu_seqlens: torch.Tensor | None) -> int:
         if attention_mask is not None:
             if attention_mask.dim() != 2 or not bool(attention_mask.bool().all()):
@@ -265,9 +272,9 @@ class _SPAttention:
         if position_ids is not None:
             pos = position_ids.detach().to("cpu", torch.int64)
             pos = pos.reshape(-1, pos.shape[-1])
-            total = pos.shape[-1] * comm.world_size if cu_seqlens is None else int(cu_seqlens[-1])
+            total = pos.shape[-1] * groups.world_size if cu_seqlens is None else int(cu_seqlens[-1])
             full = global_position_ids(total, cu_seqlens=cu_seqlens)
-            want = _shard(full, comm.rank, comm.world_size, self.layout, cu_seqlens)
+            want = _shard(full, self.group, self.layout, cu_seqlens)
             if pos.shape[-1] != want.shape[-1] or not bool((pos == want).all()):
                 return _POSITIONS
         return _OK
@@ -288,11 +295,14 @@ def _cu_seqlens_of(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return cu
 
 
-def _agree(comm: Communicator, code: int) -> None:
+def _agree(groups: Any, code: int) -> None:
     """Raise the same UsageError on every rank if any rank found a problem (no rank left waiting)."""
-    every = [code] if comm.world_size == 1 else \
-        comm.all_gather(torch.tensor([code], dtype=torch.int64, device=comm.device),
-                        "hf attention checks").flatten().tolist()
+    from tokenloom.parallel.groups import gather_all
+
+    every = [code]
+    if groups.world_size > 1:
+        mine = torch.tensor([code], dtype=torch.int64, device=groups.p2p.device)
+        every = gather_all(groups, mine, "hf attention checks").flatten().tolist()
     bad = {r: c for r, c in enumerate(every) if c != _OK}
     if not bad:
         return
