@@ -147,3 +147,87 @@ def test_ring_backward_accumulator_carries_only_what_others_touch():
         assert full == {"kv": n * (n - 1), "dkv": n * (n - 1)}
         zz = _traffic("ring", n, True, "zigzag", backward=True)
         assert zz["dkv"] <= zz["kv"]
+
+
+def test_block_prints_unambiguously_above_nine_chunks():
+    from tokenloom.parallel.schedule import Block
+
+    assert str(Block((1, 12), (10, 11, 12), True)) == "1,12x10,11,12c"
+    assert str(Block((11,), (2,), False)) != str(Block((1,), (12,), False))
+
+
+def test_kinds_and_directions_are_enums_equal_to_their_names():
+    from tokenloom.parallel.schedule import AllToAll, Buf, Direction, Kind
+
+    buf = Buf("q", 0, (0,))
+    assert buf.kind is Kind.Q and buf.kind == "q" and str(buf) == "q0[0]"
+    op = AllToAll("kv", "seq2head", 2)
+    assert op.direction is Direction.SEQ2HEAD and str(op) == "a2a:kv:seq2head"
+    with pytest.raises(ValueError):
+        AllToAll("kv", "sideways")
+
+
+def test_checker_derives_the_mask_itself():
+    """A dense causal schedule relabelled as packed one-token documents computes cross-document
+    pairs: the checker, which derives the needed pairs from token positions, refuses it."""
+    from tokenloom.parallel.layout import SeqLayout
+
+    sched = build_schedule("ring", 2, layout="zigzag", causal=True)
+    relabelled = dataclasses.replace(sched, seq=SeqLayout(2, "zigzag", 1, (1, 1, 1, 1)))
+    with pytest.raises(ScheduleError, match="unneeded pairs"):
+        check_schedule(relabelled)
+
+
+def test_one_p2p_rule_for_checker_engine_and_runtime():
+    from tokenloom.parallel.schedule import match_p2p
+
+    sched = build_schedule("tokenring", 4, layout="zigzag", causal=True, backward=True)
+    matches, problems = match_p2p(sched)
+    assert not problems and matches
+    for m in matches:  # the k-th send a->b meets the k-th receive at b from a, same buffer
+        assert m.send.buf == m.recv.buf and m.send.peer == m.recv_at[0] and m.recv.peer == m.send_at[0]
+    step = sched.ranks[1][0]
+    broken = _mutate(sched, 1, 0, comms=tuple(op for op in step.comms if not isinstance(op, Send)))
+    assert any(p.kind == "unmatched" for p in match_p2p(broken)[1])
+
+
+def test_a_runtime_failure_marks_the_step_without_add_note(monkeypatch):
+    import torch
+
+    import tokenloom.parallel.runtime as rt
+    from tokenloom.parallel import token_ring_attention
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(rt, "block_forward", boom)
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(RuntimeError, match=r"(?s)kernel exploded.*rank 0 failed in step 0.*<-- here"):
+        token_ring_attention(q, q, q, causal=True)
+
+
+def test_no_python_311_only_api_anywhere():
+    """pyproject says Python >= 3.10: no add_note, tomllib, ExceptionGroup, except*, typing.Self."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    bad = []
+    folders = ("comm", "parallel", "kernels", "placement", "simulator", "tokenloom", "tests", "benchmarks",
+               "examples")
+    for path in (p for folder in folders for p in (root / folder).glob("**/*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "add_note":
+                bad.append(f"{path.name}:{node.lineno} add_note")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names]
+                mod = getattr(node, "module", None) or ""
+                if "tomllib" in names or mod == "tomllib" or (mod == "typing" and "Self" in names):
+                    bad.append(f"{path.name}:{node.lineno} {mod or names}")
+            elif isinstance(node, ast.Name) and node.id in ("ExceptionGroup", "BaseExceptionGroup"):
+                bad.append(f"{path.name}:{node.lineno} {node.id}")
+            elif type(node).__name__ == "TryStar":
+                bad.append(f"{path.name}:{node.lineno} except*")
+    assert not bad, bad
