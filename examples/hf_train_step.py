@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 examples/hf_train_step.py                 # tiny Llama, CPU/gloo or GPU/NCCL
     torchrun --nproc-per-node 8 examples/hf_train_step.py --model PATH --seq 32768 --dtype bfloat16
     torchrun --nproc-per-node 2 examples/hf_train_step.py --check         # also compare with 1 device
+    torchrun --nproc-per-node 2 examples/hf_train_step.py --docs 5 --check  # packed: 5 documents per row
 
 Every rank holds the same full batch (here: the same seeded random tokens; in a real job, the
 data loader of the sequence-parallel group), keeps its shard of the sequence, runs the model with
@@ -34,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", default="auto", choices=hf.STRATEGIES, help="SP attention strategy")
     p.add_argument("--layout", default="zigzag", choices=("zigzag", "contiguous"), help="sharding")
     p.add_argument("--seq", type=int, default=256, help="global sequence length (tokens)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (1 with --docs)")
+    p.add_argument("--docs", type=int, default=0,
+                   help="pack this many random-length documents into the sequence (cu_seqlens)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -59,11 +62,27 @@ def build_model(args: argparse.Namespace, attn: str, device: torch.device) -> to
     return model.to(device).train()
 
 
-def reference_step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The same model on the full sequence, one device, transformers' sdpa attention."""
+def packed_boundaries(seq: int, docs: int, step: int) -> torch.Tensor | None:
+    """``cu_seqlens`` of ``docs`` random-length documents filling ``seq`` tokens (same on all ranks)."""
+    if docs <= 1:
+        return None
+    gen = torch.Generator().manual_seed(1000 + step)
+    cuts = torch.randperm(seq - 1, generator=gen)[:docs - 1] + 1
+    return torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([seq])]).to(torch.int32)
+
+
+def reference_step(model: torch.nn.Module, ids: torch.Tensor, cu_seqlens: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The same model on the full sequence, one device, transformers' sdpa attention.
+
+    A packed row gets per-document positions, from which transformers builds its own
+    document-causal mask.
+    """
     model.set_attn_implementation("sdpa")  # the deep copy only
-    labels = hf.causal_lm_labels(ids)
-    out = model(input_ids=ids, labels=labels, shift_labels=labels)
+    labels = hf.causal_lm_labels(ids, cu_seqlens=cu_seqlens)
+    pos = hf.global_position_ids(ids.shape[1], cu_seqlens=cu_seqlens, device=ids.device)
+    out = model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), labels=labels,
+                shift_labels=labels)
     out.loss.backward()
     return out.loss.detach(), out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -74,6 +93,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.docs > 1 and args.batch != 1:
+        raise SystemExit("--docs packs one row: use --batch 1")
     rank, world_size, device = init_from_env()
     name = hf.register(strategy=args.strategy, layout=args.layout)  # default group = the SP group
     model = build_model(args, name, device)
@@ -84,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(1, args.steps + 1):
         gen = torch.Generator().manual_seed(step)  # the same full batch on every rank
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device)
-        batch = hf.shard_inputs(ids, layout=args.layout)  # this rank's tokens, positions, labels
+        cu = packed_boundaries(args.seq, args.docs, step)  # None: one sequence per row
+        batch = hf.shard_inputs(ids, layout=args.layout, cu_seqlens=cu)  # tokens, positions, labels
         out = model(**batch)
         out.loss.backward()
         hf.sum_gradients(model)  # or let FSDP/DDP over (dp x sp) reduce them
         loss = out.loss.detach().float().clone()
         dist.all_reduce(loss)  # the ranks' shares sum to the global mean loss
         if step == 1 and reference is not None:
-            ok = check(reference, ids, loss, out.logits.detach(), model, args, rank)
+            ok = check(reference, ids, cu, loss, out.logits.detach(), model, args, rank)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if rank == 0:
@@ -101,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def check(reference, ids, loss, local_logits, model, args, rank) -> bool:
-    ref_loss, ref_logits, ref_grads = reference_step(reference, ids)
-    logits = gather_sequence(local_logits, layout=args.layout)
+def check(reference, ids, cu, loss, local_logits, model, args, rank) -> bool:
+    ref_loss, ref_logits, ref_grads = reference_step(reference, ids, cu)
+    logits = gather_sequence(local_logits, layout=args.layout, cu_seqlens=cu)
     errs = {"loss": rel_err(loss, ref_loss), "logits": rel_err(logits, ref_logits),
             "grads": max(rel_err(p.grad, ref_grads[n]) for n, p in model.named_parameters())}
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(DTYPES[args.dtype], 5e-2)

@@ -262,6 +262,7 @@ def _run_example(rank, world_size, argv):
 
 
 def test_readme_training_step_example_checks_itself(capfd):
-    argv = ["--check", "--steps", "2", "--seq", "32", "--strategy", "tokenring", "--dtype", "float64"]
+    argv = ["--check", "--steps", "2", "--seq", "40", "--docs", "4", "--strategy", "tokenring",
+            "--dtype", "float64"]
     assert spawn_ranks(2, _run_example, argv, timeout=120) == [0, 0]
     assert "-> OK" in capfd.readouterr().out
