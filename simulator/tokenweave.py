@@ -68,6 +68,8 @@ class Span:
     name: str
     start: float
     end: float
+    kind: str  # "attn" | "mlp" | "norm" | "wait" | "comm"
+    layer: int
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ModeTimeline:
     spans: list[Span] = field(default_factory=list)
 
     def busy(self, stream: str) -> float:
-        return sum(s.end - s.start for s in self.spans if s.stream == stream and s.name != "wait")
+        return sum(s.end - s.start for s in self.spans if s.stream == stream and s.kind != "wait")
 
 
 class Pricer:
@@ -182,20 +184,21 @@ def walk(steps: list[Step], pricer: Pricer, ranges: tuple, padded: tuple, mode: 
         (s, e), rows = ranges[st.piece], padded[st.piece]
         if st.kind == "compute":
             dur = pricer.compute_s(st.op, s, e, overlapped)
-            spans.append(Span("compute", str(st), t_comp, t_comp + dur))
+            spans.append(Span("compute", str(st), t_comp, t_comp + dur, st.op, st.layer))
             t_comp += dur
         elif st.kind == "allreduce":
             ar, norm = pricer.allreduce_s(rows), pricer.norm_s(rows)
-            spans.append(Span("comm", str(st), t_comp, t_comp + ar))
-            spans.append(Span("compute", f"L{st.layer}.norm({st.piece})", t_comp + ar, t_comp + ar + norm))
+            spans.append(Span("comm", str(st), t_comp, t_comp + ar, "comm", st.layer))
+            spans.append(Span("compute", f"L{st.layer}.norm({st.piece})", t_comp + ar, t_comp + ar + norm,
+                              "norm", st.layer))
             t_comp += ar + norm
         elif st.kind == "post":
             start = max(t_comp, t_comm)
             t_comm = done[st.piece] = start + pricer.fused_s(rows, overlapped)
-            spans.append(Span("comm", str(st), start, t_comm))
+            spans.append(Span("comm", str(st), start, t_comm, "comm", st.layer))
         else:
             if done[st.piece] > t_comp:
-                spans.append(Span("compute", "wait", t_comp, done[st.piece]))
+                spans.append(Span("compute", str(st), t_comp, done[st.piece], "wait", st.layer))
             t_comp = max(t_comp, done[st.piece])
     return ModeTimeline(mode, t_comp, spans)
 
@@ -205,7 +208,7 @@ def no_comm_timeline(pricer: Pricer, tokens: int, num_layers: int) -> ModeTimeli
     for layer in range(num_layers):
         for op in ("attn", "mlp"):
             dur = pricer.compute_s(op, 0, tokens, False)
-            spans.append(Span("compute", f"L{layer}.{op}(0)", t, t + dur))
+            spans.append(Span("compute", f"L{layer}.{op}(0)", t, t + dur, op, layer))
             t += dur
     return ModeTimeline("no-comm", t, spans)
 
@@ -226,7 +229,7 @@ class TokenweaveResult:
         ms = 1e3 / self.num_layers
         base, tw, nc = (self.modes[m].total_s for m in ("baseline", "tokenweave", "no-comm"))
         twl = self.modes["tokenweave"]
-        waits = sum(s.end - s.start for s in twl.spans if s.name == "wait")
+        waits = sum(s.end - s.start for s in twl.spans if s.kind == "wait")
         return {
             "hardware": self.hardware, "model": self.model, "tp": self.layer.tp, "tokens": self.tokens,
             "layers": self.num_layers, "hidden": self.layer.hidden, "ffn": self.layer.ffn,

@@ -23,7 +23,7 @@ def chrome_trace(result: TokenweaveResult) -> dict:
         for tid in ("compute", "comm"):
             events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": tid}})
         for s in result.modes[mode].spans:
-            cat = "exposed_comm" if s.name == "wait" else ("comm" if s.stream == "comm" else "compute")
+            cat = "exposed_comm" if s.kind == "wait" else ("comm" if s.stream == "comm" else "compute")
             events.append({"name": s.name, "cat": cat, "ph": "X", "pid": pid, "tid": s.stream,
                            "ts": s.start * _US, "dur": max(s.end - s.start, 0.0) * _US})
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": result.summary()}
@@ -50,12 +50,9 @@ def write_gantt(result: TokenweaveResult, path: str | os.PathLike, max_layers: i
             y = -(2 * i + j)
             labels.append((y, f"{mode} {stream}"))
             for s in result.modes[mode].spans:
-                layer = int(s.name[1:].split(".", 1)[0]) if s.name.startswith("L") else 0
-                if s.stream != stream or layer >= max_layers:
+                if s.stream != stream or s.layer >= max_layers:
                     continue
-                kind = ("wait" if s.name == "wait" else "comm" if stream == "comm" else
-                        "attn" if ".attn" in s.name else "norm" if ".norm" in s.name else "mlp")
-                ax.barh(y, (s.end - s.start) * 1e3, left=s.start * 1e3, height=0.8, color=colors[kind],
+                ax.barh(y, (s.end - s.start) * 1e3, left=s.start * 1e3, height=0.8, color=colors[s.kind],
                         edgecolor="white", linewidth=0.3)
     ax.set_yticks([y for y, _ in labels])
     ax.set_yticklabels([name for _, name in labels], fontsize=8)
