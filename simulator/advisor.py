@@ -10,11 +10,12 @@ import functools
 import warnings
 from dataclasses import dataclass, field
 
-from tokenloom.comm.topology import check_layout
+from tokenloom.comm.topology import LAYOUTS
 from tokenloom.parallel.builders import STRATEGIES, describe_strategy, hybrid_name, parse_strategy
 from tokenloom.errors import UsageError
+from tokenloom.validate import check_choice, check_int
 from tokenloom.simulator.cost import AttentionShape, CostModel
-from tokenloom.simulator.hardware import LOCAL_CPU, Cluster, make_cluster
+from tokenloom.simulator.hardware import LOCAL_CPU, MAX_CLUSTER_GPUS, Cluster, make_cluster
 from tokenloom.simulator.scenario import (MAX_SIM_TRANSFERS, AttentionResult, check_feasible, check_work,
                                           estimated_transfers, simulate_attention)
 
@@ -167,8 +168,9 @@ def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_hea
     ``None`` to detect it; ``layout`` fixes the layout when the data is already sharded (``None``:
     rank both). Cached per arguments.
     """
+    world_size = check_int(world_size, "world_size", lo=1, hi=MAX_CLUSTER_GPUS)
     hw = hardware if hardware is not None else detect_hardware()
-    layouts = PREFERRED_LAYOUTS if layout is None else (check_layout(layout),)
+    layouts = PREFERRED_LAYOUTS if layout is None else (check_choice(layout, "layout", LAYOUTS),)
     return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
                    dtype_bytes, batch, hw, bool(backward), layouts)
 

@@ -19,6 +19,7 @@ host), written atomically to ``cpu_profile_path()`` unless another path is given
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -129,6 +130,11 @@ def measure_gloo(sizes: tuple[int, ...] = _PING_SIZES, repeats: int = 5, timeout
 
 def profile_from(compute: dict, gloo: dict, cores: int | None = None) -> NodeSpec:
     """The ``local-cpu`` node spec from measurements (FLOP/s measured are taken as achieved)."""
+    for name, value in (("forward FLOP/s", compute["fwd_flops"]), ("backward FLOP/s", compute["bwd_flops"]),
+                        ("memory bandwidth", compute["mem_bw"]), ("gloo bandwidth", gloo["bw"])):
+        if not (math.isfinite(value) and value > 0):  # timer noise beat the work: not the user's input
+            raise RuntimeError(f"calibration measured {name} = {value!r}; the timings were too noisy "
+                               f"(launch overhead larger than the kernels?): rerun on a quieter machine")
     device = Device(LOCAL_CPU, 1, compute["fwd_flops"], compute["mem_bw"], 1.0,
                     compute["bwd_flops"] / compute["fwd_flops"], compute["launch_s"])
     link = Link(gloo["bw"], gloo["latency_s"])

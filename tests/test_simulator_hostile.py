@@ -170,3 +170,28 @@ def test_auto_strategy_on_a_huge_world_falls_back_with_a_warning():
     with pytest.raises(UsageError, match="seq"):
         choose_strategy(world_size=4096, seq_len=(1 << 24) + 1, num_heads=32, num_kv_heads=8, head_dim=128,
                         causal=True, hardware="h100-sxm")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(world_size=0), "world_size"), (dict(world_size=-3), "world_size"), (dict(world_size=2.5), "world_size"),
+    (dict(layout="bogus"), "layout"), (dict(hardware="tpu"), "hardware"), (dict(seq_len=math.nan), "seq_len"),
+    (dict(num_heads=0), "num_heads"), (dict(dtype_bytes=0), "dtype_bytes"), (dict(seq_len=1001), "seq"),
+])
+def test_choose_strategy_refuses_bad_arguments(kwargs, field):
+    from tokenloom.simulator.advisor import choose_strategy
+
+    args = dict(world_size=2, seq_len=1024, num_heads=4, num_kv_heads=None, head_dim=8, causal=True,
+                hardware="h100-sxm", **kwargs)
+    with pytest.raises(UsageError, match=field):
+        choose_strategy(**args)
+
+
+def test_calibration_refuses_nonsense_measurements():
+    from tokenloom.simulator.calibrate import profile_from
+
+    compute = {"fwd_flops": 1e10, "bwd_flops": 1e10, "mem_bw": 1e10, "launch_s": 1e-5}
+    gloo = {"bw": 1e9, "latency_s": 1e-5}
+    assert profile_from(compute, gloo, cores=2).device.flops == 1e10
+    for bad in (-1e10, math.inf, math.nan):
+        with pytest.raises(RuntimeError, match="noisy"):
+            profile_from({**compute, "fwd_flops": bad}, gloo, cores=2)
