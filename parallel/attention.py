@@ -18,6 +18,7 @@ lists as inputs that are not plain local tensors: the forward run keeps exactly 
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -258,7 +259,8 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
         args = _Args(strategy, layout, causal, softmax_scale, impl, cu, hardware, backward,
                      tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype),
                      q.device)
-        key = (name, group, groups.rank, args)
+        # the process and the group's shape too: a forked child must not reuse its parent's plans
+        key = (name, group, os.getpid(), groups.rank, groups.world_size, groups.ulysses, args)
         hit = _PLANS.get(key)
         if hit is not None:
             _PLANS.move_to_end(key)

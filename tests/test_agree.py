@@ -135,3 +135,19 @@ def _gather_mismatch(rank, n):
 def test_gather_sequence_agrees_on_its_layout():
     for err in spawn_ranks(2, _gather_mismatch, timeout=60):
         assert err is not None and "disagree on layout" in err, err
+
+
+def _same_call_on_ranks(rank, n, q):
+    q = torch.from_numpy(q)
+    local = shard_sequence(q, rank, n, "zigzag")
+    return gather_sequence(token_ring_attention(local, local, local, causal=True), layout="zigzag")
+
+
+def test_a_forked_rank_does_not_reuse_its_parents_world_of_one_plan():
+    from tokenloom.kernels.reference import attention_with_lse
+
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    token_ring_attention(q[:, :4], q[:, :4], q[:, :4], causal=True)  # the parent caches a 1-rank plan
+    ref = attention_with_lse(q, q, q, causal=True)[0]
+    for out in spawn_ranks(2, _same_call_on_ranks, q.numpy()):
+        assert torch.allclose(torch.from_numpy(out), ref, atol=1e-12)
