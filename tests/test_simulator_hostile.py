@@ -180,8 +180,8 @@ def test_auto_strategy_on_a_huge_world_falls_back_with_a_warning():
 def test_choose_strategy_refuses_bad_arguments(kwargs, field):
     from tokenloom.simulator.advisor import choose_strategy
 
-    args = dict(world_size=2, seq_len=1024, num_heads=4, num_kv_heads=None, head_dim=8, causal=True,
-                hardware="h100-sxm", **kwargs)
+    args = {**dict(world_size=2, seq_len=1024, num_heads=4, num_kv_heads=None, head_dim=8, causal=True,
+                   hardware="h100-sxm"), **kwargs}
     with pytest.raises(UsageError, match=field):
         choose_strategy(**args)
 
