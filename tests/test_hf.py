@@ -56,7 +56,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _sp_vs_reference(rank, world_size, strategy, layout):
+def _sp_vs_reference(rank, world_size, strategy, layout, checkpointing=False):
     from tokenloom.parallel import gather_sequence
 
     torch.manual_seed(0)
@@ -64,6 +64,8 @@ def _sp_vs_reference(rank, world_size, strategy, layout):
     ref_logits, ref_loss, ref_grads = _reference(ids)
     name = hf.register(strategy=strategy, layout=layout)
     model = tiny_model(name)
+    if checkpointing:  # the backward re-runs every layer's attention forward (and its collectives)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = hf.shard_inputs(ids, layout=layout)
     out = model(**batch)
     out.loss.backward()
@@ -119,6 +121,11 @@ def _packed_vs_reference(rank, world_size, strategy):
     grads = {n: p.grad for n, p in model.named_parameters()}
     return {"logits": _rel(logits, ref_logits),
             "grads": max(_rel(grads[n], ref_grads[n]) for n in grads)}
+
+
+def test_gradient_checkpointing_recomputes_sp_attention():
+    for res in spawn_ranks(2, _sp_vs_reference, "ring", "zigzag", True, timeout=120):
+        assert res["logits"] < TOL and res["grads"] < TOL, res
 
 
 @pytest.mark.parametrize("strategy", ["tokenring", "ring", "ulysses"])
@@ -196,8 +203,9 @@ def test_refusals_without_ranks():
         hf.register(strategy="flash")
     with pytest.raises(UsageError, match="layout"):
         hf.register(layout="striped")
-    with pytest.raises(UsageError, match="name"):
-        hf.register(name="sdpa")
+    for taken in ("sdpa", "eager", "flex_attention"):
+        with pytest.raises(UsageError, match="name"):
+            hf.register(name=taken)
     with pytest.raises(UsageError, match="input_ids"):
         hf.shard_inputs(torch.zeros(1, 2, 3, dtype=torch.long))
     ids = batch_ids()

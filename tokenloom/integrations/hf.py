@@ -198,20 +198,20 @@ def sum_gradients(model: torch.nn.Module, *, group: Any = None) -> None:
     After it each rank holds the single-device gradient of the global loss. Skip it when the
     group is already part of your data-parallel gradient reduction (e.g. FSDP over dp x sp).
     """
-    g = _groups(group)
-    if g.world_size == 1:
+    groups = _groups(group)
+    if groups.world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
-    if g.ulysses > 1:  # a 2-D mesh: sum inside each Ulysses group, then across the ring
-        g.a2a.all_reduce(flat, "sum_gradients (ulysses)")
-    g.p2p.all_reduce(flat, "sum_gradients")
+    flat = torch.cat([grad.reshape(-1) for grad in grads])  # one collective, not one per tensor
+    if groups.ulysses > 1:  # a 2-D mesh: sum inside each Ulysses group, then across the ring
+        groups.a2a.all_reduce(flat, "sum_gradients (ulysses)")
+    groups.p2p.all_reduce(flat, "sum_gradients")
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 class _SPAttention:
@@ -221,6 +221,7 @@ class _SPAttention:
                  hardware: str | None) -> None:
         self.strategy, self.group, self.layout = strategy, group, layout
         self.impl, self.hardware = impl, hardware
+        self._positions: tuple[tuple, torch.Tensor] | None = None  # (key, expected) of the last call
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
@@ -272,12 +273,21 @@ class _SPAttention:
         if position_ids is not None:
             pos = position_ids.detach().to("cpu", torch.int64)
             pos = pos.reshape(-1, pos.shape[-1])
-            total = pos.shape[-1] * groups.world_size if cu_seqlens is None else int(cu_seqlens[-1])
-            full = global_position_ids(total, cu_seqlens=cu_seqlens)
-            want = _shard(full, self.group, self.layout, cu_seqlens)
+            want = self._expected_positions(pos.shape[-1], groups, cu_seqlens)
             if pos.shape[-1] != want.shape[-1] or not bool((pos == want).all()):
                 return _POSITIONS
         return _OK
+
+    def _expected_positions(self, s_local: int, groups: Any, cu_seqlens: torch.Tensor | None
+                            ) -> torch.Tensor:
+        """``(1, s_local)`` global positions of this rank's tokens; every layer asks the same."""
+        total = s_local * groups.world_size if cu_seqlens is None else int(cu_seqlens[-1])
+        key = (total, groups.rank, groups.world_size,
+               None if cu_seqlens is None else tuple(cu_seqlens.tolist()))
+        if self._positions is None or self._positions[0] != key:
+            full = global_position_ids(total, cu_seqlens=cu_seqlens)
+            self._positions = (key, _shard(full, self.group, self.layout, cu_seqlens))
+        return self._positions[1]
 
 
 def _cu_seqlens_of(kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -325,7 +335,9 @@ def register(strategy: str = "auto", group: Any = None, *, layout: str = "zigzag
     Args:
         strategy: ``"auto"`` (the simulator's advisor picks per shape and ``hardware``),
             ``"tokenring"``, ``"ring"`` or ``"ulysses"`` (needs heads divisible by the group size).
-        group: the sequence-parallel ProcessGroup or 1-D DeviceMesh (None: the default group).
+        group: the sequence-parallel ProcessGroup, a 1-D DeviceMesh, or a 2-D DeviceMesh with
+            dims ``("ulysses", "ring")`` (USP: Ulysses inside, ``strategy`` across; None: the
+            default group).
         layout: how sequences are sharded, ``"zigzag"`` or ``"contiguous"``; shard inputs with the
             same layout (:func:`shard_inputs`).
         name: the ``attn_implementation`` name; register several names for several groups.
@@ -336,11 +348,13 @@ def register(strategy: str = "auto", group: Any = None, *, layout: str = "zigzag
     """
     check_choice(strategy, "strategy", STRATEGIES)
     check_choice(layout, "layout", LAYOUTS)
-    if not isinstance(name, str) or not name or name in ("eager", "sdpa") or "flash" in name:
-        raise UsageError(f"name must be a new attention implementation name, got {name!r}",
-                         field="name")
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    taken = AttentionInterface._global_mapping.get(name)
+    if not isinstance(name, str) or not name or name == "eager" or "|" in name or \
+            (taken is not None and not isinstance(taken, _SPAttention)):
+        raise UsageError(f"name must not be one of transformers' attention implementations, got "
+                         f"{name!r}", field="name")
     fn: Callable = _SPAttention(strategy, group, layout, impl, hardware)
     AttentionInterface.register(name, fn)
     # Without a mask function of its own, transformers drops a user's 2-D padding mask for a
