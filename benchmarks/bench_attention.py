@@ -29,13 +29,15 @@ def _inputs(seq, heads, head_dim, seed=0):
 
 
 def _timed(fn, iters):
+    """Median wall ms and median process CPU ms (all threads) of ``fn``."""
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
 
 
 def _distributed(rank, n, strategy, impl, seq, heads, head_dim, causal, iters):
@@ -94,15 +96,18 @@ def main() -> None:
         for strategy in ("tokenring", "ring", "ulysses"):
             times = spawn_ranks(args.world_size, _distributed, strategy, impl, *shape, timeout=1800,
                                 threads=threads)
-            rows[(f"{strategy}, {args.world_size} ranks", impl)] = max(times)
-    sdpa = rows[("single process, torch SDPA", "-")]
+            rows[(f"{strategy}, {args.world_size} ranks", impl)] = (max(t[0] for t in times),
+                                                                  sum(t[1] for t in times))
+    sdpa, sdpa_cpu = rows[("single process, torch SDPA", "-")]
     print(f"forward+backward, seq {args.seq}, {args.heads} heads, head_dim {args.head_dim}, "
           f"{'causal' if causal else 'non-causal'}, fp32, zigzag; {cores} cores; "
           f"median of {args.iters}")
-    print(f"| {'contender':<33} | {'blocks':<6} | {'ms':>9} | {'vs torch SDPA':>13} |")
-    print(f"|{'-' * 35}|{'-' * 8}|{'-' * 11}|{'-' * 15}|")
-    for (name, impl), ms in rows.items():
-        print(f"| {name:<33} | {impl:<6} | {ms:9.0f} | {ms / sdpa:12.2f}x |")
+    print(f"| {'contender':<33} | {'blocks':<6} | {'ms':>9} | {'vs torch SDPA':>13} | "
+          f"{'CPU ms':>9} | {'CPU vs SDPA':>11} |")
+    print(f"|{'-' * 35}|{'-' * 8}|{'-' * 11}|{'-' * 15}|{'-' * 11}|{'-' * 13}|")
+    for (name, impl), (ms, cpu) in rows.items():
+        print(f"| {name:<33} | {impl:<6} | {ms:9.0f} | {ms / sdpa:12.2f}x | {cpu:9.0f} | "
+              f"{cpu / sdpa_cpu:10.2f}x |")
 
 
 if __name__ == "__main__":
