@@ -200,10 +200,10 @@ def load_trace(path: str | os.PathLike, field: str = "trace") -> Trace:
     Returns a validated :class:`Trace` (loads ``(L, E)``, transitions ``(L-1, E, E)`` or None).
     """
     p = Path(path)
+    check_input_file(p, field)
     if p.suffix.lower() not in _SUFFIXES:
         raise UsageError(f"{field}: unsupported file type {p.suffix or '(none)'!r} for {str(p)!r}; valid: .npz, .json")
     try:
-        check_input_file(p, field)
         data = _read_npz(p, field) if p.suffix.lower() == ".npz" else _read_json(p, field)
         return _trace_from_mapping(data, str(p))
     except UsageError as exc:

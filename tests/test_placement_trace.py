@@ -113,6 +113,7 @@ def test_nan_in_npz_and_unreadable_files(tmp_path):
         load_trace(tmp_path / "junk.json")
     with pytest.raises(ValueError, match="^trace: no such file: .*missing.npz"):
         load_trace(tmp_path / "missing.npz")
+    (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(ValueError, match="^trace: unsupported file type '.csv'"):
         load_trace(tmp_path / "x.csv")
 
