@@ -251,7 +251,7 @@ def _root_can_write_anyway() -> bool:
 
 OUT_ROWS = ["device", "fifo", "directory", "missing parent", "read-only dir", "equals input",
             "second output bad", "same file twice", "bad input after claim", "empty path",
-            "parent is a file", "symlink loop"]
+            "parent is a file", "symlink loop", "looks writable, is not"]
 
 
 @pytest.mark.parametrize("case", OUT_ROWS)
@@ -294,6 +294,10 @@ def test_output_hazards(case, tmp_path, capsys):
         argv = base + ["--chrome-trace", ""]
     elif case == "parent is a file":
         argv = base + ["--chrome-trace", str(old / "t.json")]
+    elif case == "looks writable, is not":  # os.access says yes (root); only creating a file tells
+        if not os.path.isdir("/sys") or not os.access("/sys", os.W_OK):
+            pytest.skip("no /sys that claims to be writable")
+        argv = base + ["--chrome-trace", "/sys/t.json"]
     elif case == "symlink loop":
         (tmp_path / "loop").symlink_to(tmp_path / "loop")
         argv = base + ["--chrome-trace", str(tmp_path / "loop")]

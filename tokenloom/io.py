@@ -105,14 +105,18 @@ class OutputFiles:
     ...     out.write("--out", lambda p: save_plan(plan, p))
     ...     out.commit()                           # only now do the targets change
 
-    ``write`` runs the writer on a temp path beside the target (so disk-full or a writer error
-    surfaces before anything is replaced); leaving the block without ``commit`` deletes the temps.
+    ``claim`` checks the path and creates (and at once deletes) a probe file beside the target, so
+    a directory that only *looks* writable (root on a read-only mount, ``/sys``, a full quota) is
+    refused before the work, not after it. ``write`` runs the writer on a temp path beside the
+    target (disk-full or a writer error surfaces before anything is replaced); leaving the block
+    without ``commit`` deletes the temps.
     """
 
     def __init__(self, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
         self._inputs = [i for i in inputs if i is not None]
         self._targets: dict[str, Path] = {}
-        self._staged: dict[str, str] = {}
+        self._staged: dict[str, str] = {}  # field -> its temp file (from claim on)
+        self._written: set[str] = set()
 
     def claim(self, field: str, path: str | os.PathLike | None) -> Path | None:
         """Check and reserve ``path`` for ``field``; ``None`` (flag not given) passes through."""
@@ -121,7 +125,8 @@ class OutputFiles:
         target = resolve_output(path, field, self._inputs)
         for other_field, other in self._targets.items():
             if other == target:
-                raise UsageError(f"{field} and {other_field} name the same file {path}", field=field)
+                raise UsageError(f"{field} and {other_field} name the same file {os.fspath(path)}", field=field)
+        _probe(target, field)
         self._targets[field] = target
         return target
 
@@ -135,27 +140,41 @@ class OutputFiles:
         self._staged[field] = tmp
         writer(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
+        self._written.add(field)
 
     def commit(self) -> None:
-        """Rename every staged file over its target."""
-        for field, target in self._targets.items():  # still usable? (checked again: cheap, and
-            if field in self._staged:                  # the work may have taken minutes)
-                resolve_output(target, field, self._inputs)
-        for field, tmp in list(self._staged.items()):
-            os.replace(tmp, self._targets[field])
-            del self._staged[field]
+        """Rename every written file over its target (claimed but unwritten ones are dropped)."""
+        for field in self._written:  # still usable? (checked again: cheap, and the work may
+            resolve_output(self._targets[field], field, self._inputs)  # have taken minutes)
+        for field in sorted(self._written, key=list(self._targets).index):
+            os.replace(self._staged.pop(field), self._targets[field])
+        self._written.clear()
+        self.discard()
 
     def discard(self) -> None:
         for tmp in self._staged.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self._staged.clear()
+        self._written.clear()
 
     def __enter__(self) -> "OutputFiles":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def _probe(target: Path, field: str) -> None:
+    """Create and delete an empty file beside ``target``: ``os.access`` says yes to root on a
+    read-only mount and in ``/sys``; only trying tells."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+    except OSError as exc:
+        raise UsageError(f"{field}: cannot create a file in {target.parent}: {exc.strerror}",
+                         field=field) from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def check_input_file(path: str | os.PathLike, field: str, *, max_bytes: int = MAX_INPUT_BYTES) -> Path:
