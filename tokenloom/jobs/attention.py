@@ -40,7 +40,7 @@ class AttentionRun:
 
     def validate(self, world_size: int) -> None:
         """Raise UsageError naming the flag for a request that cannot run on ``world_size`` ranks."""
-        from tokenloom.comm.topology import chunks_of_rank
+        from tokenloom.parallel.dims import ParallelDims  # the one place for SP rules
 
         for name in ("seq", "heads", "head_dim", "batch", "iters"):
             if getattr(self, name) < 1:
@@ -48,12 +48,14 @@ class AttentionRun:
         hkv = self.heads if self.kv_heads is None else self.kv_heads
         if hkv < 1 or self.heads % hkv:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
-        per = len(chunks_of_rank(0, world_size, self.layout)) * world_size
+        dims = ParallelDims("tokenring" if self.strategy == "auto" else self.strategy, world_size,
+                            layout=self.layout)
+        per = dims.seq.num_chunks
         if self.seq % per:
             raise UsageError(f"--seq ({self.seq}) must be a multiple of {per} "
                              f"({'2 * ' if self.layout == 'zigzag' else ''}world_size) for layout "
                              f"{self.layout}", field="seq")
-        if self.strategy == "ulysses" and self.heads % world_size:
+        if self.heads % dims.head_shards:
             raise UsageError(f"--heads ({self.heads}) must be divisible by the world size "
                              f"({world_size}) for --strategy ulysses", field="heads")
         elements = self.batch * self.seq * (2 * self.heads + 2 * hkv) * self.head_dim
