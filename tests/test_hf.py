@@ -22,10 +22,11 @@ TOL = 1e-10  # fp64: relative to the largest magnitude of the reference tensor
 LOSS_TOL = 1e-6  # transformers' causal-LM loss upcasts logits to fp32: the ranks' sums round there
 
 
-def tiny_model(attn: str, dtype=torch.float64, **overrides):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_model(attn: str, dtype=torch.float64, arch="LlamaConfig", **overrides):
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = getattr(transformers, arch)(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       use_cache=False, **overrides)
     torch.manual_seed(0)
@@ -43,8 +44,8 @@ def batch_ids(seq=SEQ, batch=BATCH):
     return torch.randint(0, VOCAB, (batch, seq), generator=gen)
 
 
-def _reference(ids, cu_seqlens=None):
-    model = tiny_model("sdpa")
+def _reference(ids, cu_seqlens=None, arch="LlamaConfig"):
+    model = tiny_model("sdpa", arch=arch)
     labels = hf.causal_lm_labels(ids, cu_seqlens=cu_seqlens)
     pos = hf.global_position_ids(ids.shape[1], cu_seqlens=cu_seqlens).expand(ids.shape[0], -1)
     out = model(input_ids=ids, position_ids=pos, labels=labels, shift_labels=labels)
@@ -56,14 +57,14 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _sp_vs_reference(rank, world_size, strategy, layout, checkpointing=False):
+def _sp_vs_reference(rank, world_size, strategy, layout, checkpointing=False, arch="LlamaConfig"):
     from tokenloom.parallel import gather_sequence
 
     torch.manual_seed(0)
     ids = batch_ids()
-    ref_logits, ref_loss, ref_grads = _reference(ids)
+    ref_logits, ref_loss, ref_grads = _reference(ids, arch=arch)
     name = hf.register(strategy=strategy, layout=layout)
-    model = tiny_model(name)
+    model = tiny_model(name, arch=arch)
     if checkpointing:  # the backward re-runs every layer's attention forward (and its collectives)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = hf.shard_inputs(ids, layout=layout)
@@ -121,6 +122,13 @@ def _packed_vs_reference(rank, world_size, strategy):
     grads = {n: p.grad for n, p in model.named_parameters()}
     return {"logits": _rel(logits, ref_logits),
             "grads": max(_rel(grads[n], ref_grads[n]) for n in grads)}
+
+
+@pytest.mark.parametrize("arch", ["MistralConfig", "Qwen3Config"])
+def test_other_architectures(arch):
+    """Mistral passes sliding_window=4096 (longer than the sequence: no effect); Qwen3 has q/k norms."""
+    for res in spawn_ranks(2, _sp_vs_reference, "tokenring", "zigzag", False, arch, timeout=120):
+        assert res["logits"] < TOL and res["grads"] < TOL, res
 
 
 def test_gradient_checkpointing_recomputes_sp_attention():
@@ -220,6 +228,7 @@ def test_refusals_without_ranks():
         fn(layer, q, kv, kv, None, softcap=30.0)
     with pytest.raises(UsageError, match="sliding_window"):
         fn(layer, q, kv, kv, None, sliding_window=4)
+    assert fn(layer, q, kv, kv, None, sliding_window=8)[0].shape == (1, 8, 4, 16)  # masks nothing
     with pytest.raises(UsageError, match="use_cache"):
         fn(layer, q[:, :, :1], kv, kv, None)
     with pytest.raises(UsageError, match="attention_mask"):

@@ -59,7 +59,6 @@ IGNORE_INDEX = -100
 # kwargs some transformers models pass that change the attention math in ways SP does not do
 _UNSUPPORTED = {
     "softcap": "logit soft-capping",
-    "sliding_window": "sliding-window attention",
     "s_aux": "attention sinks",
     "position_bias": "an additive position bias",
 }
@@ -237,6 +236,8 @@ class _SPAttention:
                 raise _packed_unsupported()
             extra["cu_seqlens"] = cu_seqlens
             cu_seqlens = _check_cu_seqlens(cu_seqlens, None)
+        _refuse_sliding_window(kwargs.get("sliding_window"), query.shape[2] * groups.world_size
+                               if cu_seqlens is None else int(cu_seqlens[-1]))
         code = self._local_problem(attention_mask, kwargs.get("position_ids"), groups, cu_seqlens)
         _agree(groups, code)
         from tokenloom.parallel import sp_attention
@@ -288,6 +289,14 @@ class _SPAttention:
             full = global_position_ids(total, cu_seqlens=cu_seqlens)
             self._positions = (key, _shard(full, self.group, self.layout, cu_seqlens))
         return self._positions[1]
+
+
+def _refuse_sliding_window(window: Any, seq_len: int) -> None:
+    """A window as long as the sequence masks nothing (Mistral-style configs default to 4096)."""
+    if window is not None and seq_len > window:
+        raise UsageError(f"sliding_window: tokenloom attention has no sliding window; a window of "
+                         f"{window} tokens changes attention over a {seq_len}-token sequence",
+                         field="sliding_window")
 
 
 def _cu_seqlens_of(kwargs: dict[str, Any]) -> torch.Tensor | None:
