@@ -30,7 +30,7 @@ from tokenloom.kernels.reference import attention_delta, check_qkv
 from tokenloom.parallel.agree import Agreed, agree, check_scale
 from tokenloom.parallel.builders import schedule_for
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims
-from tokenloom.parallel.groups import gather_all, resolve_sp_group
+from tokenloom.parallel.groups import agreement_gather, gather_all, resolve_sp_group
 from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
 from tokenloom.parallel.runtime import Dims, Groups, Held, Runner, take
 from tokenloom.parallel.schedule import WIRE_FIELDS, Buf, Schedule
@@ -285,10 +285,8 @@ def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, soft
     mine, plan = _plan_for(name, groups, group, q, k, v, strategy=strategy, causal=causal,
                            layout=layout, softmax_scale=softmax_scale, impl=impl,
                            cu_seqlens=cu_seqlens, hardware=hardware)
-    gather = None
-    if groups.world_size > 1:
-        gather = functools.partial(gather_all, groups, what=f"{name} argument agreement")
-    agree(name, mine, gather, groups.p2p.device)  # before any P2P: raises on every rank or none
+    gather, device = agreement_gather(groups, f"{name} argument agreement")
+    agree(name, mine, gather, device)  # before any P2P: raises on every rank or none
     assert plan is not None
     out, lse = _SequenceParallelAttention.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
@@ -458,9 +456,7 @@ def gather_sequence(x_local: torch.Tensor, group: Any = None, layout: str = "zig
         from tokenloom.parallel.agree import FIELDS
 
         mine, seq = Agreed.failed(exc.field if exc.field in FIELDS else "arguments", str(exc)), None
-    gather = (functools.partial(gather_all, groups, what="gather_sequence agreement")
-              if n > 1 else None)
-    agree("gather_sequence", mine, gather, groups.p2p.device)
+    agree("gather_sequence", mine, *agreement_gather(groups, "gather_sequence agreement"))
     assert seq is not None
     lens = [seq.local_len(r, total) for r in range(n)]
     pad = max(lens)

@@ -10,9 +10,11 @@ the ranks of one node (``init_device_mesh("cuda", (nodes, 8), mesh_dim_names=("r
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from tokenloom.comm.communicator import Communicator
 from tokenloom.errors import UsageError
@@ -57,3 +59,18 @@ def gather_all(groups: Groups, tensor: torch.Tensor, what: str) -> torch.Tensor:
     inner = groups.a2a.all_gather(tensor, what=f"{what} (ulysses)")
     outer = groups.p2p.all_gather(inner, what=f"{what} (ring)")
     return outer.reshape(groups.world_size, *tensor.shape)
+
+
+def agreement_gather(groups: Groups, what: str):
+    """``(gather, device)`` for the argument agreement: ONE all-gather whenever possible.
+
+    A flat group gathers over itself; a 2-D mesh that spans the default group gathers over the
+    default group (ranks then named by global rank); a smaller 2-D mesh needs the two-step
+    :func:`gather_all`. ``gather`` is None for a world of one.
+    """
+    if groups.world_size == 1:
+        return None, groups.p2p.device
+    if groups.ulysses > 1 and dist.is_initialized() and dist.get_world_size() == groups.world_size:
+        world = Communicator(None, timeout=groups.p2p.timeout)
+        return functools.partial(world.all_gather, what=what), world.device
+    return functools.partial(gather_all, groups, what=what), groups.p2p.device

@@ -100,3 +100,32 @@ def test_2d_rules():
         ParallelDims("ulysses", 8, ulysses=4, heads=8)
     dims = ParallelDims("ring", 8, ulysses=4, heads=8, kv_heads=2)
     assert dims.kv_repeat == 2 and dims.head_shards == 4 and dims.ring == 2
+
+
+def _mesh_disagreement(rank, n):
+    from tokenloom.comm.communicator import Communicator
+    from tokenloom.errors import UsageError
+
+    mesh = _mesh()
+    gathers = []
+    real = Communicator.all_gather
+
+    def counted(self, tensor, what="all_gather"):
+        gathers.append(what)
+        return real(self, tensor, what)
+
+    Communicator.all_gather = counted
+    q = torch.randn(1, 8, 4, 4)
+    sp_attention(q, q, q, group=mesh, strategy="ring", causal=True)
+    first = len(gathers)
+    try:
+        sp_attention(q, q, q, group=mesh, strategy="ring", softmax_scale=0.5 if rank == 3 else None)
+    except UsageError as exc:
+        return first, str(exc)
+    return first, None
+
+
+def test_2d_mesh_agrees_in_one_collective_and_names_the_rank():
+    for first, err in spawn_ranks(4, _mesh_disagreement, timeout=60):
+        assert first == 1  # one all-gather over the default group the mesh spans
+        assert err is not None and "disagree on softmax_scale" in err and "rank 3: 0.5" in err, err
