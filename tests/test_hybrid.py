@@ -119,7 +119,7 @@ def _mesh_disagreement(rank, n):
     sp_attention(q, q, q, group=mesh, strategy="ring", causal=True)
     first = len(gathers)
     try:
-        sp_attention(q, q, q, group=mesh, strategy="ring", softmax_scale=0.5 if rank == 3 else None)
+        sp_attention(q, q, q, group=mesh, strategy="ring", softmax_scale=0.25 if rank == 3 else None)  # default: 0.5
     except UsageError as exc:
         return first, str(exc)
     return first, None
@@ -128,4 +128,4 @@ def _mesh_disagreement(rank, n):
 def test_2d_mesh_agrees_in_one_collective_and_names_the_rank():
     for first, err in spawn_ranks(4, _mesh_disagreement, timeout=60):
         assert first == 1  # one all-gather over the default group the mesh spans
-        assert err is not None and "disagree on softmax_scale" in err and "rank 3: 0.5" in err, err
+        assert err is not None and "disagree on softmax_scale" in err and "rank 3: 0.25" in err, err
