@@ -46,19 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, attn: str, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     dtype = DTYPES[args.dtype]
     if args.model:
-        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=attn, dtype=dtype)
+        cfg = AutoConfig.from_pretrained(args.model)
     else:
         cfg = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256,
                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                           max_position_embeddings=max(args.seq, 256))
+    cfg.attention_dropout = 0.0  # tokenloom attention has no dropout (layers read it when built)
+    cfg.use_cache = False  # training: no KV cache
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, config=cfg, attn_implementation=attn,
+                                                     dtype=dtype)
+    else:
         torch.manual_seed(0)  # same weights on every rank
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype)
-    model.config.attention_dropout = 0.0  # tokenloom attention has no dropout
-    model.config.use_cache = False
     return model.to(device).train()
 
 
