@@ -20,6 +20,7 @@ is the order :func:`tokenloom.parallel.schedule.match_p2p` assumes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -192,8 +193,14 @@ def alloc(buf: Buf, dims: Dims, *, fill: bool = False) -> dict[str, torch.Tensor
 
 def sub_blocks(blk: Block, dims: Dims) -> list[tuple[list[Segment], list[Segment]]]:
     """``(query segments, key segments)`` of each kernel call of ``blk``: one for a dense
-    sequence, one per document present on both sides for a packed one."""
-    lens, seq = dims.chunk_lens, dims.seq
+    sequence, one per document present on both sides for a packed one (cached: every layer of a
+    model asks the same)."""
+    return _sub_blocks(blk, dims.chunk_lens, dims.seq)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sub_blocks(blk: Block, lens: tuple[int, ...], seq: SeqLayout | None
+                ) -> list[tuple[list[Segment], list[Segment]]]:
     if seq is None or not seq.varlen:
         return [(whole(lens, blk.q_chunks), whole(lens, blk.kv_chunks))]
     per_chunk = {c: {d: (o, n) for d, o, n in seq.pieces(c)} for c in (*blk.q_chunks, *blk.kv_chunks)}
