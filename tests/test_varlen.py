@@ -145,3 +145,20 @@ def test_bad_cu_seqlens_are_usage_errors():
         token_ring_attention(q, q, q, cu_seqlens=torch.zeros(2, 2, dtype=torch.int32))
     with pytest.raises(UsageError, match="ends at 6"):
         shard_sequence(q, 0, 1, cu_seqlens=[0, 6])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", [None, "torch"])
+def test_varlen_on_cuda_world_of_one(impl):
+    """One CUDA rank (no process group): every strategy, packed, bf16, against fp64 on CPU."""
+    cu = _cu(DOCS)
+    q, k, v, dout = _inputs(sum(DOCS))
+    ref = _reference(q, k, v, dout, DOCS, True)
+    for strategy, fn in FN.items():
+        ql, kl, vl = (shard_sequence(t, 0, 1, cu_seqlens=cu).cuda().bfloat16().requires_grad_() for t in (q, k, v))
+        out = fn(ql, kl, vl, causal=True, cu_seqlens=cu, impl=impl)
+        out.backward(shard_sequence(dout, 0, 1, cu_seqlens=cu).cuda().bfloat16())
+        for name, got in (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad)):
+            want = shard_sequence(ref[name], 0, 1, cu_seqlens=cu)
+            err = (got.detach().double().cpu() - want).abs().max().item()
+            assert err < 0.05 * max(1.0, want.abs().max().item()), (strategy, name, err)
