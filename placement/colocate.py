@@ -53,15 +53,15 @@ class NodeState:
     """Replica units on nodes: ``expert[u]``, ``node[u]``; ``X`` (E, N) counts, ``A = C P`` affinities."""
 
     def __init__(self, expert: np.ndarray, node: np.ndarray, coact: np.ndarray, shares: np.ndarray,
-                 num_nodes: int) -> None:
+                 num_nodes: int, fixed: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.expert, self.node = expert.copy(), node.copy()
         self.coact, self.shares = coact, shares
         self.num_nodes = num_nodes
         self.counts = np.bincount(expert, minlength=coact.shape[0]).astype(np.float64)
-        # fixed for the life of the state (units never change expert): the swap pair term, same-expert mask
-        c = self.counts[expert]
-        self.pair = 2 * coact[expert][:, expert] / np.outer(c, c)
-        self.same = expert[:, None] == expert[None, :]
+        if fixed is None:  # fixed while units keep their experts: the swap pair term, the same-expert mask
+            c = self.counts[expert]
+            fixed = (2 * coact[expert][:, expert] / np.outer(c, c), expert[:, None] == expert[None, :])
+        self.pair, self.same = fixed
         self.refresh()
 
     def refresh(self) -> None:
@@ -72,7 +72,8 @@ class NodeState:
         self.load = np.bincount(self.node, weights=self.shares[self.expert], minlength=self.num_nodes)
 
     def clone(self, node: np.ndarray | None = None) -> "NodeState":
-        return NodeState(self.expert, self.node if node is None else node, self.coact, self.shares, self.num_nodes)
+        return NodeState(self.expert, self.node if node is None else node, self.coact, self.shares, self.num_nodes,
+                         (self.pair, self.same))
 
     def score(self) -> float:
         P = self.X / self.counts[:, None]
@@ -247,9 +248,13 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
     """
     spn = problem.slots_per_gpu * problem.gpus_per_node
     node = np.arange(problem.num_slots) // spn
-    best_row, best_score = starts[0], _row_state(starts[0], node, coact, loads, problem).score()
+    best_row, best_score = starts[0], None
     for i, start_row in enumerate(starts):
+        if time.perf_counter() >= deadline:
+            break
         start = _row_state(start_row, node, coact, loads, problem)
+        if i == 0:
+            best_score = start.score()
         if start.X.max() > problem.gpus_per_node:  # e.g. EPLB put more replicas on a node than it has GPUs
             continue
         node_cap = max(cap * problem.gpus_per_node, float(start.load.max()))

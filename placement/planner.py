@@ -153,31 +153,47 @@ def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float
         raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be a "
                          f"multiple of the {problem.num_nodes} nodes")
     eplb, policy = eplb_policy_rows(trace.loads, problem, expert_groups)
-    budget = max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter()) / trace.num_layers
-    items = [(trace.loads[l], trace.coactivation(l), eplb[l], problem, max_imbalance, budget) for l in range(trace.num_layers)]
+    wall_deadline = time.time() + max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter())
+    budget = max(0.0, wall_deadline - time.time()) / trace.num_layers
+    items = [(trace.loads[l], _layer_routing(trace, l), eplb[l], problem, max_imbalance, budget, wall_deadline)
+             for l in range(trace.num_layers)]
     results = list(map_fn(dp_layer, items)) if map_fn is not None else [dp_layer(item) for item in items]
     rows = np.stack([r[0] for r in results])
     caps = [r[1] for r in results]
     solver = {"name": "colocate", "status": "heuristic", "gap": None, "bound": _bounds(trace, rows, problem),
               "cap": caps, "cap_rule": f"eplb {policy}" if max_imbalance is None else f"max_imbalance {max_imbalance:g}",
-              "eplb_policy": policy, "coactivation": trace.coactivation(0) is not None, "time_limit": time_limit}
+              "eplb_policy": policy, "coactivation": _layer_routing(trace, 0) is not None, "time_limit": time_limit}
     return rows, solver
 
 
-def dp_layer(item) -> tuple[np.ndarray, float]:
-    """One dp layer (a pure function of its inputs, so it can run as a Ray task): (row, cap)."""
-    from tokenloom.placement.colocate import plan_layer
+def _layer_routing(trace: Trace, layer: int):
+    """What a dp layer needs to build its co-activation: the layer's ids (small), else a stored matrix."""
+    if trace.topk_ids is not None:
+        return trace.topk_ids[layer]
+    return None if trace.coactivations is None else trace.coactivations[layer]
 
-    loads, coact, eplb_row, problem, max_imbalance, budget = item
+
+def dp_layer(item) -> tuple[np.ndarray, float]:
+    """One dp layer (a pure function of its inputs, so it can run as a Ray task): (row, cap).
+
+    ``item``: (loads (E,), ids (T, K) or co-activation (E, E) or None, EPLB's row, problem,
+    max_imbalance, seconds for this layer, wall-clock deadline of the whole search).
+    """
+    from tokenloom.placement.colocate import coactivation, plan_layer
+
+    loads, routing, eplb_row, problem, max_imbalance, budget, wall_deadline = item
     counts = eplb_replica_counts(loads, problem.num_slots, problem.num_gpus)
     begin = improve_by_swaps(loads, greedy_layer(loads, problem, counts), problem)
     begin_max = float(gpu_loads(loads, begin, problem.num_gpus).max())
     mean = float(loads.sum()) / problem.num_gpus
     target = float(gpu_loads(loads, eplb_row, problem.num_gpus).max()) if max_imbalance is None else max_imbalance * mean
     cap = max(begin_max, target)
-    if coact is None or problem.num_nodes == 1:
+    seconds = min(budget, wall_deadline - time.time())
+    if routing is None or problem.num_nodes == 1 or seconds <= 0:
         return begin, cap
-    row = plan_layer(coact, loads, [begin, eplb_row], cap, problem, time.perf_counter() + budget)
+    coact = routing if routing.shape == (problem.num_experts, problem.num_experts) and routing.dtype.kind == "f" \
+        else coactivation(routing, problem.num_experts)
+    row = plan_layer(coact, loads, [begin, eplb_row], cap, problem, time.perf_counter() + seconds)
     return row, cap
 
 
