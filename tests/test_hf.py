@@ -131,6 +131,41 @@ def test_other_architectures(arch):
         assert res["logits"] < TOL and res["grads"] < TOL, res
 
 
+def _errors_fp32(model, batch, ref_logits, ref_grads, layout=None):
+    from tokenloom.parallel import gather_sequence
+
+    out = model(**batch)
+    out.loss.backward()
+    logits = out.logits.detach()
+    if layout is not None:
+        hf.sum_gradients(model)
+        logits = gather_sequence(logits, layout=layout)
+    return (_rel(logits.double(), ref_logits),
+            max(_rel(p.grad.double(), ref_grads[n]) for n, p in model.named_parameters()))
+
+
+def _fp32_error_vs_plain_pytorch(rank, world_size, strategy):
+    """fp32 SP against fp64, next to fp32 single-device sdpa against fp64 (same weights)."""
+    ids = batch_ids()
+    ref_logits, _, ref_grads = _reference(ids)
+    weights = tiny_model("sdpa").state_dict()
+    plain = tiny_model("sdpa", dtype=torch.float32)
+    plain.load_state_dict(weights)
+    labels = hf.causal_lm_labels(ids)
+    full = {"input_ids": ids, "labels": labels, "shift_labels": labels}
+    sp = tiny_model(hf.register(strategy=strategy), dtype=torch.float32)
+    sp.load_state_dict(weights)
+    return {"plain": _errors_fp32(plain, full, ref_logits, ref_grads),
+            "sp": _errors_fp32(sp, hf.shard_inputs(ids), ref_logits, ref_grads, layout="zigzag")}
+
+
+def test_fp32_error_is_no_worse_than_plain_pytorch():
+    """STYLE 5: at most 2x the error of single-device fp32 attention, plus a small floor."""
+    for res in spawn_ranks(2, _fp32_error_vs_plain_pytorch, "tokenring", timeout=120):
+        for what, plain, sp in zip(("logits", "grads"), res["plain"], res["sp"]):
+            assert sp <= 2 * plain + 1e-6, (what, res)
+
+
 def test_gradient_checkpointing_recomputes_sp_attention():
     for res in spawn_ranks(2, _sp_vs_reference, "ring", "zigzag", True, timeout=120):
         assert res["logits"] < TOL and res["grads"] < TOL, res
