@@ -208,8 +208,9 @@ class SplitPlan:
 
 
 def candidate_cuts(tokens: int, tile_m: int, lo: int, hi: int) -> list[int]:
-    """Window ends and every cut where ``k`` or ``tokens - k`` is a multiple of ``tile_m``."""
-    out = {lo, hi}
+    """Window ends, the middle, and every cut where ``k`` or ``tokens - k`` is a multiple of
+    ``tile_m`` (the cost is constant between those, so the middle only matters for ties)."""
+    out = {lo, hi} | {k for k in (tokens // 2, (tokens + 1) // 2) if lo <= k <= hi}
     for j in range(lo // tile_m, hi // tile_m + 2):
         for k in (j * tile_m, tokens - j * tile_m):
             if lo <= k <= hi:

@@ -264,6 +264,7 @@ def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num
         "tokenweave": walk(tw_steps, pricer, plan.pieces, plan.padded, "tokenweave"),
         "no-comm": no_comm_timeline(pricer, tokens, num_layers),
     }
-    path = "none" if layer.tp == 1 else ("multimem" if pricer.multimem else "nccl")
+    path = ("none" if layer.tp == 1 else "multimem" if pricer.multimem else
+            "gloo" if cluster.node.host_cores else "nccl")
     return TokenweaveResult(cluster.node.name, model, layer, tokens, num_layers, plan, path, modes)
 
