@@ -54,3 +54,52 @@ def test_fuzzed_flags_end_in_exit_0_or_one_line_exit_2(argv, capsys):
     else:
         assert cap.err == "" and json.loads(cap.out)
     assert elapsed < 10
+
+
+ODD_JSON = [None, True, False, 0, -1, 1, 2, 0.5, 1e-300, 1e300, 10 ** 30, -1e-6, "", "fast", "1e9", [], [1, 2],
+            {}, {"bw": 1}, 64, 1e12, 4.5e11, 8, "switch", "pcie", "bus", "mesh"]
+
+
+def _mutations(n: int, seed: int = 3) -> list[dict]:
+    from tokenloom.simulator.hardware import CATALOG, node_to_dict
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        spec = node_to_dict(CATALOG[rng.choice(sorted(CATALOG))])
+        for _ in range(rng.randint(1, 3)):
+            holder = spec
+            if rng.random() < 0.6:
+                key = rng.choice(["device", "link", "nic", "uplink"])
+                if isinstance(spec.get(key), dict):
+                    holder = spec[key]
+            key = rng.choice(sorted(holder) + ["extra"])
+            roll = rng.random()
+            if roll < 0.15:
+                holder.pop(key, None)
+            else:
+                holder[key] = rng.choice(ODD_JSON)
+        out.append(spec)
+    return out
+
+
+@pytest.mark.parametrize("spec", _mutations(150), ids=lambda s: "spec")
+def test_fuzzed_hardware_specs_load_or_name_the_field(spec, tmp_path):
+    """A mutated spec either loads and simulates to finite numbers, or is refused naming ``mine.``."""
+    import math
+
+    from tokenloom.errors import UsageError
+    from tokenloom.simulator import AttentionShape, make_cluster, simulate_attention
+
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps({"mine": spec}))
+    try:
+        cluster = make_cluster("mine", 2, 1, path)
+    except UsageError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and "hw.json" in msg and "mine" in msg, msg
+        return
+    t0 = time.perf_counter()
+    s = simulate_attention("tokenring", cluster, AttentionShape(1024, 2, 16), causal=True, backward=True).summary()
+    assert all(math.isfinite(s[k]) and s[k] >= 0 for k in ("total_ms", "compute_ms", "exposed_comm_ms"))
+    assert time.perf_counter() - t0 < 5
