@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # imported in the parent: forked ranks share it
 
-from tokenloom.comm.spawn import RankError, spawn_ranks  # noqa: E402
+from tokenloom.comm.spawn import spawn_ranks  # noqa: E402
 from tokenloom.errors import UsageError  # noqa: E402
 from tokenloom.integrations import hf  # noqa: E402
 
