@@ -81,7 +81,7 @@ def chrome_trace(result: AttentionResult, max_ranks: int | None = None) -> dict:
 
 def write_chrome_trace(result: AttentionResult, path: str | os.PathLike) -> None:
     with atomic_write(path, "w") as handle:
-        json.dump(chrome_trace(result), handle)
+        json.dump(chrome_trace(result), handle, allow_nan=False)  # strict JSON: Perfetto rejects NaN
 
 
 def write_gantt(result: AttentionResult, path: str | os.PathLike, max_ranks: int = 8) -> None:

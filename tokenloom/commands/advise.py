@@ -25,7 +25,7 @@ def _advise(args: argparse.Namespace) -> int:
     cluster, shape = problem_from_args(args)
     advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward)
     if args.json:
-        print(json.dumps(advice.to_dict()))
+        print(json.dumps(advice.to_dict(), allow_nan=False))
         return 0
     print(f"{cluster.describe()}: seq {shape.seq_len}, heads {shape.num_heads}/{shape.kv_heads} kv, head_dim "
           f"{shape.head_dim}, {'causal' if args.causal else 'full'}, "

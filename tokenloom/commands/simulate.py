@@ -119,7 +119,7 @@ def _attention(args: argparse.Namespace) -> int:
         out.commit()  # both files appear only now, after everything succeeded
     summary = result.summary()
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
     else:
         _print_summary(summary)
         for path in (args.chrome_trace, args.png):
@@ -149,7 +149,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         files.write(field, lambda path: write_profile(entry, path))
         files.commit()
     if args.json:
-        print(json.dumps({"path": str(out), "local-cpu": entry}))
+        print(json.dumps({"path": str(out), "local-cpu": entry}, allow_nan=False))
         return 0
     dev, link = entry["device"], entry["link"]
     print(f"wrote {out}")
