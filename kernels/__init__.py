@@ -27,7 +27,8 @@ IMPLS = ("torch", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
 ATTN_ENV = "TOKENLOOM_ATTN_IMPL"
 NORM_ENV = "TOKENLOOM_NORM_IMPL"
-# Device defaults. CPU: the fused op (measured 2.7-3x faster than the reference fwd+bwd, docs/kernels.md).
+# Device defaults. CPU: the fused op (as fast as torch SDPA, ~6-7x faster than the reference fwd+bwd;
+# docs/kernels.md).
 # CUDA: sdpa until bench_kernels.py has been run on a GPU and says Triton wins (not measured yet).
 DEFAULT_IMPL = {"cpu": "sdpa", "cuda": "sdpa"}
 DEFAULT_NORM_IMPL = {"cpu": "torch", "cuda": "torch"}
@@ -54,8 +55,9 @@ def _requested(device: torch.device, impl: str | None, env: str, choices: tuple[
         raise UsageError(f"{source} must be one of {', '.join(choices)} ({what}), got {impl!r}",
                          field=source)
     if impl == "triton" and not triton_available(device):
+        others = " or ".join(repr(c) for c in choices if c != "triton")
         raise UsageError(f"{source}='triton' is not available here: it needs the triton package and "
-                         "a CUDA device (or TRITON_INTERPRET=1); use 'torch' or 'sdpa'", field=source)
+                         f"a CUDA device (or TRITON_INTERPRET=1); use {others}", field=source)
     return impl
 
 

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from tokenloom.errors import UsageError
+
 _MAX_SCORE_ELEMS = 1 << 22  # 4M fp32 scores = 16 MiB per tile: cache-friendly, 2x faster than 128 MiB tiles on CPU
 
 
@@ -29,14 +31,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """Validate BSHD shapes; return the GQA group size ``heads_q // heads_kv``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+            raise UsageError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise UsageError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
+        raise UsageError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
     hq, hkv = q.shape[2], k.shape[2]
     if hkv == 0 or hq % hkv:
-        raise ValueError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hkv}) for GQA")
+        raise UsageError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hkv}) for GQA")
     return hq // hkv
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenloom.errors import UsageError
 from tokenloom.kernels.triton_attention import interpreted
 
 
@@ -49,12 +50,12 @@ def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     """In place: ``acc_out`` ``(b, s, h, d)`` fp32 and ``acc_lse`` ``(b, h, s)`` fp32 absorb the
     partial ``(out, lse)`` over disjoint keys. Views with a contiguous last dim are fine."""
     if acc_out.dtype != torch.float32 or acc_lse.dtype != torch.float32:
-        raise ValueError(f"accumulators must be fp32, got {acc_out.dtype} and {acc_lse.dtype}")
+        raise UsageError(f"accumulators must be fp32, got {acc_out.dtype} and {acc_lse.dtype}")
     if acc_out.shape != out.shape or acc_lse.shape != lse.shape:
-        raise ValueError(f"shapes differ: {tuple(acc_out.shape)}/{tuple(out.shape)}, "
+        raise UsageError(f"shapes differ: {tuple(acc_out.shape)}/{tuple(out.shape)}, "
                          f"{tuple(acc_lse.shape)}/{tuple(lse.shape)}")
     if acc_out.stride(-1) != 1:
-        raise ValueError("acc_out needs a contiguous last dim to merge in place")
+        raise UsageError("acc_out needs a contiguous last dim to merge in place")
     out = out if out.stride(-1) == 1 else out.contiguous()
     b, s, h, d = acc_out.shape
     if b * s * h == 0:

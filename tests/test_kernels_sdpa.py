@@ -48,7 +48,7 @@ def _case(sq, sk, hq, hkv, d, dtype, seed=0):
     return low, [t.double() for t in low]
 
 
-def _plain_errors(low, high, causal, refs):
+def _plain_errors(low, causal, refs):
     """Max error of plain PyTorch in the low dtype for out, dq, dk, dv (autograd through it)."""
     q, k, v = (t.clone().requires_grad_() for t in low[:3])
     out = plain(q, k, v, causal)
@@ -64,7 +64,7 @@ def test_forward_and_backward_match_fp64(sq, sk, causal, dtype):
     ref_out, ref_lse = attention_with_lse(q, k, v, causal=causal)
     delta = attention_delta(ref_out, dout)
     refs = [ref_out, *attention_backward(dout, q, k, v, ref_lse, delta, causal=causal)]
-    plain_err = _plain_errors(low, None, causal, refs) if dtype != torch.float64 else [0.0] * 4
+    plain_err = _plain_errors(low, causal, refs) if dtype != torch.float64 else [0.0] * 4
     out, lse = sdpa.forward(*low[:3], causal=causal, softmax_scale=None)
     grads = sdpa.backward(low[3], *low[:3], ref_lse.to(lse.dtype), delta.to(lse.dtype),
                           causal=causal, softmax_scale=None)
@@ -200,7 +200,7 @@ def test_cuda_ops_match_fp64(sq, sk, causal, d, dtype):
     ref_out, ref_lse = attention_with_lse(q, k, v, causal=causal)
     delta = attention_delta(ref_out, dout)
     refs = [ref_out, *attention_backward(dout, q, k, v, ref_lse, delta, causal=causal)]
-    plain_err = _plain_errors([t.cpu().float().to(dtype) for t in low], None, causal, refs)
+    plain_err = _plain_errors([t.cpu().float().to(dtype) for t in low], causal, refs)
     out, lse = sdpa.forward(*low[:3], causal=causal, softmax_scale=None)
     grads = sdpa.backward(low[3], *low[:3], ref_lse.float().cuda(), delta.float().cuda(),
                           causal=causal, softmax_scale=None)
