@@ -115,6 +115,9 @@ def _packed_vs_reference(rank, world_size, strategy):
     ref_logits, ref_grads = _per_document_reference(ids, CU_SEQLENS)
     model = tiny_model(hf.register(strategy=strategy))
     batch = hf.shard_inputs(ids, cu_seqlens=CU_SEQLENS)
+    if strategy == "ring":  # transformers' own names (DataCollatorWithFlattening) work too
+        cu = batch.pop("cu_seqlens")
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     out = model(**batch)
     out.loss.backward()
     hf.sum_gradients(model)
