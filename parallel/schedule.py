@@ -166,11 +166,21 @@ def a2a_bufs(op: AllToAll, rank: int, sched: "Schedule") -> tuple[Buf, Buf]:
     return head_side, seq_side
 
 
-def _chunk_list(chunks: tuple[int, ...], limit: int) -> str:
-    """Chunk ids separated by commas (unambiguous above 9), elided in the middle past ``limit``."""
-    if len(chunks) > limit:
-        return f"{chunks[0]}..{chunks[-1]}"
-    return ",".join(map(str, chunks))
+def _chunk_list(chunks: tuple[int, ...], limit: int = 0) -> str:
+    """Chunk ids, comma-separated, ascending runs of three or more as ``a-b``: ``0-15``,
+    ``2,3,29-31``. Unambiguous at any number of chunks (``1,12`` is never ``11,2``)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(chunks):
+        j = i
+        while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{chunks[i]}-{chunks[j]}")
+        else:
+            parts.extend(map(str, chunks[i:j + 1]))
+        i = j + 1
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)

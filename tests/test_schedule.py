@@ -152,8 +152,9 @@ def test_ring_backward_accumulator_carries_only_what_others_touch():
 def test_block_prints_unambiguously_above_nine_chunks():
     from tokenloom.parallel.schedule import Block
 
-    assert str(Block((1, 12), (10, 11, 12), True)) == "1,12x10,11,12c"
+    assert str(Block((1, 12), (10, 11, 12), True)) == "1,12x10-12c"
     assert str(Block((11,), (2,), False)) != str(Block((1,), (12,), False))
+    assert str(Block(tuple(range(16)), (3, 4, 9), True)) == "0-15x3,4,9c"
 
 
 def test_kinds_and_directions_are_enums_equal_to_their_names():
