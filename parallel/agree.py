@@ -13,7 +13,7 @@ cannot know, without communicating, that another rank changed its arguments: if 
 cache and skips while rank 1 misses and enters the all-gather, rank 0 goes on to the P2P transfers
 and both wait forever. So the one collective is unconditional, and what is cached (by shape and
 arguments, see :mod:`tokenloom.parallel.attention`) is everything else: the encoded vector, the
-validation, the schedules and the plan. Repeated calls cost that one 16-int all-gather and nothing
+validation, the schedules and the plan. Repeated calls cost that one 17-int all-gather and nothing
 more; the backward pass costs none (it was agreed with its forward: ``backward`` is a field).
 """
 
@@ -30,7 +30,7 @@ import torch
 from tokenloom.errors import UsageError
 
 FIELDS = ("arguments", "strategy", "layout", "causal", "softmax_scale", "impl", "dtype", "batch",
-          "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "call")
+          "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "shape", "call")
 
 
 def code_of(text: str) -> int:

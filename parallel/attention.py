@@ -450,7 +450,7 @@ def gather_sequence(x_local: torch.Tensor, group: Any = None, layout: str = "zig
                              field="cu_seqlens")
         other = tuple(s for i, s in enumerate(x_local.shape) if i != dim)
         mine = Agreed.of({"layout": layout, "cu_seqlens": seq.doc_lens, "dtype": str(x_local.dtype),
-                          "seq": total, "batch": repr((dim, other)), "mesh": f"{groups.ulysses}x{n}",
+                          "seq": total, "shape": f"dim {dim} of {other}", "mesh": f"{groups.ulysses}x{n}",
                           "call": "gather_sequence"})
     except UsageError as exc:
         from tokenloom.parallel.agree import FIELDS
