@@ -17,8 +17,9 @@ instead, in microseconds and without a GPU:
 
 The cost only changes where ``k`` or ``n - k`` crosses a multiple of ``tile_m``, so the minimum
 over a window of cuts lies at such a crossing or at a window end: :func:`plan_split` searches
-exactly those candidates (tests compare it with a brute force over every integer cut). Ties go
-to the most balanced cut, which leaves the most compute to hide each half's communication.
+exactly those candidates (tests compare it with a brute force over every integer cut). Piece 0
+is never the smaller piece (see :func:`split_window`); ties go to the most balanced cut, which
+leaves the most compute to hide each piece's communication.
 
 Thresholds (the paper's): split at >= 1024 tokens for dense layers, >= 2048 for MoE layers; below
 that *fuse-only* (one piece, the fused AllReduce+residual+RMSNorm, tokens padded to a multiple of
@@ -148,10 +149,15 @@ def split_cost(layer: LayerShape, tokens: int, cut: int, gpu: GpuShape) -> float
 
 
 def split_window(tokens: int, window: float = 0.125) -> tuple[int, int]:
-    """Cuts the planner considers: within ``window * tokens`` of the middle (balance for overlap)."""
-    half = tokens // 2
+    """Cuts the planner considers: piece 0 holds from half the tokens to ``window * tokens`` more.
+
+    Piece 0 is never the smaller one, as in the paper (``round_up(n, 256)/2 + offset``, offset
+    >= 0): piece 1's causal attention reads every earlier key, and its fused communication must
+    hide behind piece 0's MLP; within the window, balance is what the overlap needs.
+    """
+    half = (tokens + 1) // 2
     reach = max(1, int(window * tokens))
-    return max(1, half - reach), min(tokens - 1, half + reach)
+    return min(half, tokens - 1), max(1, min(tokens - 1, half + reach))
 
 
 @dataclass(frozen=True)

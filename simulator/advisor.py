@@ -161,26 +161,34 @@ def detect_hardware() -> str:
 def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_heads: int | None,
                     head_dim: int, causal: bool, dtype_bytes: int = 2, batch: int = 1,
                     hardware: str | None = None, backward: bool = True,
-                    layout: str | None = None) -> tuple[str, str]:
+                    layout: str | None = None, ulysses: int = 1) -> tuple[str, str]:
     """``(strategy, layout)`` with the least simulated time for one attention layer.
 
     ``seq_len`` is the global sequence length (all ranks together); ``hardware`` a catalog name,
     ``None`` to detect it; ``layout`` fixes the layout when the data is already sharded (``None``:
-    rank both). Cached per arguments.
+    rank both). ``ulysses`` > 1: a 2-D mesh with Ulysses groups of that size; the answer is then
+    the ring dim's strategy ("tokenring" or "ring"). Cached per arguments.
     """
     world_size = check_int(world_size, "world_size", lo=1, hi=MAX_CLUSTER_GPUS)
     hw = hardware if hardware is not None else detect_hardware()
     layouts = PREFERRED_LAYOUTS if layout is None else (check_choice(layout, "layout", LAYOUTS),)
     return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
-                   dtype_bytes, batch, hw, bool(backward), layouts)
+                   dtype_bytes, batch, hw, bool(backward), layouts, ulysses)
 
 
 @functools.lru_cache(maxsize=256)
 def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool,
-            dtype_bytes: int, batch: int, hardware: str, backward: bool, layouts: tuple[str, ...]
-            ) -> tuple[str, str]:
+            dtype_bytes: int, batch: int, hardware: str, backward: bool, layouts: tuple[str, ...],
+            ulysses: int = 1) -> tuple[str, str]:
     cluster = _cluster_for(hardware, world_size)
     shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
+    if ulysses > 1:  # a 2-D mesh: Ulysses is fixed on the inner dim, rank the ring dim's strategies
+        hybrids = tuple(hybrid_name(ulysses, ring) for ring in ("tokenring", "ring"))
+        if estimated_transfers(hybrids[0], world_size, backward) * 2 * len(layouts) > MAX_SIM_TRANSFERS:
+            return "tokenring", layouts[0]
+        best = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=hybrids,
+                                layouts=layouts).winner
+        return parse_strategy(best.strategy)[0], best.layout
     runs = [(s, world_size, backward) for s in STRATEGIES for _ in layouts]
     if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS:
         # Too many ranks to simulate every candidate in a call's time budget: TokenRing is the

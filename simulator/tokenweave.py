@@ -239,6 +239,7 @@ class TokenweaveResult:
             "speedup": base / tw if tw > 0 else 1.0,
             "baseline_comm_share": 1.0 - nc / base if base > 0 else 0.0,
             "tokenweave_exposed_comm_ms": waits * ms,
+            "naive_split_ms": self.modes["naive-split"].total_s * ms if "naive-split" in self.modes else None,
             "split": {"mode": self.plan.mode, "cut": self.plan.cut, "pieces": [list(p) for p in self.plan.pieces],
                       "padded": list(self.plan.padded), "gemm_penalty": self.plan.penalty,
                       "naive_gemm_penalty": self.plan.naive_penalty},
@@ -264,6 +265,11 @@ def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num
         "tokenweave": walk(tw_steps, pricer, plan.pieces, plan.padded, "tokenweave"),
         "no-comm": no_comm_timeline(pricer, tokens, num_layers),
     }
+    if plan.mode == "split":  # the same schedule cut 50/50: what the wave-aware cut is worth
+        half = tokens // 2
+        naive = ((0, half), (half, tokens))
+        padded = tuple(-(-(e - s) // layer.tp) * layer.tp for s, e in naive)
+        modes["naive-split"] = walk(tw_steps, pricer, naive, padded, "naive-split")
     path = ("none" if layer.tp == 1 else "multimem" if pricer.multimem else
             "gloo" if cluster.node.host_cores else "nccl")
     return TokenweaveResult(cluster.node.name, model, layer, tokens, num_layers, plan, path, modes)
