@@ -47,7 +47,8 @@ def resolve_strategy(strategy: str, *, world_size: int, ulysses: int, seq_len: i
     """The one place "auto" is decided: the simulator's advisor ranks the strategies for this shape.
 
     Every rank gets the same answer from the same (agreed) shapes; the agreement that follows
-    checks it anyway. On a 2-D mesh the choice is the ring dim's strategy.
+    checks it anyway. On a 2-D mesh the choice is the ring dim's strategy ("tokenring" or "ring"),
+    ranked the same way among the hybrids.
     """
     if strategy != "auto":
         if strategy not in STRATEGIES:
@@ -56,12 +57,10 @@ def resolve_strategy(strategy: str, *, world_size: int, ulysses: int, seq_len: i
         return strategy
     from tokenloom.simulator import choose_strategy
 
-    if ulysses > 1:  # Ulysses is fixed on the inner dim; pick the ring dim's strategy
-        return "tokenring"
     chosen, _ = choose_strategy(world_size=world_size, seq_len=seq_len, num_heads=heads,
                                 num_kv_heads=kv_heads, head_dim=head_dim, causal=causal,
                                 dtype_bytes=dtype_bytes, batch=batch, hardware=hardware,
-                                backward=backward, layout=layout)
+                                backward=backward, layout=layout, ulysses=ulysses)
     return chosen
 
 
@@ -362,7 +361,8 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy:
     ``"auto"`` asks the simulator's advisor (:func:`tokenloom.simulator.choose_strategy`) which
     strategy is fastest for this shape on ``hardware`` (a catalog name; detected when None). The
     layout is the caller's: the data is already sharded, so only the strategy is chosen. With a
-    2-D ("ulysses", "ring") mesh as ``group``, ``strategy`` is the ring dim's ("auto": tokenring).
+    2-D ("ulysses", "ring") mesh as ``group``, ``strategy`` is the ring dim's ("auto": the faster
+    hybrid by the same advisor).
     Other arguments as :func:`token_ring_attention`.
     """
     return _attention("sp_attention", strategy, q, k, v, group=group, causal=causal, layout=layout,

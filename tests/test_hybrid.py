@@ -129,3 +129,25 @@ def test_2d_mesh_agrees_in_one_collective_and_names_the_rank():
     for first, err in spawn_ranks(4, _mesh_disagreement, timeout=60):
         assert first == 1  # one all-gather over the default group the mesh spans
         assert err is not None and "disagree on softmax_scale" in err and "rank 3: 0.25" in err, err
+
+
+def _auto_on_mesh(rank, n):
+    from tokenloom.parallel import resolve_strategy
+
+    mesh = _mesh()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 16, 4, 8, generator=g, dtype=torch.float64)
+    out = sp_attention(shard_sequence(q, group=mesh), shard_sequence(q, group=mesh),
+                       shard_sequence(q, group=mesh), group=mesh, strategy="auto", causal=True,
+                       hardware="h100-sxm")
+    chosen = resolve_strategy("auto", world_size=4, ulysses=2, seq_len=16, heads=4, kv_heads=4, head_dim=8,
+                              causal=True, dtype_bytes=8, batch=1, hardware="h100-sxm", backward=False,
+                              layout="zigzag")
+    ref = attention_with_lse(q, q, q, causal=True)[0]
+    return (gather_sequence(out, group=mesh) - ref).abs().max().item(), chosen
+
+
+def test_auto_on_a_mesh_picks_the_ring_dim_strategy_by_the_advisor():
+    res = spawn_ranks(4, _auto_on_mesh, timeout=60)
+    assert all(err < 1e-12 for err, _ in res)
+    assert len({c for _, c in res}) == 1 and res[0][1] in ("tokenring", "ring")
