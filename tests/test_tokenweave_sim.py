@@ -26,6 +26,8 @@ def test_no_comm_is_a_lower_bound(model):
         s = simulate_tokenweave(H100, layer, tokens, num_layers=3).summary()
         assert s["no_comm_ms"] <= s["tokenweave_ms"] + 1e-12
         assert s["no_comm_ms"] <= s["baseline_ms"] + 1e-12
+        assert (s["naive_split_ms"] is None) == (s["split"]["mode"] != "split")
+        assert s["naive_split_ms"] is None or s["no_comm_ms"] <= s["naive_split_ms"]
 
 
 def test_monotone_in_link_bandwidth():
