@@ -258,8 +258,7 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
         if start.X.max() > problem.gpus_per_node:  # e.g. EPLB put more replicas on a node than it has GPUs
             continue
         node_cap = max(cap * problem.gpus_per_node, float(start.load.max()))
-        budget = time.perf_counter() + (deadline - time.perf_counter()) / (len(starts) - i)
-        found = block_descent(start, problem.gpus_per_node, node_cap, budget)
+        found = block_descent(start, problem.gpus_per_node, node_cap, deadline)  # later starts get what is left
         if found.score() <= best_score + _EPS:
             continue
         row = gpu_repair(pack_gpus(found, problem), found, problem, cap)

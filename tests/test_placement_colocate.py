@@ -121,3 +121,31 @@ def test_both_token_homes_end_to_end(capsys, tmp_path):
         assert result["token_home"] == home and result["replica_choice"] == choice
         assert set(result["baselines"]) >= {"greedy", "eplb"}
         assert result["messages"]["messages_per_token"] > 0 and result["baselines"]["eplb"]["messages"]
+
+
+@pytest.mark.ray
+def test_ray_layers_give_the_serial_plan(tmp_path):
+    """``plan --ray`` in a fresh process (its own local Ray, never a second one in this pytest process)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    pytest.importorskip("ray")
+    short = tempfile.mkdtemp(prefix="tlray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    trace = tmp_path / "t.npz"
+    ids = router_topk(RouterConfig(3, 32, 4, 800, num_groups=4, topk_group=2, seed=1))
+    np.savez(trace, topk_ids=ids, num_experts=np.int64(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": short, "OMP_NUM_THREADS": "1"}
+    plans = {}
+    for name, extra in (("serial", []), ("ray", ["--ray"])):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-m", "tokenloom", "plan", "--trace", str(trace), "--gpus", "8",
+                               "--gpus-per-node", "4", "--time-limit", "100", "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=110, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        plans[name] = json.loads(out.read_text())
+    shutil.rmtree(short, ignore_errors=True)
+    assert plans["ray"]["phy2log"] == plans["serial"]["phy2log"]
+    assert plans["ray"]["metrics"]["heldout"] == plans["serial"]["metrics"]["heldout"]
