@@ -87,6 +87,7 @@ def test_cli_json_and_outputs(tmp_path, capsys):
     (["--tokens", "8", "--hidden", "100", "--heads", "8", "--ffn", "64"], "hidden"),
     (["--tokens", "8", "--hidden", "96", "--heads", "12", "--ffn", "64"], "heads"),
     (["--tokens", "8"], "--model"),
+    (["--tokens", "8", "--model", "llama-3.1-8b", "--tp", "16"], "--tp"),
 ])
 def test_cli_bad_input_exit_2(argv, field, capsys):
     with pytest.raises(SystemExit) if "0" in argv else _nothing():

@@ -111,7 +111,7 @@ def _print(s: dict, plan_text: str | None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tokenloom.io import OutputFiles
-    from tokenloom.simulator.hardware import make_cluster
+    from tokenloom.simulator.hardware import catalog, make_cluster
     from tokenloom.simulator.tokenweave import simulate_tokenweave
     from tokenloom.simulator.tokenweave_export import write_chrome_trace, write_gantt
 
@@ -119,12 +119,11 @@ def _run(args: argparse.Namespace) -> int:
         outputs.claim("--chrome-trace", args.chrome_trace)
         outputs.claim("--png", args.png)
         layer, num_layers, model = layer_from_args(args)
-        try:
-            cluster = make_cluster(args.hardware, args.tp, 1, args.hardware_file)
-        except UsageError:
-            raise
-        except ValueError as exc:  # the catalog's own messages name the field
-            raise UsageError(str(exc).replace("gpus", "tp"), field="tp") from None
+        nodes = catalog(args.hardware_file)
+        if args.hardware in nodes and args.tp > nodes[args.hardware].gpus_per_node:
+            raise UsageError(f"--tp ({args.tp}) exceeds the {nodes[args.hardware].gpus_per_node} GPUs of one "
+                             f"{args.hardware!r} node: a tensor-parallel group stays inside a node", field="tp")
+        cluster = make_cluster(args.hardware, args.tp, 1, args.hardware_file)
         result = simulate_tokenweave(cluster, layer, args.tokens, num_layers=num_layers, model=model,
                                      comm_ctas=args.comm_ctas)
         outputs.write("--chrome-trace", lambda p: write_chrome_trace(result, p))
