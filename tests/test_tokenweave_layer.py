@@ -104,3 +104,24 @@ def test_bad_config_names_the_field():
         DENSE.check_tp(5)
     with pytest.raises(UsageError, match="top_k"):
         LayerConfig(48, 12, 4, 24, num_experts=4, top_k=5)
+
+
+def _mesh_rank(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    comm = Communicator(mesh["tp"])  # a 1-D DeviceMesh: this rank's TP group of 2
+    full = make_weights(DENSE, 2, seed=3)
+    stack = TPStack(DENSE, shard_weights(full, DENSE, comm.rank, comm.world_size, torch.float64,
+                                         torch.device("cpu")), comm)
+    n = 21 + mesh["dp"].get_local_rank()  # the two TP groups run different batches at once
+    x = _x(n, DENSE.hidden, torch.float64)
+    pieces = Pieces.from_plan(plan_for(DENSE, comm.world_size, n, threshold=16))
+    out, _ = stack.run(x, "tokenweave", pieces)
+    ref, _ = reference_stack(x, full, DENSE)
+    return [comm.world_size, len(pieces.ranges), (out - ref).abs().max().item()]
+
+
+def test_stack_over_a_device_mesh_dimension():
+    for tp_size, num_pieces, err in spawn_ranks(4, _mesh_rank, timeout=60):
+        assert tp_size == 2 and num_pieces == 2 and err < 1e-12
