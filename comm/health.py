@@ -43,10 +43,15 @@ class PeerLostError(RuntimeError):
         self.info = dict(info or {})
 
 
+class Terminated(Exception):
+    """This rank was told to stop (SIGTERM from its launcher, e.g. torchrun's agent after another
+    worker died); raised in the main thread so the rank can still name the lost peer."""
+
+
 def set_step(label: str) -> None:
     """Record where this rank is (e.g. "tokenring forward step 3"); carried by the heartbeat.
 
-    The heartbeat is written through at once (at most every 20 ms), so a rank killed right after
+    The heartbeat is written through at once (at most every 5 ms), so a rank killed right after
     a step change is reported at that step.
     """
     _state["step"] = label
@@ -143,8 +148,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ the thread
     def beat_soon(self) -> None:
-        """Write the heartbeat now unless one was written in the last 20 ms."""
-        if time.monotonic() - self._last_beat > 0.02:
+        """Write the heartbeat now unless one was written in the last 5 ms."""
+        if time.monotonic() - self._last_beat > 0.005:
             try:
                 self._beat("running")
             except Exception:  # the watchdog thread reports an unreachable store
@@ -272,6 +277,12 @@ class Monitor:
         if gone:
             return self.publish(gone, f"finished the job without joining '{what}' (it skipped a "
                                       f"call its peers made; waited {limit_s:g} s)", by=self.name)
+        busy = [r for r in peers if r != self.rank and self.peer(r).get("state") == "running"
+                and not str(self.peer(r).get("comm", "")).startswith("waiting:")]
+        if busy:
+            return self.publish(busy, f"is alive but has not joined '{what}' for {limit_s:g} s "
+                                      f"(stuck outside any transfer, or it skipped this call)",
+                                by=self.name)
         return None
 
     def describe_peers(self, peers: list[int]) -> str:

@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, (JobError, PeerLostError)):
             raise
         # ranks failed: the summary (every lost and failed rank, the first traceback) is the report
-        print(f"tokenloom {args.command}: error: {exc}", file=sys.stderr)
+        # one write: the ranks of a torchrun job share the terminal
+        sys.stderr.write(f"tokenloom {args.command}: error: {exc}\n")
+        sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
         print("tokenloom: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -43,6 +44,13 @@ def _worker(rank: int, world_size: int, store_path: str, job: Callable, config: 
         os._exit(0)  # skip atexit handlers inherited from the parent (pytest, Ray, ...)
 
 
+def _has_ray_threads() -> bool:
+    """A process connected to Ray runs gRPC threads; a child forked from it was seen to freeze
+    mid-job here (gRPC's and Ray's threads do not survive fork)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
 def _process_state(pid: int) -> str:
     """'T' for a stopped process, as /proc reports it ('' where /proc is unavailable)."""
     try:
@@ -69,6 +77,12 @@ def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
     """
     import torch.distributed as dist
 
+    if _has_ray_threads():
+        from tokenloom.errors import UsageError
+
+        raise UsageError("launcher: this process is connected to Ray, and ranks forked from it were "
+                         "seen to freeze; use launcher='ray' here, or the local launcher from a "
+                         "process without Ray", field="launcher")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("fork")
     tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-local-")

@@ -93,6 +93,13 @@ def run_rank(job: Callable, config: Any, *, store: Any, rank: int, world_size: i
             result = _gather(store, monitor, world_size)
         state = "done"
         return result
+    except health.Terminated as exc:
+        # The launcher stops every worker when one dies (torchrun does): find out which one.
+        failure = monitor.failure or monitor.verdict(list(range(world_size)), grace_s=min(timeout_s, 20.0))
+        where = health.describe_abort(failure) if failure else "no peer is known to be lost"
+        _report_error(store, monitor, rank, exc)
+        raise health.PeerLostError(f"terminated by the launcher at '{health.current_step()}': {where}",
+                                   lost=failure.get("lost") if failure else [], info=failure) from exc
     except BaseException as exc:
         _report_error(store, monitor, rank, exc)
         raise
@@ -125,7 +132,7 @@ def _report_error(store: Any, monitor: health.Monitor, rank: int, exc: BaseExcep
     the failure the others must hear about (they may be blocked waiting for it)."""
     try:
         store.set(f"error/{rank}", traceback.format_exc())
-        if not isinstance(exc, health.PeerLostError) and monitor.failure is None:
+        if not isinstance(exc, (health.PeerLostError, health.Terminated)) and monitor.failure is None:
             text = f"{type(exc).__name__}: {health_line(exc)}"
             monitor.publish([rank], f"failed with {text}", by=f"rank {rank}")
     except Exception:  # the store is gone too: the launcher reports what it can

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from typing import Any, Callable
 
 from tokenloom.errors import UsageError
@@ -35,6 +37,26 @@ def run(job: Callable, config: Any, *, timeout_s: float = 60.0, world_size: int 
     rdzv_timeout = datetime.timedelta(seconds=max(timeout_s, 300.0))
     store, rank, world = next(dist.rendezvous("env://", timeout=rdzv_timeout))
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    return run_rank(job, config, store=dist.PrefixStore("tokenloom", store), rank=rank,
-                    world_size=world, timeout_s=timeout_s, backend=backend, gather=True,
-                    store_host=None if agent else 0)
+    previous = _raise_on_sigterm()
+    try:
+        return run_rank(job, config, store=dist.PrefixStore("tokenloom", store), rank=rank,
+                        world_size=world, timeout_s=timeout_s, backend=backend, gather=True,
+                        store_host=None if agent else 0)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm() -> Any:
+    """torchrun's agent SIGTERMs every worker as soon as one dies (and SIGKILLs them ~30 s later):
+    turn it into an exception so the survivor still names the lost rank before it exits."""
+    from tokenloom.comm import health
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        raise health.Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,56 @@
+"""Faults under torchrun (4 ranks, one agent) and a 2-node torchrun on one machine (two agents,
+one c10d rendezvous endpoint on localhost, gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+BOUND = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["kill", "stop"])
+def test_every_survivor_names_the_lost_rank(mode):
+    t0 = time.monotonic()
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "4", "-m", "tokenloom", "run",
+                           "drill", "--steps", "40", "--step-ms", "5", "--fail-rank", "2", "--fail-at", "3",
+                           "--mode", mode, "--reap-after", str(BOUND + 15), "--timeout", str(BOUND)],
+                          capture_output=True, text=True, timeout=180, env=ENV)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("tokenloom run: error:")]
+    assert len(errors) == 3, proc.stderr[-3000:]  # ranks 0, 1, 3
+    for line in errors:
+        assert "rank 2" in line and ("lost" in line or "not responding" in line), line
+        assert "drill step" in line, line
+    assert elapsed < 90, elapsed  # 4 cold starts + the bound + torchrun's teardown
+
+
+def test_two_nodes_on_one_machine():
+    port = _free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"tl{port}", "-m", "tokenloom",
+              "run", "attention", "--check", "--seq", "128", "--heads", "4", "--kv-heads", "2",
+              "--head-dim", "16", "--causal", "--iters", "1", "--json"]
+    agents = [subprocess.Popen([TORCHRUN, "--node-rank", str(n), *common], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV) for n in range(2)]
+    outs = [a.communicate(timeout=180) for a in agents]
+    for a, (out, err) in zip(agents, outs):
+        assert a.returncode == 0, err[-3000:]
+    reports = [json.loads(ln) for out, _ in outs for ln in out.splitlines() if ln.startswith("{")]
+    assert len(reports) == 1  # global rank 0 only
+    rep = reports[0]
+    assert rep["world_size"] == 2 and rep["backend"] == "gloo"
+    assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in rep["check"].values())

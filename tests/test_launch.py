@@ -1,0 +1,92 @@
+"""tokenloom.launch.run_job with the local launcher: results, timeouts, and faults named within the bound.
+
+Every fault case runs 4 real forked gloo ranks (the drill job) where rank 2 misbehaves at step 3;
+the launcher's JobError must name rank 2 in its first line and in every survivor's own error.
+"""
+
+import math
+import multiprocessing
+import time
+
+import pytest
+
+from tokenloom.errors import UsageError
+from tokenloom.jobs import drill
+from tokenloom.launch import run_job
+from tokenloom.launch.summary import JobError
+
+BOUND = 4.0  # seconds: --timeout for the fault cases
+
+
+def test_results_come_back_in_rank_order():
+    cfg = drill.Drill(steps=4, step_ms=1)
+    res = run_job(drill.job, cfg, launcher="local", world_size=3, timeout_s=30)
+    assert [r["rank"] for r in res] == [0, 1, 2]
+    assert [r["sums"] for r in res] == [drill.expected(cfg, 3, r) for r in range(3)]
+
+
+def test_timeout_bounds_a_wait_not_the_whole_run():
+    cfg = drill.Drill(steps=12, step_ms=150)  # ~1.8 s of healthy work, timeout 1 s
+    t0 = time.monotonic()
+    res = run_job(drill.job, cfg, launcher="local", world_size=2, timeout_s=1.0)
+    assert time.monotonic() - t0 > 1.5
+    assert [r["sums"] for r in res] == [drill.expected(cfg, 2, r) for r in range(2)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "5", True])
+def test_bad_timeout_is_a_usage_error(bad):
+    with pytest.raises(UsageError, match="timeout_s"):
+        run_job(drill.job, drill.Drill(), launcher="local", world_size=2, timeout_s=bad)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"world_size": 0}, "world_size"),
+                                          ({"launcher": "slurm"}, "launcher"),
+                                          ({"backend": "mpi"}, "backend")])
+def test_bad_arguments_are_usage_errors(kwargs, field):
+    with pytest.raises(UsageError, match=field):
+        run_job(drill.job, drill.Drill(), **{"launcher": "local", **kwargs})
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("kill", "SIGKILL|no heartbeat"),
+    ("stop", "no heartbeat|not responding"),
+    ("raise", "raises at step 3 on purpose"),
+    ("skip", "skipped a call"),
+])
+def test_a_lost_rank_is_named_by_every_survivor_within_the_bound(mode, why):
+    cfg = drill.Drill(steps=30, step_ms=5, fail_rank=2, fail_at=3, mode=mode, reap_after_s=60)
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as info:
+        run_job(drill.job, cfg, launcher="local", world_size=4, timeout_s=BOUND)
+    elapsed = time.monotonic() - t0
+    err = info.value
+    head = str(err).splitlines()[0]
+    assert err.lost == [2], str(err)
+    assert "rank 2" in head and "drill step" in head, head
+    assert __import__("re").search(why, str(err)), str(err)
+    for r in (0, 1, 3):  # every survivor's own error names the lost rank
+        assert "rank 2" in err.lines[r], err.lines
+    assert elapsed < BOUND + 8, elapsed  # start-up + the bound + slack on a loaded 2-core box
+    assert not multiprocessing.active_children()
+
+
+def test_a_rank_stuck_outside_any_transfer_is_named_with_its_step():
+    cfg = drill.Drill(steps=30, step_ms=5, fail_rank=1, fail_at=2, mode="hang")
+    with pytest.raises(JobError) as info:
+        run_job(drill.job, cfg, launcher="local", world_size=3, timeout_s=2.0)
+    err = info.value
+    assert err.lost == [1]
+    head = str(err).splitlines()[0]
+    assert "rank 1 is alive but has not joined" in head and "last at 'drill step 2'" in head, head
+    for r in (0, 2):
+        assert "rank 1 is alive" in err.lines[r], err.lines
+    assert not multiprocessing.active_children()
+
+
+def test_every_rank_refusing_the_same_input_is_a_usage_error():
+    with pytest.raises(UsageError, match="--fail-rank"):
+        run_job(_refuse, None, launcher="local", world_size=2, timeout_s=10)
+
+
+def _refuse(comm, config):
+    raise UsageError("--fail-rank must be below 2")

@@ -1,0 +1,94 @@
+"""The Ray launcher and Ray fan-out on one real local Ray session shared by these tests.
+
+Ray starts once (dashboard off, small object store, temp dir under pytest's tmp path,
+RAY_AUTH_MODE=disabled); rank actors take 0.01 CPU each, so they never starve the tasks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tokenloom.jobs import attention, drill  # noqa: E402
+from tokenloom.launch import run_job  # noqa: E402
+from tokenloom.launch.summary import JobError  # noqa: E402
+
+BOUND = 5.0
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _nothing_left_running():
+    from ray.util import placement_group_table
+
+    groups = [g["state"] for g in placement_group_table().values()]
+    actors = [a["State"] for a in ray._private.state.actors().values()]
+    assert all(s == "REMOVED" for s in groups), groups
+    assert all(s == "DEAD" for s in actors), actors
+
+
+def test_map_tasks_keeps_order(ray_session):
+    from tokenloom.launch.ray import map_tasks
+
+    items = [5, -3, 0, 7, -1]
+    assert map_tasks(abs, items) == [abs(x) for x in items]
+    assert map_tasks(abs, []) == []
+
+
+def _cli_json(*launch):
+    """The same job through the CLI in a fresh process (forking ranks from a process that runs
+    Ray's threads is unsafe, so the local and torchrun runs are not done in this one)."""
+    cmd = [*launch, "run", "attention", *FLAGS, "--json"] if launch else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
+
+
+FLAGS = ["--strategy", "tokenring", "--seq", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+         "--causal", "--check", "--iters", "1"]
+
+
+def test_attention_on_ray_ranks_equals_local_and_torchrun(ray_session):
+    cfg = attention.AttentionRun(strategy="tokenring", seq=64, heads=4, kv_heads=2, head_dim=8,
+                                 causal=True, check=True, iters=1)
+    on_ray = run_job(attention.job, cfg, launcher="ray", world_size=2, timeout_s=60)
+    assert [r["rank"] for r in on_ray] == [0, 1] and on_ray[0]["backend"] == "gloo"
+    _nothing_left_running()
+    local = _cli_json(sys.executable, "-m", "tokenloom")  # --launcher auto: local, 2 ranks
+    torchrun = _cli_json(os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                         "--nproc-per-node", "2", "-m", "tokenloom")
+    for name, check in on_ray[0]["check"].items():
+        assert check["ok"], (name, check)
+        for other in (local, torchrun):
+            assert check["max_abs_err"] == pytest.approx(other["check"][name]["max_abs_err"], rel=1e-6,
+                                                         abs=1e-9), (name, other["check"][name])
+
+
+def test_a_killed_rank_actor_is_named_and_nothing_is_left(ray_session):
+    cfg = drill.Drill(steps=40, step_ms=5, fail_rank=2, fail_at=3, mode="kill")
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as info:
+        run_job(drill.job, cfg, launcher="ray", world_size=4, timeout_s=BOUND)
+    elapsed = time.monotonic() - t0
+    err = info.value
+    head = str(err).splitlines()[0]
+    assert err.lost == [2], str(err)
+    assert "rank 2" in head and "drill step" in head and "pid" in head, head
+    for r in (0, 1, 3):
+        assert "rank 2" in err.lines[r], err.lines
+    assert elapsed < 90, elapsed  # 4 cold actors importing torch on 2 busy cores + the bound
+    _nothing_left_running()
