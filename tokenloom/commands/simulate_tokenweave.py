@@ -100,7 +100,8 @@ def _print(s: dict, plan_text: str | None) -> None:
     print(f"  {'plan':<28}{split}")
     print(f"  {'communication path':<28}{s['comm_path']}")
     for name, key in (("baseline", "baseline_ms"), ("TokenWeave", "tokenweave_ms"),
-                      ("TokenWeave, 50/50 cut", "naive_split_ms"), ("no communication (compute)", "no_comm_ms")):
+                      ("TokenWeave, 50/50 cut", "naive_split_ms"),
+                      ("baseline without comm", "no_comm_norm_ms"), ("no communication (compute)", "no_comm_ms")):
         if s[key] is not None:
             print(f"  {name:<28}{s[key]:9.3f} ms/layer")
     print(f"  {'speedup':<28}{s['speedup']:9.3f}x  (baseline spends {s['baseline_comm_share']:.0%} outside "
