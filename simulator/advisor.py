@@ -114,7 +114,7 @@ def hybrid_candidates(cluster: Cluster) -> tuple[str, ...]:
 
 def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
                      strategies: tuple[str, ...] | None = None,
-                     layouts: tuple[str, ...] = PREFERRED_LAYOUTS) -> Advice:
+                     layouts: tuple[str, ...] = PREFERRED_LAYOUTS, max_transfers: int | None = None) -> Advice:
     """Simulate every feasible (strategy, layout); UsageError if none fits the shape or the
     simulations together exceed the work limit (checked before any is run). ``strategies``
     None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`)."""
@@ -132,9 +132,9 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
             feasible.append((strategy, layout))
     if not feasible:
         raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=_field_of(skipped[0][2]))
-    check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible])
-    results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout)
-               for strategy, layout in feasible]
+    check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible], limit=max_transfers)
+    results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout,
+                                  max_transfers=max_transfers) for strategy, layout in feasible]
     order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
     results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
     return Advice(results, skipped, cluster.gpus_per_node)

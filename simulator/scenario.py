@@ -19,7 +19,7 @@ from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import no_gc, simulate
 from tokenloom.simulator.hardware import Cluster
 from tokenloom.simulator.timeline import Timeline
-from tokenloom.validate import check_choice
+from tokenloom.validate import check_choice, check_int
 
 
 @dataclass
@@ -88,16 +88,23 @@ def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
     return per * world_size * world_size * (2 if backward else 1)
 
 
-def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus") -> int:
+MAX_SIM_TRANSFERS_CEILING = 2_000_000  # ~8 GB and ~5 min: the most ``max_transfers`` may ask for
+
+
+def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus", *, limit: int | None = None) -> int:
     """Refuse (UsageError naming ``field``) simulations of ``(strategy, world_size, backward)``
-    that together exceed :data:`MAX_SIM_TRANSFERS`; return the estimate otherwise."""
+    that together exceed ``limit`` (default :data:`MAX_SIM_TRANSFERS`); return the estimate."""
+    limit = MAX_SIM_TRANSFERS if limit is None else check_int(limit, "max_transfers", lo=1,
+                                                               hi=MAX_SIM_TRANSFERS_CEILING)
     total = sum(estimated_transfers(*run) for run in runs)
-    if total > MAX_SIM_TRANSFERS:
+    if total > limit:
         n = max(run[1] for run in runs)
         what = f"{len(runs)} simulations" if len(runs) > 1 else "the simulation"
+        raise_it = (f", or raise --max-transfers (at most {MAX_SIM_TRANSFERS_CEILING:,})"
+                    if total <= MAX_SIM_TRANSFERS_CEILING else "")
         raise UsageError(f"{field}: {n} ranks need ~{total:,} simulated transfers for {what} (~2-3 x "
-                         f"gpus^2 per pass); the limit is {MAX_SIM_TRANSFERS:,} (about half a minute): "
-                         f"use fewer gpus, or fewer passes/strategies", field=field)
+                         f"gpus^2 per pass, ~0.1-0.2 ms and ~4 KB each); the limit is {limit:,}: use fewer "
+                         f"gpus or passes{raise_it}", field=field)
     return total
 
 
@@ -118,13 +125,14 @@ def check_feasible(strategy: str, world_size: int, shape: AttentionShape) -> Non
 
 
 def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *, causal: bool,
-                       backward: bool = False, layout: str = "zigzag") -> AttentionResult:
+                       backward: bool = False, layout: str = "zigzag",
+                       max_transfers: int | None = None) -> AttentionResult:
     """Simulate ``strategy`` on ``cluster``; UsageError for shapes the schedule cannot take or
-    sizes over the work limit (:func:`check_work`)."""
+    sizes over the work limit (:func:`check_work`, ``max_transfers``)."""
     check_feasible(strategy, cluster.num_gpus, shape)
     ulysses = parse_strategy(strategy)[1]
     cost = CostModel(shape, cluster, layout, head_shards=ulysses if ulysses > 1 else None)  # validates seq
-    check_work([(strategy, cluster.num_gpus, backward)])
+    check_work([(strategy, cluster.num_gpus, backward)], limit=max_transfers)
     passes = []
     for bwd in ((False, True) if backward else (False,)):
         with no_gc():  # building a large schedule suffers the same collector rescans as simulating it

@@ -195,3 +195,20 @@ def test_calibration_refuses_nonsense_measurements():
     for bad in (-1e10, math.inf, math.nan):
         with pytest.raises(RuntimeError, match="noisy"):
             profile_from({**compute, "fwd_flops": bad}, gloo, cores=2)
+
+
+def test_max_transfers_raises_and_lowers_the_limit(capsys):
+    from tokenloom.cli import main
+    from tokenloom.simulator.scenario import MAX_SIM_TRANSFERS_CEILING
+
+    argv = ["simulate", "attention", "--hardware", "h100-sxm", "--gpus", "16", "--nodes", "2", "--seq", "16K",
+            "--heads", "16", "--head-dim", "64", "--json"]
+    assert main(argv + ["--max-transfers", "100"]) == 2  # 16 ranks: ~512 transfers
+    assert "--max-transfers" in capsys.readouterr().err
+    assert main(argv + ["--max-transfers", "600"]) == 0
+    capsys.readouterr()
+    assert main(["advise"] + argv[1:] + ["--max-transfers", "600"]) == 2  # advise: several simulations
+    capsys.readouterr()
+    with pytest.raises(UsageError, match="max_transfers"):
+        check_work([("ring", 8, False)], limit=MAX_SIM_TRANSFERS_CEILING + 1)
+    assert check_work([("ring", 512, False)], limit=MAX_SIM_TRANSFERS_CEILING) == 2 * 512 * 512

@@ -28,10 +28,17 @@ def check_number(value: Any, field: str, *, lo: float | None = None, hi: float |
     if integer:
         value = int(value)
     if lo is not None and (value <= lo if lo_open else value < lo):
-        raise UsageError(f"{field} must be {'>' if lo_open else '>='} {lo:g}, got {value!r}", field=field)
+        raise UsageError(f"{field} must be {'>' if lo_open else '>='} {_num(lo)}, got {value!r}", field=field)
     if hi is not None and value > hi:
-        raise UsageError(f"{field} must be <= {hi:g}, got {value!r}", field=field)
+        raise UsageError(f"{field} must be <= {_num(hi)}, got {value!r}", field=field)
     return value
+
+
+def _num(bound: float) -> str:
+    """A bound as people write it: 4096 (not 4.096e+03), 1e+21 when huge, 0.5 as is."""
+    if isinstance(bound, int) or (isinstance(bound, float) and bound.is_integer() and abs(bound) < 1e16):
+        return str(int(bound))
+    return f"{bound:g}"
 
 
 def check_int(value: Any, field: str, *, lo: int | None = None, hi: int | None = None) -> int:

@@ -23,7 +23,8 @@ def _advise(args: argparse.Namespace) -> int:
     from tokenloom.simulator.advisor import advise_attention
 
     cluster, shape = problem_from_args(args)
-    advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward)
+    advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward,
+                              max_transfers=args.max_transfers)
     if args.json:
         print(json.dumps(advice.to_dict(), allow_nan=False))
         return 0

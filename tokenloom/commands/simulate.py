@@ -29,7 +29,8 @@ _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MAX_SEQ = 1 << 40  # the cost model's limit (tokenloom.simulator.cost.SHAPE_LIMITS)
 MAX_HEADS = MAX_HEAD_DIM = 1 << 16
 MAX_BATCH = 1 << 20
-MAX_GPUS = 1 << 20  # what a cluster may describe; the work limit (--help epilog) refuses far fewer
+MAX_GPUS = 1 << 20  # what a cluster may describe; the work limit (--max-transfers) refuses far fewer
+MAX_TRANSFERS_CEILING = 2_000_000  # tokenloom.simulator.scenario.MAX_SIM_TRANSFERS_CEILING (not imported: startup)
 
 
 def tokens(text: str) -> int:
@@ -68,6 +69,10 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--causal", action="store_true", help="causal mask (default: full attention)")
     shape.add_argument("--backward", action="store_true",
                        help="also simulate the backward pass (after the forward pass)")
+    p.add_argument("--max-transfers", type=arg_int(1, MAX_TRANSFERS_CEILING), default=None, metavar="N",
+                   help="work limit: refuse runs needing more simulated transfers (~2-3 x gpus^2 per pass "
+                        "and strategy, ~0.1-0.2 ms and ~4 KB each); default 150000 (256 GPUs, one pass, "
+                        f"~30 s), at most {MAX_TRANSFERS_CEILING}")
 
 
 def problem_from_args(args: argparse.Namespace):
@@ -113,7 +118,7 @@ def _attention(args: argparse.Namespace) -> int:
         out.claim("--png", args.png)
         cluster, shape = problem_from_args(args)
         result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
-                                    layout=args.layout)
+                                    layout=args.layout, max_transfers=args.max_transfers)
         out.write("--chrome-trace", lambda path: write_chrome_trace(result, path))
         out.write("--png", lambda path: write_gantt(result, path))
         out.commit()  # both files appear only now, after everything succeeded
