@@ -227,6 +227,7 @@ class TokenweaveResult:
     plan: SplitPlan
     path: str
     modes: dict[str, ModeTimeline]
+    comm_ctas: int = 8
 
     def summary(self) -> dict:
         """JSON-ready: per-layer milliseconds of each mode, speedup, the split."""
@@ -238,7 +239,7 @@ class TokenweaveResult:
             "hardware": self.hardware, "model": self.model, "tp": self.layer.tp, "tokens": self.tokens,
             "layers": self.num_layers, "hidden": self.layer.hidden, "ffn": self.layer.ffn,
             "heads": self.layer.heads, "kv_heads": self.layer.kv_heads, "experts": self.layer.num_experts,
-            "top_k": self.layer.top_k, "comm_path": self.path,
+            "top_k": self.layer.top_k, "comm_path": self.path, "comm_ctas": self.comm_ctas,
             "baseline_ms": base * ms, "tokenweave_ms": tw * ms, "no_comm_ms": nc * ms,
             "speedup": base / tw if tw > 0 else 1.0,
             "baseline_comm_share": 1.0 - nc / base if base > 0 else 0.0,
@@ -253,8 +254,18 @@ class TokenweaveResult:
 
 
 def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num_layers: int = 1,
-                        model: str = "custom", dtype_bytes: int = 2, comm_ctas: int = 8) -> TokenweaveResult:
-    """Price baseline, TokenWeave and no-comm for ``num_layers`` layers of ``layer`` on ``cluster``."""
+                        model: str = "custom", dtype_bytes: int = 2,
+                        comm_ctas: int | str = 8) -> TokenweaveResult:
+    """Price baseline, TokenWeave and no-comm for ``num_layers`` layers of ``layer`` on ``cluster``.
+
+    ``comm_ctas``: CTAs of the overlapped communication kernel (2, 4, 8 or 16), or ``"auto"`` for
+    the count with the fastest TokenWeave time (few CTAs leave more SMs to compute when the
+    communication hides anyway, as with long prompts).
+    """
+    if comm_ctas == "auto":
+        results = [simulate_tokenweave(cluster, layer, tokens, num_layers=num_layers, model=model,
+                                       dtype_bytes=dtype_bytes, comm_ctas=k) for k in sorted(CTA_SLOWDOWN)]
+        return min(results, key=lambda r: (r.modes["tokenweave"].total_s, -r.comm_ctas))
     if not isinstance(tokens, int) or tokens < 1:
         raise UsageError(f"tokens must be an integer >= 1, got {tokens!r}", field="tokens")
     if num_layers < 1:
@@ -278,5 +289,5 @@ def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num
         modes["naive-split"] = walk(tw_steps, pricer, naive, padded, "naive-split")
     path = ("none" if layer.tp == 1 else "multimem" if pricer.multimem else
             "gloo" if cluster.node.host_cores else "nccl")
-    return TokenweaveResult(cluster.node.name, model, layer, tokens, num_layers, plan, path, modes)
+    return TokenweaveResult(cluster.node.name, model, layer, tokens, num_layers, plan, path, modes, comm_ctas)
 

@@ -124,3 +124,13 @@ def test_custom_layer_shape_is_used():
     layer = LayerShape(5120, 13824, 40, 8, 4)
     s = simulate_tokenweave(make_cluster("h100-sxm", 4), layer, 16384).summary()
     assert s["hidden"] == 5120 and s["tp"] == 4
+
+
+def test_auto_comm_ctas_is_the_best_fixed_count():
+    layer, _ = model_shape("llama-3.1-8b", 8)
+    for tokens in (4096, 262144):
+        auto = simulate_tokenweave(H100, layer, tokens, num_layers=2, comm_ctas="auto")
+        fixed = [simulate_tokenweave(H100, layer, tokens, num_layers=2, comm_ctas=k) for k in (2, 4, 8, 16)]
+        assert auto.modes["tokenweave"].total_s == min(r.modes["tokenweave"].total_s for r in fixed)
+    # long prompts: lending fewer SMs to communication that hides anyway keeps TokenWeave ahead
+    assert auto.comm_ctas < 8 and auto.summary()["speedup"] > 1

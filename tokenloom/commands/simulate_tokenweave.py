@@ -52,8 +52,9 @@ def add_tokenweave(sub: argparse._SubParsersAction) -> None:
                        ("--experts", "MoE experts (0: dense)"), ("--top-k", "experts per token (MoE)"),
                        ("--layers", "layers to simulate (default: the model's, else 1)")):
         p.add_argument(flag, type=arg_int(0 if flag == "--experts" else 1), default=None, help=what)
-    p.add_argument("--comm-ctas", type=int, choices=(2, 4, 8, 16), default=8,
-                   help="CTAs of the overlapped communication kernel (default 8)")
+    p.add_argument("--comm-ctas", choices=("2", "4", "8", "16", "auto"), default="8",
+                   help="CTAs of the overlapped communication kernel; 'auto' picks the fastest (default 8, "
+                        "the paper's; the runtime cannot set it for torch's symmetric-memory ops)")
     p.add_argument("--explain", action="store_true", help="also print the split planner's explanation")
     out = p.add_argument_group("output")
     out.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace")
@@ -98,7 +99,7 @@ def _print(s: dict, plan_text: str | None) -> None:
     else:
         split = f"{sp['mode']} (one piece padded to {sp['padded'][0]} rows)"
     print(f"  {'plan':<28}{split}")
-    print(f"  {'communication path':<28}{s['comm_path']}")
+    print(f"  {'communication path':<28}{s['comm_path']}, {s['comm_ctas']} CTAs while overlapping")
     for name, key in (("baseline", "baseline_ms"), ("TokenWeave", "tokenweave_ms"),
                       ("TokenWeave, 50/50 cut", "naive_split_ms"),
                       ("baseline without comm", "no_comm_norm_ms"), ("no communication (compute)", "no_comm_ms")):
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
                              f"{args.hardware!r} node: a tensor-parallel group stays inside a node", field="tp")
         cluster = make_cluster(args.hardware, args.tp, 1, args.hardware_file)
         result = simulate_tokenweave(cluster, layer, args.tokens, num_layers=num_layers, model=model,
-                                     comm_ctas=args.comm_ctas)
+                                     comm_ctas=args.comm_ctas if args.comm_ctas == "auto" else int(args.comm_ctas))
         outputs.write("--chrome-trace", lambda p: write_chrome_trace(result, p))
         outputs.write("--png", lambda p: write_gantt(result, p))
         outputs.commit()
