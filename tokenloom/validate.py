@@ -78,3 +78,17 @@ def arg_int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int
 def arg_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str], float]:
     """argparse ``type=`` for a finite float within [lo, hi] (``lo_open``: strictly above lo)."""
     return _arg(float, lambda v: float(check_number(v, "value", lo=lo, hi=hi, lo_open=lo_open)))
+
+
+def argparse_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """argparse's own errors as the error policy wants them: exit 2, ONE line on stderr (no usage
+    block; a value with a newline in it cannot make a second line), pointing at ``--help``."""
+    message = " ".join(message.split())
+    parser.exit(2, f"{parser.prog}: error: {message} (see '{parser.prog} --help')\n")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors follow :func:`argparse_error`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        argparse_error(self, message)
