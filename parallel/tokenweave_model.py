@@ -78,38 +78,46 @@ def kv_heads_of_rank(cfg: LayerConfig, rank: int, tp: int) -> range:
     return range(rank * per // group, ((rank + 1) * per - 1) // group + 1)
 
 
-def make_weights(cfg: LayerConfig, num_layers: int, seed: int = 0) -> dict:
-    """Full (unsharded) fp64 weights of a stack; the same on every rank for the same seed.
+def layer_weights(cfg: LayerConfig, layer: int, seed: int = 0) -> dict:
+    """Full (unsharded) weights of layer ``layer``, fp64 holding fp32-drawn values.
 
-    ``{"layers": [per-layer dict], "final_norm": (hidden,)}``; linear weights are
-    ``(out_features, in_features)`` scaled by ``1/sqrt(in_features)`` so activations stay O(1).
+    Each layer has its own generator (seeded from ``seed`` and ``layer``), so a rank can build
+    one layer at a time and keep only its shard; values are drawn in fp32 so that fp32 shards are
+    exact copies of the fp64 oracle's weights. Linear weights are ``(out_features, in_features)``
+    scaled by ``1/sqrt(in_features)`` so activations stay O(1).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer + 1)
     h, d, f = cfg.hidden, cfg.head_dim, cfg.ffn
 
     def lin(out_f: int, in_f: int, *lead: int) -> torch.Tensor:
-        return torch.randn(*lead, out_f, in_f, generator=gen, dtype=torch.float64) / math.sqrt(in_f)
+        return torch.randn(*lead, out_f, in_f, generator=gen).double() / math.sqrt(in_f)
 
-    def norm() -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(h, generator=gen, dtype=torch.float64)
-
-    layers = []
-    for _ in range(num_layers):
-        w = {"in_norm": norm(), "wq": lin(cfg.heads * d, h), "wk": lin(cfg.kv_heads * d, h),
-             "wv": lin(cfg.kv_heads * d, h), "wo": lin(h, cfg.heads * d), "post_norm": norm()}
-        if cfg.moe:
-            w.update(router=lin(cfg.num_experts, h), w_gate=lin(f, h, cfg.num_experts),
-                     w_up=lin(f, h, cfg.num_experts), w_down=lin(h, f, cfg.num_experts))
-        else:
-            w.update(w_gate=lin(f, h), w_up=lin(f, h), w_down=lin(h, f))
-        layers.append(w)
-    return {"layers": layers, "final_norm": norm()}
+    w = {"in_norm": final_norm_weight(cfg, seed, gen), "wq": lin(cfg.heads * d, h),
+         "wk": lin(cfg.kv_heads * d, h), "wv": lin(cfg.kv_heads * d, h), "wo": lin(h, cfg.heads * d),
+         "post_norm": final_norm_weight(cfg, seed, gen)}
+    if cfg.moe:
+        w.update(router=lin(cfg.num_experts, h), w_gate=lin(f, h, cfg.num_experts),
+                 w_up=lin(f, h, cfg.num_experts), w_down=lin(h, f, cfg.num_experts))
+    else:
+        w.update(w_gate=lin(f, h), w_up=lin(f, h), w_down=lin(h, f))
+    return w
 
 
-def shard_weights(full: dict, cfg: LayerConfig, rank: int, tp: int, dtype: torch.dtype,
-                  device: torch.device) -> dict:
-    """Rank ``rank``'s shard of ``full`` in ``dtype`` on ``device`` (see module docstring)."""
-    cfg.check_tp(tp)
+def final_norm_weight(cfg: LayerConfig, seed: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """An RMSNorm weight ``1 + 0.1 * N(0, 1)``; the stack's final norm when ``gen`` is None."""
+    gen = gen or torch.Generator().manual_seed(seed * 1_000_003)
+    return 1.0 + 0.1 * torch.randn(cfg.hidden, generator=gen).double()
+
+
+def make_weights(cfg: LayerConfig, num_layers: int, seed: int = 0) -> dict:
+    """Full fp64 weights of a stack: ``{"layers": [per-layer dict], "final_norm": (hidden,)}``;
+    the same on every rank for the same seed (the oracle's weights)."""
+    return {"layers": [layer_weights(cfg, i, seed) for i in range(num_layers)],
+            "final_norm": final_norm_weight(cfg, seed)}
+
+
+def shard_layer(w: dict, cfg: LayerConfig, rank: int, tp: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Rank ``rank``'s shard of one layer's full weights ``w`` (see module docstring)."""
     d = cfg.head_dim
     q_rows = slice(rank * cfg.heads // tp * d, (rank + 1) * cfg.heads // tp * d)
     kv = kv_heads_of_rank(cfg, rank, tp)
@@ -119,18 +127,31 @@ def shard_weights(full: dict, cfg: LayerConfig, rank: int, tp: int, dtype: torch
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
-    layers = []
-    for w in full["layers"]:
-        s = {"in_norm": put(w["in_norm"]), "post_norm": put(w["post_norm"]),
-             "wqkv": put(torch.cat([w["wq"][q_rows], w["wk"][kv_rows], w["wv"][kv_rows]])),
-             "wo": put(w["wo"][:, q_rows]), "kv_first": kv.start}
-        gate, up = w["w_gate"][..., f_rows, :], w["w_up"][..., f_rows, :]
-        s["w_gate_up"] = put(torch.cat([gate, up], dim=-2))
-        s["w_down"] = put(w["w_down"][..., f_rows])
-        if cfg.moe:
-            s["router"] = put(w["router"])
-        layers.append(s)
-    return {"layers": layers, "final_norm": put(full["final_norm"])}
+    s = {"in_norm": put(w["in_norm"]), "post_norm": put(w["post_norm"]),
+         "wqkv": put(torch.cat([w["wq"][q_rows], w["wk"][kv_rows], w["wv"][kv_rows]])),
+         "wo": put(w["wo"][:, q_rows]), "kv_first": kv.start,
+         "w_gate_up": put(torch.cat([w["w_gate"][..., f_rows, :], w["w_up"][..., f_rows, :]], dim=-2)),
+         "w_down": put(w["w_down"][..., f_rows])}
+    if cfg.moe:
+        s["router"] = put(w["router"])
+    return s
+
+
+def shard_weights(full: dict, cfg: LayerConfig, rank: int, tp: int, dtype: torch.dtype,
+                  device: torch.device) -> dict:
+    """Rank ``rank``'s shard of the stack ``full`` in ``dtype`` on ``device``."""
+    cfg.check_tp(tp)
+    return {"layers": [shard_layer(w, cfg, rank, tp, dtype, device) for w in full["layers"]],
+            "final_norm": full["final_norm"].to(device=device, dtype=dtype)}
+
+
+def build_shard(cfg: LayerConfig, num_layers: int, seed: int, rank: int, tp: int, dtype: torch.dtype,
+                device: torch.device) -> dict:
+    """The same as ``shard_weights(make_weights(...))`` holding one full layer at a time."""
+    cfg.check_tp(tp)
+    return {"layers": [shard_layer(layer_weights(cfg, i, seed), cfg, rank, tp, dtype, device)
+                       for i in range(num_layers)],
+            "final_norm": final_norm_weight(cfg, seed).to(device=device, dtype=dtype)}
 
 
 def rope(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:

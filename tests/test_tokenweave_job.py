@@ -34,6 +34,8 @@ def test_validate_names_the_flag():
         tw_job.TokenweaveRun(hidden=100, heads=8).validate(2)
     with pytest.raises(UsageError, match="tokens"):
         tw_job.TokenweaveRun(tokens=0).validate(2)
+    with pytest.raises(UsageError, match="--check"):  # the fp64 oracle would not fit
+        tw_job.TokenweaveRun(tokens=8192, check=True).validate(2)
 
 
 def test_report_exit_code_follows_the_check(capsys):

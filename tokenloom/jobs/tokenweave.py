@@ -21,7 +21,8 @@ from tokenloom.errors import UsageError
 from tokenloom.validate import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
-MAX_WEIGHT_ELEMENTS = 2**31  # every rank builds the full fp64 weights from the seed
+MAX_LAYER_ELEMENTS = 2**31  # every rank draws one full layer at a time (fp64) and keeps its shard
+MAX_CHECK_SCORES = 2**27  # the fp64 oracle materialises heads x tokens^2 attention scores
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,13 @@ class TokenweaveRun:
                 raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}", field=name)
         self.layer_config().check_tp(world_size)
         per_layer = 4 * self.hidden * self.hidden + 3 * self.hidden * self.ffn * max(1, self.moe_experts)
-        if per_layer * self.layers > MAX_WEIGHT_ELEMENTS:
-            raise UsageError(f"--layers/--hidden/--ffn/--moe-experts: {per_layer * self.layers:.3g} weight "
-                             f"elements exceed the limit of 2^31 (every rank builds the full weights)",
-                             field="hidden")
+        if per_layer > MAX_LAYER_ELEMENTS:
+            raise UsageError(f"--hidden/--ffn/--moe-experts: {per_layer:.3g} weight elements per layer exceed "
+                             f"the limit of 2^31 (every rank draws each full layer once)", field="hidden")
+        if self.check and self.heads * self.tokens ** 2 > MAX_CHECK_SCORES:
+            raise UsageError(f"--check: the fp64 single-device oracle would hold heads x tokens^2 = "
+                             f"{self.heads * self.tokens ** 2:.3g} scores (limit 2^27); use fewer --tokens "
+                             f"or drop --check", field="check")
 
 
 def _torch_dtype(name: str):
@@ -77,14 +81,13 @@ def job(comm, cfg: TokenweaveRun) -> dict:
     import torch
 
     from tokenloom.parallel.tokenweave_layer import Pieces, TPStack, plan_for
-    from tokenloom.parallel.tokenweave_model import make_weights, shard_weights
+    from tokenloom.parallel.tokenweave_model import build_shard, make_weights
 
     rank, world, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = _torch_dtype(dtype_name)
     lc = cfg.layer_config()
-    full = make_weights(lc, cfg.layers, seed=cfg.seed)
-    stack = TPStack(lc, shard_weights(full, lc, rank, world, dtype, device), comm)
+    stack = TPStack(lc, build_shard(lc, cfg.layers, cfg.seed, rank, world, dtype, device), comm)
     x = torch.randn(cfg.tokens, lc.hidden, generator=torch.Generator().manual_seed(cfg.seed + 1),
                     dtype=torch.float64)
     xd = x.to(device, dtype)
@@ -110,6 +113,7 @@ def job(comm, cfg: TokenweaveRun) -> dict:
         tw_res = stack.gather_residual(tw_res, pieces)  # collective: every rank
         if rank == 0:
             base_out, base_res = outs["baseline"]
+            full = make_weights(lc, cfg.layers, seed=cfg.seed)
             result["check"] = _check({"out": tw_out, "residual": tw_res},
                                      {"out": base_out, "residual": base_res[0]}, x, full, lc, dtype)
     return result
