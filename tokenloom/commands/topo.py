@@ -2,6 +2,7 @@
 
 Without an NVIDIA driver (a CPU machine, a container without GPUs) it says so plainly and exits 0,
 so scripts can call it anywhere; ``--json`` then prints ``{"gpus": [], "nvml": "unavailable: ..."}``.
+With GPUs it also shows how the simulator prices this node (:mod:`tokenloom.launch.nvml`).
 """
 
 from __future__ import annotations
@@ -9,66 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 
-# nvmlDeviceGetTopologyCommonAncestor levels, nearest first (as `nvidia-smi topo -m` names them).
-_LEVELS = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
-
-
-def read_topology() -> dict:
-    """GPUs (index, name, memory, bus id, NVLink count) and the pairwise link matrix."""
-    try:
-        import pynvml
-    except ImportError as exc:
-        return {"gpus": [], "links": [], "nvml": f"unavailable: nvidia-ml-py not installed ({exc})"}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return {"gpus": [], "links": [], "nvml": f"unavailable: {exc} (no NVIDIA GPU or driver here)"}
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        gpus = []
-        for i, h in enumerate(handles):
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            bus = pynvml.nvmlDeviceGetPciInfo(h).busId
-            bus = bus.decode() if isinstance(bus, bytes) else bus
-            gpus.append({"index": i, "name": name, "bus_id": bus,
-                         "memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, 1),
-                         "nvlinks": _nvlinks(pynvml, h)})
-        links = [[_link(pynvml, handles, i, j) for j in range(count)] for i in range(count)]
-        return {"gpus": gpus, "links": links, "nvml": "ok"}
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _nvlinks(pynvml, handle) -> int:
-    active = 0
-    for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
-        try:
-            active += int(pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED)
-        except pynvml.NVMLError:
-            break
-    return active
-
-
-def _link(pynvml, handles, i: int, j: int) -> str:
-    if i == j:
-        return "X"
-    try:
-        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
-        if status == pynvml.NVML_P2P_STATUS_OK:
-            return "NV"
-    except (pynvml.NVMLError, AttributeError):
-        pass
-    try:
-        level = pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[i], handles[j])
-        return _LEVELS.get(int(level), str(level))
-    except pynvml.NVMLError:
-        return "?"
-
 
 def _run(args: argparse.Namespace) -> int:
-    topo = read_topology()
+    from tokenloom.io import OutputFiles
+    from tokenloom.launch.nvml import read_topology
+
+    with OutputFiles() as out:
+        out.claim("--hardware-out", args.hardware_out)  # before any work
+        return _report(args, read_topology(), out)
+
+
+def _report(args: argparse.Namespace, topo: dict, out) -> int:
+    from tokenloom.launch.nvml import NODE_NAME, catalog_model, hardware_entry
+
+    entry = hardware_entry(topo) if topo["gpus"] else None
+    topo["simulator"] = None if entry is None else {
+        "hardware": NODE_NAME, "model": catalog_model(topo["gpus"][0]["name"]), "entry": entry[NODE_NAME]}
+    if args.hardware_out:
+        if entry is None:
+            from tokenloom.errors import UsageError
+
+            raise UsageError(f"--hardware-out: no GPUs visible to NVML ({topo['nvml']}); nothing to "
+                             f"write", field="hardware_out")
+        out.write("--hardware-out", lambda p: p.write_text(json.dumps(entry, indent=1) + "\n"))
+        out.commit()
     if args.json:
         print(json.dumps(topo))
         return 0
@@ -86,6 +51,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"GPU{i:<3}" + "".join(f"{c:<6}" for c in row))
     print("\nNV = NVLink peer-to-peer; PIX/PXB = PCIe switch; PHB = host bridge; NODE/SYS = "
           "across the CPU interconnect")
+    sim = topo["simulator"]
+    spec = sim["entry"]
+    print(f"\nsimulator: priced as {sim['model'] or 'h100-sxm (unknown model)'} with this node's "
+          f"{spec['gpus_per_node']} GPUs, {spec['device']['sms']} SMs, fabric {spec['fabric']}"
+          + (f" ({spec['gpus_per_switch']} per PCIe switch)" if spec["fabric"] == "pcie" else ""))
+    if args.hardware_out:
+        print(f"wrote {args.hardware_out}: use --hardware-file {args.hardware_out} --hardware {NODE_NAME}")
     return 0
 
 
@@ -95,4 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "NVML reports them (NVLink, PCIe switch, host bridge, ...). Says so clearly "
                        "and exits 0 on a machine without NVIDIA GPUs.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--hardware-out", metavar="FILE", default=None,
+                   help="write this node as a simulator hardware file (entry 'this-node') for "
+                        "'simulate/advise --hardware-file FILE --hardware this-node'")
     p.set_defaults(func=_run)

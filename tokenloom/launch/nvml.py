@@ -1,0 +1,138 @@
+"""This node's GPUs and links, read through NVML (nvidia-ml-py), and turned into a simulator node.
+
+:func:`read_topology` never raises for a missing driver or library: without GPUs it returns
+``{"gpus": [], "links": [], "nvml": "unavailable: ..."}``. :func:`node_spec` turns a topology into
+a :class:`tokenloom.simulator.hardware.NodeSpec`: the catalog entry of the same GPU model, with this
+node's GPU count, SM count and fabric (NVLink/NVSwitch when every pair has NVLink, PCIe with the
+observed switch grouping otherwise), so ``simulate``/``advise`` price the node that is really here
+(``tokenloom topo --hardware-out F`` writes it as a hardware file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+# nvmlDeviceGetTopologyCommonAncestor levels, nearest first (as `nvidia-smi topo -m` names them).
+LEVELS = {0: "X", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
+# Substrings of the NVML device name -> catalog name; first match wins (A100 before A10).
+MODELS = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
+          ("mi300", "mi300x"))
+NODE_NAME = "this-node"
+
+
+def read_topology() -> dict:
+    """GPUs (index, name, SMs, memory, bus id, NVLink count) and the pairwise link matrix."""
+    try:
+        import pynvml
+    except ImportError as exc:
+        return {"gpus": [], "links": [], "nvml": f"unavailable: nvidia-ml-py not installed ({exc})"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "links": [], "nvml": f"unavailable: {exc} (no NVIDIA GPU or driver here)"}
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        gpus = [_gpu(pynvml, i, h) for i, h in enumerate(handles)]
+        links = [[_link(pynvml, handles, i, j) for j in range(count)] for i in range(count)]
+        return {"gpus": gpus, "links": links, "nvml": "ok"}
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "links": [], "nvml": f"unavailable: {exc}"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _gpu(pynvml, i: int, h) -> dict:
+    return {"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)),
+            "bus_id": _text(pynvml.nvmlDeviceGetPciInfo(h).busId),
+            "memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, 1),
+            "sms": _sms(pynvml, h), "nvlinks": _nvlinks(pynvml, h)}
+
+
+def _sms(pynvml, h) -> int | None:
+    try:
+        return int(pynvml.nvmlDeviceGetAttributes(h).multiprocessorCount)
+    except (pynvml.NVMLError, AttributeError):
+        return None
+
+
+def _nvlinks(pynvml, handle) -> int:
+    active = 0
+    for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+        try:
+            active += int(pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED)
+        except pynvml.NVMLError:
+            break
+    return active
+
+
+def _link(pynvml, handles, i: int, j: int) -> str:
+    if i == j:
+        return "X"
+    try:
+        status = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+        if status == pynvml.NVML_P2P_STATUS_OK:
+            return "NV"
+    except (pynvml.NVMLError, AttributeError):
+        pass
+    try:
+        level = pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[i], handles[j])
+        return LEVELS.get(int(level), str(level))
+    except pynvml.NVMLError:
+        return "?"
+
+
+def catalog_model(gpu_name: str) -> str | None:
+    """Catalog name of an NVML device name ("NVIDIA H100 80GB HBM3" -> "h100-sxm"), if known."""
+    low = gpu_name.lower()
+    return next((cat for key, cat in MODELS if key in low), None)
+
+
+def _pcie_groups(links: list[list[str]]) -> int:
+    """GPUs per PCIe switch: the largest group whose pairs meet at a switch (PIX/PXB) or NVLink."""
+    n = len(links)
+    return max(sum(1 for j in range(n) if links[i][j] in ("X", "NV", "PIX", "PXB")) for i in range(n))
+
+
+def node_spec(topo: dict, *, name: str = NODE_NAME, base: str | None = None):
+    """The simulator's NodeSpec for ``topo`` (from :func:`read_topology`), or None without GPUs.
+
+    The model's catalog entry gives FLOP/s, memory and link rates; the node gives the GPU count,
+    SMs and fabric. ``base`` forces the catalog entry (default: matched from the GPU name, else
+    h100-sxm, as the advisor prices an unknown GPU).
+    """
+    from tokenloom.simulator.hardware import CATALOG, Link
+
+    gpus = topo.get("gpus") or []
+    if not gpus:
+        return None
+    model = CATALOG[base or catalog_model(gpus[0]["name"]) or "h100-sxm"]
+    links = topo.get("links") or [["X"]]
+    n = len(gpus)
+    all_nvlink = all(links[i][j] in ("X", "NV") for i in range(n) for j in range(n))
+    device = replace(model.device, name=name, sms=gpus[0].get("sms") or model.device.sms)
+    if all_nvlink or n == 1:
+        fabric = model.fabric if model.fabric in ("switch", "mesh") else "switch"
+        link = model.link if model.fabric in ("switch", "mesh") else Link(450e9, 6e-6, 0.8)
+        return replace(model, name=name, device=device, gpus_per_node=n, fabric=fabric, link=link,
+                       uplink=None, gpus_per_switch=0)
+    per_switch = _pcie_groups(links)
+    pcie = Link(25e9, 10e-6, 0.52)  # PCIe Gen4 x16 per direction, efficiency as seen (REFERENCE §6)
+    return replace(model, name=name, device=device, gpus_per_node=n, fabric="pcie", link=pcie,
+                   uplink=model.uplink or pcie, gpus_per_switch=per_switch)
+
+
+def hardware_entry(topo: dict, *, name: str = NODE_NAME) -> dict | None:
+    """``{name: spec}`` in the hardware-file format (``--hardware-file``), or None without GPUs."""
+    from tokenloom.simulator.hardware import node_to_dict
+
+    spec = node_spec(topo, name=name)
+    return None if spec is None else {name: node_to_dict(spec)}
