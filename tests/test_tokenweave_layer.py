@@ -63,11 +63,13 @@ def test_stack_matches_oracle_fp64(world, cfg):
                 assert r[key] < 1e-12, (r, key)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_stack_fp32_within_earned_tolerance(world):
-    rows = spawn_ranks(world, _rank_errors, MOE if world == 2 else DENSE, torch.float32, timeout=60)
+@pytest.mark.parametrize("world, dtype", [(2, torch.float32), (3, torch.float32), (2, torch.bfloat16)])
+def test_stack_low_precision_within_earned_tolerance(world, dtype):
+    # MoE in bf16 is left out: a near-tie router logit picks another expert than fp64 (docs)
+    cfg = MOE if (world, dtype) == (2, torch.float32) else DENSE
+    rows = spawn_ranks(world, _rank_errors, cfg, dtype, timeout=60)
     for r in rows[0]:
-        tol = tolerance(torch.float32, r["plain_err"], r["ref_max"])
+        tol = tolerance(dtype, r["plain_err"], r["ref_max"])
         assert r["tw_vs_ref"] <= tol and r["base_vs_ref"] <= tol, r
         assert r["tw_vs_base"] <= tol, r
 
