@@ -92,3 +92,31 @@ def test_a_killed_rank_actor_is_named_and_nothing_is_left(ray_session):
         assert "rank 2" in err.lines[r], err.lines
     assert elapsed < 90, elapsed  # 4 cold actors importing torch on 2 busy cores + the bound
     _nothing_left_running()
+
+
+def test_advise_on_ray_ranks_like_the_serial_advisor(ray_session):
+    from tokenloom.commands.advise import advise_on_ray
+    from tokenloom.simulator.advisor import advise_attention
+    from tokenloom.simulator.cost import AttentionShape
+    from tokenloom.simulator.hardware import make_cluster
+
+    cluster = make_cluster("h100-sxm", 16, 2)
+    shape = AttentionShape(64 * 1024, 16, 128, 4, 1, 2)
+    serial = advise_attention(cluster, shape, causal=True, backward=False)
+    fanned = advise_on_ray(cluster, shape, causal=True, backward=False)
+    assert fanned.to_dict() == serial.to_dict()
+    assert len(fanned.ranking) >= 4 and fanned.skipped == serial.skipped
+
+
+def test_simulate_sweep_on_ray_equals_serial(ray_session):
+    import argparse
+
+    from tokenloom.commands.simulate_sweep import points_from_args, run_sweep
+
+    args = argparse.Namespace(hardware="a10-pcie", hardware_file=None, gpus=[2, 4], nodes_of=0,
+                              seq=[8192, 16384], heads=8, kv_heads=None, head_dim=64, batch=1, dtype="bf16",
+                              causal=True, backward=True, strategies=["tokenring", "ring", "ulysses"],
+                              layouts=["zigzag"], max_transfers=None)
+    points = points_from_args(args)
+    assert len(points) == 12
+    assert run_sweep(points, ray=True) == run_sweep(points)

@@ -19,12 +19,58 @@ examples:
 """
 
 
+def _advise_pair(task: tuple) -> tuple[str, object]:
+    """One (strategy, layout) of the ranking, as a Ray task: ("ok", result) or ("skip", why)."""
+    from tokenloom.errors import UsageError
+    from tokenloom.simulator.advisor import advise_attention
+
+    cluster, shape, causal, backward, strategy, layout, max_transfers = task
+    try:
+        advice = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=(strategy,),
+                                  layouts=(layout,), max_transfers=max_transfers)
+    except UsageError as exc:
+        if not advice_skipped(str(exc)):
+            raise
+        return "skip", (strategy, layout, str(exc).split(": ", 1)[1])
+    return "ok", advice.ranking[0]
+
+
+def advice_skipped(message: str) -> bool:
+    return message.startswith("no strategy fits this shape: ")
+
+
+def advise_on_ray(cluster, shape, *, causal: bool, backward: bool, max_transfers: int | None = None,
+                  address: str | None = None):
+    """The advisor's ranking with every (strategy, layout) simulated as a Ray task; the same
+    Advice as the serial ``advise_attention`` (the work limit applies per simulation)."""
+    from tokenloom.errors import UsageError
+    from tokenloom.launch.ray import map_tasks
+    from tokenloom.parallel.builders import STRATEGIES
+    from tokenloom.simulator.advisor import PREFERRED_LAYOUTS, Advice, hybrid_candidates
+
+    strategies = STRATEGIES + hybrid_candidates(cluster)
+    pairs = [(s, lay) for s in strategies for lay in PREFERRED_LAYOUTS]
+    done = map_tasks(_advise_pair, [(cluster, shape, causal, backward, s, lay, max_transfers) for s, lay in pairs],
+                     address=address)
+    results = [r for kind, r in done if kind == "ok"]
+    skipped = [r for kind, r in done if kind == "skip"]
+    if not results:
+        raise UsageError(f"no strategy fits this shape: {skipped[0][2]}")
+    order = {pair: i for i, pair in enumerate(pairs)}
+    results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
+    return Advice(results, skipped, cluster.gpus_per_node)
+
+
 def _advise(args: argparse.Namespace) -> int:
     from tokenloom.simulator.advisor import advise_attention
 
     cluster, shape = problem_from_args(args)
-    advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward,
-                              max_transfers=args.max_transfers)
+    if args.ray:
+        advice = advise_on_ray(cluster, shape, causal=args.causal, backward=args.backward,
+                               max_transfers=args.max_transfers, address=args.address)
+    else:
+        advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward,
+                                  max_transfers=args.max_transfers)
     if args.json:
         print(json.dumps(advice.to_dict(), allow_nan=False))
         return 0
@@ -48,4 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Ask the simulator which strategy and layout to use.",
         "rank tokenring / ring / ulysses x zigzag / contiguous", _EPILOG)
     att.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    att.add_argument("--ray", action="store_true",
+                     help="simulate the candidates as Ray tasks (same ranking as the serial run)")
+    att.add_argument("--address", default=None,
+                     help="with --ray: the cluster to use ('auto': the running one); default: a local Ray")
     att.set_defaults(func=_advise)

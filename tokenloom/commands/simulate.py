@@ -206,3 +206,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenloom.commands.simulate_tokenweave import add_tokenweave
 
     add_tokenweave(sub)
+    from tokenloom.commands.simulate_sweep import add_sweep  # the sweep form (serial or --ray)
+
+    add_sweep(sub)
