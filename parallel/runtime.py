@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from tokenloom.comm.health import set_step as report_step  # the launcher's watchdog (heartbeat)
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
 from tokenloom.kernels.reference import acc_dtype
@@ -383,6 +384,8 @@ class Runner:
     def run(self, store: dict[Key, Held]) -> dict[Key, Held]:
         """Walk this rank's steps over ``store`` (inputs in, outputs and kept buffers out)."""
         for s, step in enumerate(self.steps):
+            report_step(f"{self.schedule.strategy} {'backward' if self.schedule.backward else 'forward'} "
+                        f"step {s}")
             try:
                 self._step(store, s, step)
             except Exception as exc:
