@@ -151,3 +151,32 @@ def test_auto_on_a_mesh_picks_the_ring_dim_strategy_by_the_advisor():
     res = spawn_ranks(4, _auto_on_mesh, timeout=60)
     assert all(err < 1e-12 for err, _ in res)
     assert len({c for _, c in res}) == 1 and res[0][1] in ("tokenring", "ring")
+
+
+def _mesh3x2(rank, n):
+    """A ring of 3 Ulysses pairs, packed documents, both ring strategies, causal and not."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (3, 2), mesh_dim_names=("ring", "ulysses"))
+    docs = (7, 1, 30, 5)
+    cu = torch.tensor([0, *itertools.accumulate(docs)], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(1, sum(docs), 4, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, sum(docs), 2, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    errs = []
+    for strategy, causal in itertools.product(("tokenring", "ring"), (True, False)):
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        b = cu.tolist()
+        ref = torch.cat([attention_with_lse(qr[:, a:c], kr[:, a:c], vr[:, a:c], causal=causal)[0]
+                         for a, c in zip(b, b[1:])], 1)
+        ref.backward(dout)
+        ql, kl, vl = (shard_sequence(t, group=mesh, cu_seqlens=cu).requires_grad_() for t in (q, k, v))
+        out = sp_attention(ql, kl, vl, strategy=strategy, group=mesh, causal=causal, cu_seqlens=cu)
+        out.backward(shard_sequence(dout, group=mesh, cu_seqlens=cu))
+        for got, want in ((out, ref), (ql.grad, qr.grad), (kl.grad, kr.grad), (vl.grad, vr.grad)):
+            errs.append((got.detach() - shard_sequence(want.detach(), group=mesh, cu_seqlens=cu)).abs().max().item())
+    return max(errs)
+
+
+def test_3x2_mesh_packed_matches_fp64():
+    assert max(spawn_ranks(6, _mesh3x2, timeout=120)) < 1e-10
