@@ -19,7 +19,7 @@ from tokenloom.errors import UsageError
 from tokenloom.validate import arg_int
 
 DEMO_WORLD_SIZES = (1, 2, 4, 8)  # must divide the demo's 8 heads (Ulysses splits heads)
-MAX_DEMO_SEQ = 16384  # CPU attention: ~a minute at the default; beyond this the tour takes hours
+MAX_DEMO_SEQ = 8192  # CPU attention costs seq^2: the default 2048 takes ~10 s, 8192 a few minutes
 
 
 def attention_section(out, *, world_size: int, seq: int, causal: bool = True) -> bool:
