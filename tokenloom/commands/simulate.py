@@ -179,13 +179,22 @@ def add_attention_command(subparsers: argparse._SubParsersAction, command: str, 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenloom.parallel.builders import STRATEGIES
+    from tokenloom.parallel.builders import STRATEGIES, parse_strategy
+
+    def strategy_arg(text: str) -> str:  # also the 2-D hybrids, "ulysses8+tokenring"
+        try:
+            parse_strategy(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
     sub, att = add_attention_command(
         subparsers, "simulate", "predict the time of parallel attention on a cluster",
         "Discrete-event simulation of the runtime's own schedules.",
         "one attention layer: time, exposed communication, bytes", _EPILOG_ATTENTION)
-    att.add_argument("--strategy", choices=STRATEGIES, default="tokenring", help="default tokenring")
+    att.add_argument("--strategy", type=strategy_arg, default="tokenring", metavar="NAME",
+                     help=f"{' | '.join(STRATEGIES)} | ulysses<N>+tokenring | ulysses<N>+ring (2-D hybrid: "
+                          f"Ulysses inside groups of N ranks, the ring across); default tokenring")
     att.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
                      help="sequence layout over ranks (default zigzag: balanced causal work)")
     out = att.add_argument_group("output")
