@@ -358,3 +358,20 @@ def test_entry_point_size_limit_and_device_output(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "limit" in res.stderr
     res = _cli(*_with(SIM, gpus="nan"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--gpus" in res.stderr
+
+
+def test_demo_sections_still_run():
+    """The tour's attention section (through the launcher) and simulator section work end to end;
+    it once broke silently when the launcher moved. One rank, a tiny sequence: a few seconds."""
+    import io
+
+    from tokenloom.commands.demo import attention_section
+    from tokenloom.simulator.demo import demo_section
+
+    out = io.StringIO()
+    assert attention_section(out, world_size=1, seq=16) is True
+    text = out.getvalue()
+    assert all(f"{s} " in text for s in ("tokenring", "ring", "ulysses")) and "FAILED" not in text
+    out = io.StringIO()
+    demo_section(out)
+    assert out.getvalue().count("->") == 4  # one verdict per simulated case
