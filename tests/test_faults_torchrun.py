@@ -54,3 +54,35 @@ def test_two_nodes_on_one_machine():
     rep = reports[0]
     assert rep["world_size"] == 2 and rep["backend"] == "gloo"
     assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in rep["check"].values())
+
+
+def test_max_restarts_recovers_from_a_transient_loss():
+    """Attempt 0 loses rank 1 (SIGKILL); the agent restarts every worker; attempt 1 is clean."""
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                           "-m", "tokenloom", "run", "drill", "--steps", "6", "--step-ms", "5",
+                           "--fail-rank", "1", "--fail-at", "2", "--mode", "kill", "--first-attempt-only",
+                           "--timeout", str(BOUND), "--json"],
+                          capture_output=True, text=True, timeout=180, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"world_size": 2, "steps": 6, "ok": True}
+    lost = [ln for ln in proc.stderr.splitlines() if ln.startswith("tokenloom run: error:")]
+    assert len(lost) == 1 and "rank 1" in lost[0]  # attempt 0's survivor named it
+
+
+def test_hand_started_ranks_name_the_lost_rank():
+    """Ranks started by hand with the torchrun variables (rank 0 hosts the store, no agent)."""
+    port = _free_port()
+    procs = []
+    for rank in range(3):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tokenloom", "run", "drill", "--launcher",
+                                       "torchrun", "--steps", "40", "--step-ms", "5", "--fail-rank", "2",
+                                       "--fail-at", "3", "--mode", "kill", "--timeout", str(BOUND)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[2].returncode == -9
+    for rank in (0, 1):
+        assert procs[rank].returncode == 1, outs[rank][1][-2000:]
+        line = outs[rank][1].strip().splitlines()[-1]
+        assert line.startswith("tokenloom run: error:") and "rank 2" in line and "drill step" in line, line

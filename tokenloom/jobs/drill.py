@@ -31,6 +31,7 @@ class Drill:
     fail_at: int = 5
     mode: str = "none"
     reap_after_s: float = 0.0
+    first_attempt_only: bool = False  # misbehave only in torchrun's first attempt (--max-restarts)
 
 
 def _misbehave(cfg: Drill) -> bool:
@@ -50,6 +51,10 @@ def _misbehave(cfg: Drill) -> bool:
     return cfg.mode == "skip"
 
 
+def _this_attempt(cfg: Drill) -> bool:
+    return not cfg.first_attempt_only or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
 def job(comm, cfg: Drill) -> dict:
     """Ring exchange + all-reduce per step; returns the all-reduced sums (checkable by anyone)."""
     import torch
@@ -61,7 +66,7 @@ def job(comm, cfg: Drill) -> dict:
     sums = []
     for s in range(cfg.steps):
         health.set_step(f"drill step {s}")
-        if rank == cfg.fail_rank and s == cfg.fail_at and _misbehave(cfg):
+        if rank == cfg.fail_rank and s == cfg.fail_at and _this_attempt(cfg) and _misbehave(cfg):
             break
         mine = torch.full((4,), float(rank + s))
         left, right = torch.empty(4), torch.empty(4)
@@ -89,6 +94,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="none", help="how it misbehaves")
     p.add_argument("--reap-after", type=arg_float(0, 3600), default=0.0,
                    help="with --mode stop: kill the stopped rank after this many seconds (0: never)")
+    p.add_argument("--first-attempt-only", action="store_true",
+                   help="misbehave only in torchrun's first attempt (to see --max-restarts recover)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -99,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> Drill:
         raise UsageError(f"--fail-rank ({args.fail_rank}) must be below the world size "
                          f"({args.world_size})", field="fail_rank")
     return Drill(steps=args.steps, step_ms=args.step_ms, fail_rank=args.fail_rank,
-                 fail_at=args.fail_at, mode=args.mode, reap_after_s=args.reap_after)
+                 fail_at=args.fail_at, mode=args.mode, reap_after_s=args.reap_after,
+                 first_attempt_only=args.first_attempt_only)
 
 
 def report(results: list[dict], args: argparse.Namespace) -> int:

@@ -2,8 +2,9 @@
 
 torchrun exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 ``torch.distributed.rendezvous("env://")`` turns them into a store: torchrun's agent store (it
-outlives any worker, and is prefixed per restart attempt, so ``--max-restarts`` starts clean), or,
-for ranks started by hand, a TCPStore hosted by rank 0. Every rank gets every rank's result.
+outlives any worker; tokenloom prefixes its keys with the restart attempt, so ``--max-restarts``
+starts clean), or, for ranks started by hand, a TCPStore hosted by rank 0. Every rank gets every
+rank's result.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def run(job: Callable, config: Any, *, timeout_s: float = 60.0, world_size: int 
     rdzv_timeout = datetime.timedelta(seconds=max(timeout_s, 300.0))
     store, rank, world = next(dist.rendezvous("env://", timeout=rdzv_timeout))
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    # The agent's store outlives a restart (--max-restarts): keys of attempt k must not be read
+    # by attempt k+1 (a stale gloo address there fails the rendezvous with "connection refused").
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     previous = _raise_on_sigterm()
     try:
-        return run_rank(job, config, store=dist.PrefixStore("tokenloom", store), rank=rank,
+        return run_rank(job, config, store=dist.PrefixStore(f"tokenloom/attempt{attempt}", store), rank=rank,
                         world_size=world, timeout_s=timeout_s, backend=backend, gather=True,
                         store_host=None if agent else 0)
     finally:
