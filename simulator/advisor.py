@@ -118,6 +118,7 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
     """Simulate every feasible (strategy, layout); UsageError if none fits the shape or the
     simulations together exceed the work limit (checked before any is run). ``strategies``
     None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`)."""
+    auto_hybrids = strategies is None
     if strategies is None:
         strategies = STRATEGIES + hybrid_candidates(cluster)
     feasible, skipped = [], []
@@ -132,6 +133,13 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
             feasible.append((strategy, layout))
     if not feasible:
         raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=_field_of(skipped[0][2]))
+    if auto_hybrids:  # the hybrids were added here: drop them rather than refuse the flat ones
+        limit = MAX_SIM_TRANSFERS if max_transfers is None else max_transfers
+        while sum(estimated_transfers(st, cluster.num_gpus, backward) for st, _ in feasible) > limit \
+                and parse_strategy(feasible[-1][0])[1] > 1:
+            st, lay = feasible.pop()
+            skipped.append((st, lay, "over the simulation work limit together with the others; "
+                                     f"try: simulate attention --strategy {st}"))
     check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible], limit=max_transfers)
     results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout,
                                   max_transfers=max_transfers) for strategy, layout in feasible]

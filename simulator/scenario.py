@@ -84,8 +84,10 @@ _TRANSFERS_PER_RANK_SQUARED = {"tokenring": 2, "ring": 2, "ulysses": 3}
 def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
     """Upper estimate of the transfers the engine walks for ``strategy`` (forward [+ backward])."""
     base, ulysses = parse_strategy(strategy)
-    per = _TRANSFERS_PER_RANK_SQUARED[base] if ulysses == 1 else _TRANSFERS_PER_RANK_SQUARED["ulysses"]
-    return per * world_size * world_size * (2 if backward else 1)
+    passes = 2 if backward else 1
+    if ulysses > 1:  # rings of R ranks per head shard (2 R^2 U) + all-to-alls inside R groups (3 R U^2)
+        return world_size * (2 * (world_size // ulysses) + 3 * ulysses) * passes
+    return _TRANSFERS_PER_RANK_SQUARED[base] * world_size * world_size * passes
 
 
 MAX_SIM_TRANSFERS_CEILING = 2_000_000  # ~8 GB and ~5 min: the most ``max_transfers`` may ask for
