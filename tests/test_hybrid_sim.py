@@ -64,3 +64,26 @@ def test_hybrid_feasibility_names_the_field():
         check_feasible("ulysses4+ring", 8, shape)
     with pytest.raises(UsageError, match="must divide gpus"):
         check_feasible("ulysses3+ring", 8, AttentionShape(4096, 6, 64))
+
+
+def test_hybrid_work_estimate_never_undercounts():
+    from tokenloom.simulator.scenario import estimated_transfers
+
+    for n, nodes, u in ((8, 2, 2), (8, 2, 4), (12, 3, 4), (16, 4, 4)):
+        cluster = make_cluster("h100-sxm", n, nodes)
+        for strategy, layout, causal in (("tokenring", "zigzag", True), ("ring", "contiguous", False)):
+            name = f"ulysses{u}+{strategy}"
+            res = simulate_attention(name, cluster, AttentionShape(64 * n, 8, 32, 2), causal=causal,
+                                     backward=True, layout=layout)
+            assert sum(len(p.transfers) for p in res.passes) <= estimated_transfers(name, n, True)
+
+
+def test_advisor_drops_its_own_hybrids_at_the_work_limit():
+    from tokenloom.simulator.scenario import estimated_transfers
+
+    cluster = make_cluster("h100-sxm", 16, 2)
+    flat_only = sum(estimated_transfers(s, 16, False) for s in ("tokenring", "ring", "ulysses"))
+    advice = advise_attention(cluster, AttentionShape(4096, 16, 64), causal=True, backward=False,
+                              layouts=("zigzag",), max_transfers=flat_only)
+    assert {r.strategy for r in advice.ranking} == {"tokenring", "ring", "ulysses"}
+    assert any("work limit" in why for s, _, why in advice.skipped if "+" in s)
