@@ -1,4 +1,6 @@
-"""Process-group set-up from a launcher's environment (torchrun today).
+"""Process-group set-up from a launcher's environment (torchrun), for scripts that manage their own
+group. Jobs run through :func:`tokenloom.launch.run_job` get the same set-up plus the watchdog that
+names a lost rank; prefer that.
 
 torchrun exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_from_env` turns them into an initialised default process group: NCCL with one GPU per
@@ -30,8 +32,11 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 300.0) -> tu
     """
     if not under_torchrun():
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
-        raise ValueError(f"launcher: not under torchrun (missing {', '.join(missing)}); run "
-                         f"'torchrun --nproc-per-node N -m tokenloom ...' or use --launcher local")
+        from tokenloom.errors import UsageError
+
+        raise UsageError(f"launcher: not under torchrun (missing {', '.join(missing)}); run "
+                         f"'torchrun --nproc-per-node N -m tokenloom ...' or use --launcher local",
+                         field="launcher")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     backend = backend or ("nccl" if use_cuda else "gloo")
     device = torch.device("cpu")

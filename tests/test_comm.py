@@ -103,3 +103,62 @@ def test_unmatched_receive_times_out_as_comm_error():
 def test_bad_op_name():
     with pytest.raises(CommError):
         Communicator().batch_p2p([P2P("send", 0, torch.zeros(1))])  # self-send without receive
+
+
+# ---------------------------------------------------------------- heartbeats and the watchdog
+def _store(tmp_path):
+    import torch.distributed as dist
+
+    return dist.FileStore(str(tmp_path / "store"), -1)
+
+
+def test_a_peer_that_stops_beating_is_published_as_lost(tmp_path):
+    from tokenloom.comm import health
+
+    store = _store(tmp_path)
+    a = health.Monitor(store, 0, 2, timeout_s=0.5, interval_s=0.05, startup_s=5)
+    b = health.Monitor(store, 1, 2, timeout_s=0.5, interval_s=0.05, startup_s=5)
+    b._beat("running")  # one beat, then silence (as a killed or stopped rank)
+    a._beat("running")
+    t0 = time.monotonic()
+    while a.poll() is None and time.monotonic() - t0 < 5:
+        a._beat("running")
+        time.sleep(0.05)
+    assert a.failure is not None and a.failure["lost"] == [1], a.failure
+    assert 0.4 < time.monotonic() - t0 < 3
+    assert "rank 1 not responding" in health.describe_abort(a.failure)
+    # everyone reads the same record; the first writer wins
+    assert b.poll()["lost"] == [1]
+    b.publish([0], "something else", by="rank 1")
+    assert b.failure["lost"] == [1]
+
+
+def test_a_finished_peer_is_not_lost_and_a_silent_one_never_started(tmp_path):
+    from tokenloom.comm import health
+
+    store = _store(tmp_path)
+    a = health.Monitor(store, 0, 3, timeout_s=0.2, interval_s=0.05, startup_s=0.6)
+    done = health.Monitor(store, 1, 3, timeout_s=0.2, interval_s=0.05)
+    done._beat("running")
+    done.stop("done")
+    time.sleep(0.3)
+    assert a.poll() is None  # rank 1 finished; rank 2 may still be starting
+    time.sleep(0.4)
+    failure = a.poll()
+    assert failure["lost"] == [2] and "never started" in failure["reason"]
+
+
+def test_step_labels_travel_with_the_heartbeat(tmp_path):
+    from tokenloom.comm import health
+
+    store = _store(tmp_path)
+    a = health.Monitor(store, 0, 2, timeout_s=5, interval_s=0.05).start()
+    try:
+        health.set_step("ring forward step 3")
+        time.sleep(0.2)  # written through, or by the thread within one interval
+        b = health.Monitor(store, 1, 2, timeout_s=5)
+        assert b.peer(0)["step"] == "ring forward step 3"
+        assert "rank 0 running at 'ring forward step 3'" in b.describe_peers([0])
+    finally:
+        a.stop()
+    assert health.active() is None and b.peer(0)["state"] == "done"
