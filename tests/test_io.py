@@ -108,7 +108,8 @@ def test_output_paths_with_odd_names_are_usage_errors(tmp_path):
 
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "file").write_text("x")
-    for bad in (tmp_path / ("x" * 300), "a\0b", tmp_path / "loop", tmp_path / "file" / "child", ""):
+    for bad in (tmp_path / ("x" * 300), "a\0b", tmp_path / "loop", tmp_path / "file" / "child", "",
+                f"{tmp_path}/new/", f"{tmp_path}/.", ".."):
         with pytest.raises(UsageError, match="--out"):
             resolve_output(bad, "--out")
 

@@ -42,6 +42,8 @@ def resolve_output(path: str | os.PathLike, field: str = "output",
 
 
 def _resolve_output(text: str, field: str, inputs: Iterable[str | os.PathLike | None]) -> Path:
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
+        raise UsageError(f"{field}: {text} names a directory; give a file name", field=field)
     target = Path(os.path.realpath(text))  # follow symlinks: write the target, keep the link
     if target.exists() or target.is_symlink():
         try:
