@@ -10,9 +10,9 @@ from tokenloom._lazy import lazy_exports
 
 _API = "tokenloom.parallel.attention"
 _LAZY = {
-    "gather_sequence": _API,
+    "gather_sequence": "tokenloom.parallel.sharding",
     "ring_attention": _API,
-    "shard_sequence": _API,
+    "shard_sequence": "tokenloom.parallel.sharding",
     "sp_attention": _API,
     "token_ring_attention": _API,
     "ulysses_attention": _API,
