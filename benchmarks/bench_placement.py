@@ -7,7 +7,9 @@ For each case: one router-model trace (tokenloom.placement.router), 20% of its t
 (seed 0). EPLB, greedy and the planner see only the other 80%. The planner runs as the real CLI
 (`tokenloom plan`, a subprocess, so its wall time includes Python start and imports). Columns:
 remote node messages per token and MoE layer (dispatch + combine, exact expectation, uniform
-replica choice, DP homes) in-sample and held-out, the same held-out under `local` replica choice,
+replica choice, DP homes) in-sample and held-out, the held-out change against the EPLB policy
+EPLB itself picks for the model (hierarchical for DeepSeek-V3's 8 routing groups, global for
+Qwen3, which has none; the planner's default balance cap follows the same choice), the same held-out under `local` replica choice,
 the busiest NIC's messages per token (held-out), and the worst in-sample max/mean GPU load.
 Prints one markdown table and a PASS/FAIL line per goal. Not a test: timings depend on the machine.
 """
@@ -33,13 +35,17 @@ from tokenloom.placement.metrics import gpu_loads
 from tokenloom.placement.problem import PlacementProblem
 from tokenloom.placement.router import RouterConfig, router_topk
 
-CASES = {  # name: (router config kwargs, gpus, gpus_per_node, redundant, EPLB groups)
+CASES = {  # name: (router config kwargs, gpus, gpus_per_node, redundant, the model's routing groups)
     "deepseek-v3": (dict(num_layers=58, num_experts=256, top_k=8, num_groups=8, topk_group=4), 32, 8, 32, 8),
-    "qwen3-235b": (dict(num_layers=94, num_experts=128, top_k=8), 64, 8, 64, 8),
+    "qwen3-235b": (dict(num_layers=94, num_experts=128, top_k=8), 64, 8, 64, 1),
     "deepseek-v3 no-structure": (dict(num_layers=58, num_experts=256, top_k=8, num_groups=8, topk_group=4,
                                       topic_strength=0.0), 32, 8, 32, 8),
-    "qwen3-235b no-structure": (dict(num_layers=94, num_experts=128, top_k=8, topic_strength=0.0), 64, 8, 64, 8),
+    "qwen3-235b no-structure": (dict(num_layers=94, num_experts=128, top_k=8, topic_strength=0.0), 64, 8, 64, 1),
+    # sensitivity, not a goal: twice the default topic strength (more co-activation structure)
+    "deepseek-v3 strong-topics": (dict(num_layers=58, num_experts=256, top_k=8, num_groups=8, topk_group=4,
+                                       topic_strength=3.0), 32, 8, 32, 8),
 }
+HIER_GROUPS = 8  # EPLB hierarchical needs groups that are a multiple of the nodes; Qwen3 has none, so 8 contiguous
 
 
 def _row(name, method, rows, train, test, problem, seconds=None):
@@ -63,7 +69,7 @@ def run_case(name: str, tokens: int, time_limit: float, workdir: str) -> list[di
     np.savez(path, topk_ids=ids.astype(np.int16), num_experts=np.int64(config["num_experts"]))
     rows = []
     for policy in ("hierarchical", "global"):
-        eplb = eplb_rows(train.loads, problem.num_slots, gpus, gpn, policy, groups)
+        eplb = eplb_rows(train.loads, problem.num_slots, gpus, gpn, policy, HIER_GROUPS)
         rows.append(_row(name, f"EPLB {policy}", eplb, train, test, problem))
     rows.append(_row(name, "greedy", baseline_plan("greedy", problem, train.loads), train, test, problem))
     plan_path = os.path.join(workdir, "plan.json")
@@ -77,14 +83,16 @@ def run_case(name: str, tokens: int, time_limit: float, workdir: str) -> list[di
         raise SystemExit(f"plan failed on {name}: {proc.stderr}")
     plan = json.load(open(plan_path))
     rows.append(_row(name, "tokenloom dp", np.array(plan["phy2log"]), train, test, problem, seconds))
+    for r in rows:
+        r["reference"] = "EPLB hierarchical" if groups > 1 else "EPLB global"  # what EPLB itself picks here
     return rows
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| case | method | msgs/token in-sample | msgs/token held-out | vs EPLB hier. (held-out) | held-out, local choice | "
+    lines = ["| case | method | msgs/token in-sample | msgs/token held-out | vs EPLB's choice (held-out) | held-out, local choice | "
              "busiest NIC/token | worst max/mean | plan s (wall) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    ref = {r["case"]: r for r in rows if r["method"] == "EPLB hierarchical"}
+    ref = {r["case"]: r for r in rows if r["method"] == r["reference"]}
     for r in rows:
         vs = r["out"] / ref[r["case"]]["out"] - 1
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else ""
@@ -97,15 +105,20 @@ def _goals(rows: list[dict], time_limit: float) -> list[str]:
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         by = {r["method"]: r for r in rows if r["case"] == case}
-        ours, ref = by["tokenloom dp"], by["EPLB hierarchical"]
+        ours = by["tokenloom dp"]
+        ref_name = ours["reference"]
+        ref = by[ref_name]
         cut = 1 - ours["out"] / ref["out"]
+        if "strong-topics" in case:
+            out.append(f"INFO {case}: held-out messages {cut:.2%} below {ref_name} (sensitivity, no goal)")
+            continue
         if "no-structure" in case:
             over = max(ours["out"] / ref["out"], ours["in"] / ref["in"]) - 1
-            out.append(f"{'PASS' if over <= 0.01 else 'FAIL'} {case}: messages {over:+.2%} vs EPLB hierarchical (goal: <= +1%)")
+            out.append(f"{'PASS' if over <= 0.01 else 'FAIL'} {case}: messages {over:+.2%} vs {ref_name} (goal: <= +1%)")
         else:
-            out.append(f"{'PASS' if cut >= 0.05 else 'FAIL'} {case}: held-out messages {cut:.2%} below EPLB hierarchical (goal >= 5%)")
+            out.append(f"{'PASS' if cut >= 0.05 else 'FAIL'} {case}: held-out messages {cut:.2%} below {ref_name} (goal >= 5%)")
         out.append(f"{'PASS' if ours['balance'] <= ref['balance'] * (1 + 1e-9) else 'FAIL'} {case}: worst max/mean "
-                   f"{ours['balance']:.4f} vs EPLB hierarchical {ref['balance']:.4f} (goal: no worse)")
+                   f"{ours['balance']:.4f} vs {ref_name} {ref['balance']:.4f} (goal: no worse)")
         out.append(f"{'PASS' if ours['seconds'] <= 60 else 'FAIL'} {case}: plan {ours['seconds']:.1f} s wall incl. imports "
                    f"(--time-limit {time_limit:g}; goal <= 60 s)")
     return out

@@ -11,9 +11,10 @@ on aggregated traces that carry only ``C``; the plan is scored afterwards with t
 Search (node level, then GPUs), from each start row (the balanced greedy packing; EPLB's
 hierarchical layout):
 
-1. swap polish: the best improving replica swap between two nodes with every node load within
-   its cap (``cap * gpus_per_node``), plus the best swap on each other disjoint node pair (those
-   gains stay exact), until none improves;
+1. swap polish: the gains of all replica swaps between two nodes are tabulated at once; the best
+   and then up to ``BATCH`` next candidates are applied, each re-checked on the current state
+   (gain recomputed exactly in O(1) from the updated affinities, node loads within the cap
+   ``cap * gpus_per_node``), until no swap improves;
 2. escapes: polish under a cap loosened by a few percent, then least-cost repair (swap load off
    the nodes above the cap at the least loss of F) and polish again; kept when F improves;
 3. GPU packing inside each node (largest first, then swaps), and a GPU-level least-cost repair
@@ -163,34 +164,44 @@ def repair(state: NodeState, gpus_per_node: int, node_cap: float, max_steps: int
 
 
 def polish(state: NodeState, gpus_per_node: int, node_cap: float, deadline: float) -> None:
-    """Best improving swap, one at a time, every node load <= ``node_cap``."""
+    """Improving swaps, every node load <= ``node_cap``, until none improves (or the deadline)."""
     limit = node_cap * (1 + _EPS)
     for step in range(MAX_SWAP_STEPS):
-        if step % 16 == 0 and time.perf_counter() > deadline:
+        if step % 4 == 0 and time.perf_counter() > deadline:
             return
         gain, after_r, after_c = state.swap_tables()
         ok = state.legal(gpus_per_node) & (gain > 1e-9) & (after_r <= limit) & (after_c <= limit)
-        if not ok.any():
+        if not ok.any() or not _batch_swaps(state, np.where(ok, gain, -np.inf), gpus_per_node, limit):
             return
-        _disjoint_swaps(state, np.where(ok, gain, -np.inf))
 
 
-def _disjoint_swaps(state: NodeState, gain: np.ndarray) -> None:
-    """Apply the best swap, then the best on each node pair disjoint from those already used.
+BATCH = 64  # candidate swaps taken from one table, each re-checked against the current state
 
-    A swap between nodes a and b changes only the affinities to a and b and their loads, so the
-    gains of swaps between two other nodes stay exact: one table serves up to N/2 swaps.
+
+def _batch_swaps(state: NodeState, gain: np.ndarray, gpus_per_node: int, limit: float) -> int:
+    """Apply the table's best swap, then its next best candidates whose gain, recomputed on the
+    current state (O(1) each from the updated affinities), is still positive and feasible.
+
+    One table (O(U^2)) thus serves many swaps; every applied swap strictly raises F. Returns
+    the number applied.
     """
-    used = np.zeros(state.num_nodes, dtype=bool)
-    nu = state.node
-    for _ in range(state.num_nodes // 2):
-        masked = np.where(used[nu][:, None] | used[nu][None, :], -np.inf, gain)
-        flat = int(np.argmax(masked))
-        if not np.isfinite(masked.flat[flat]):
-            return
-        u, v = np.unravel_index(flat, gain.shape)
-        used[nu[u]] = used[nu[v]] = True
-        state.swap(int(u), int(v))
+    flat = np.argsort(-gain, axis=None)[:BATCH]
+    done = 0
+    for u, v in zip(*np.unravel_index(flat, gain.shape)):
+        if not np.isfinite(gain[u, v]):
+            break
+        u, v = int(u), int(v)
+        eu, ev, a, b = state.expert[u], state.expert[v], state.node[u], state.node[v]
+        if a == b or state.X[eu, b] >= gpus_per_node or state.X[ev, a] >= gpus_per_node:
+            continue
+        now = ((state.A[eu, b] - state.A[eu, a]) / state.counts[eu] + (state.A[ev, a] - state.A[ev, b]) / state.counts[ev]
+               - state.pair[u, v])
+        moved = state.shares[eu] - state.shares[ev]
+        if now <= 1e-9 or state.load[a] - moved > limit or state.load[b] + moved > limit:
+            continue
+        state.swap(u, v)
+        done += 1
+    return done
 
 
 def pack_gpus(state: NodeState, problem: PlacementProblem) -> np.ndarray:

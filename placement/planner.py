@@ -73,8 +73,9 @@ def plan_placement(
     that make the slots divide the GPUs). ``previous`` with ``max_moves``: start from that plan
     and move at most ``max_moves`` experts per layer. ``token_home`` / ``replica_choice``: the
     execution model (dispatch.py). ``max_imbalance``: cap on each layer's busiest GPU / mean
-    (default: EPLB's on that layer for dp). ``expert_groups``: EPLB's routing groups for the
-    default cap (default: one per node). ``holdout``: fraction of tokens held out (seeded by
+    (default: EPLB's on that layer for dp). ``expert_groups``: the model's routing groups, as
+    handed to EPLB for the default cap (default 1: no group-limited routing, EPLB global;
+    DeepSeek-V3: 8, EPLB hierarchical). ``holdout``: fraction of tokens held out (seeded by
     ``seed``). ``map_fn(fn, items)``: how dp layers are solved (default: a loop; Ray tasks from
     the CLI). ``progress``: a tqdm bar over layers (default: only when stdout is a terminal).
     Returns a :class:`Plan` whose ``metrics`` are measured on the planning tokens.
@@ -139,8 +140,9 @@ def _messages(rows: np.ndarray, trace: Trace, problem: PlacementProblem, token_h
 
 
 def eplb_policy_rows(loads: np.ndarray, problem: PlacementProblem, expert_groups: int | None = None) -> tuple[np.ndarray, str]:
-    """EPLB's own choice for this shape: hierarchical when its groups divide the nodes, else global."""
-    groups = problem.num_nodes if expert_groups is None else expert_groups
+    """EPLB's own choice for this shape: hierarchical when its routing groups (default 1: a model
+    without group-limited routing) are a multiple of the nodes, else global."""
+    groups = 1 if expert_groups is None else expert_groups
     if problem.num_nodes > 1 and problem.num_experts % groups == 0 and groups % problem.num_nodes == 0:
         return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "hierarchical", groups), "hierarchical"
     return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "global"), "global"
@@ -149,8 +151,9 @@ def eplb_policy_rows(loads: np.ndarray, problem: PlacementProblem, expert_groups
 def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, max_imbalance: float | None,
         expert_groups: int | None, map_fn):
     """Per layer: balanced start, cap, node-level co-activation search (colocate.plan_layer)."""
-    if expert_groups is not None and (problem.num_experts % expert_groups or expert_groups % problem.num_nodes):
-        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be a "
+    if expert_groups is not None and (problem.num_experts % expert_groups or
+                                      (expert_groups > 1 and expert_groups % problem.num_nodes)):
+        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be 1 or a "
                          f"multiple of the {problem.num_nodes} nodes")
     eplb, policy = eplb_policy_rows(trace.loads, problem, expert_groups)
     wall_deadline = time.time() + max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter())

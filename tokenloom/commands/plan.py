@@ -24,8 +24,9 @@ execution models (--token-home):
 --replica-choice: uniform (a replica drawn uniformly; vLLM, EPLB's load model) or local (prefer a
 replica on the sender's GPU, then node; SGLang's static dispatch).
 --max-imbalance: cap on each layer's busiest GPU / mean. Default for dp: EPLB's own value on
-that layer (EPLB hierarchical with --expert-groups groups when they divide the nodes, else
-global), so the plan is never less balanced than EPLB; for expert: the balance stage's optimum.
+that layer, EPLB run as the deployment would run it: hierarchical when the model's routing
+groups (--expert-groups, DeepSeek-V3: 8) are a multiple of the nodes, else global (default: no
+groups), so the plan is never less balanced than EPLB; for expert: the balance stage's optimum.
 --holdout F (default 0.2 for raw traces): a seeded fraction of tokens is kept out of planning;
 every message metric is reported on it beside the in-sample value.
 
@@ -156,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-imbalance", type=arg_float(1, 1e6), default=None,
                    help="cap on each layer's busiest GPU / mean load (default: EPLB's on that layer for dp)")
     p.add_argument("--expert-groups", type=arg_int(1, 1 << 20), default=None,
-                   help="routing groups for the EPLB reference cap (DeepSeek-V3: 8; default one per node)")
+                   help="the model's routing groups, handed to EPLB for the default cap (DeepSeek-V3: 8; default 1: none, EPLB global)")
     p.add_argument("--holdout", type=arg_float(0, 0.95), default=None,
                    help="fraction of tokens kept out of planning and scored separately (default 0.2 for raw traces)")
     p.add_argument("--seed", type=arg_int(0, 2**63 - 1), default=0, help="seed of the held-out split (default 0)")
