@@ -149,3 +149,20 @@ def test_ray_layers_give_the_serial_plan(tmp_path):
     shutil.rmtree(short, ignore_errors=True)
     assert plans["ray"]["phy2log"] == plans["serial"]["phy2log"]
     assert plans["ray"]["metrics"]["heldout"] == plans["serial"]["metrics"]["heldout"]
+
+
+def test_aggregated_trace_with_coactivation_plans_like_the_raw_one(capsys, tmp_path):
+    raw, agg = tmp_path / "t.npz", tmp_path / "t.json"
+    flags = ["--model", "router", "--layers", "2", "--experts", "32", "--top-k", "4", "--tokens", "500",
+             "--groups", "4", "--topk-group", "2"]
+    assert main(["trace", "synth", *flags, "--out", str(raw)]) == 0
+    assert main(["trace", "synth", *flags, "--out", str(agg)]) == 0
+    assert set(json.loads(agg.read_text())) >= {"loads", "transitions", "coactivation"}
+    rows = []
+    for path in (raw, agg):
+        out = tmp_path / f"{path.suffix[1:]}.plan.json"
+        assert main(["plan", "--trace", str(path), "--gpus", "8", "--gpus-per-node", "4", "--holdout", "0",
+                     "--time-limit", "30", "--out", str(out)]) == 0
+        rows.append(json.loads(out.read_text())["phy2log"])
+    assert rows[0] == rows[1]
+    capsys.readouterr()
