@@ -60,9 +60,12 @@ def _errors(rank, n, strategy, causal, layout, kv_heads, dtype, batch=2, head_di
 
 
 def _matrix(rank, n, strategy):
+    """Every (causal, layout, MHA/GQA) combination; the dtype alternates so that every pair of
+    factor values, dtype included, is covered (8 runs instead of 16)."""
     results = []
-    for causal, layout, kv_heads, dtype in itertools.product(
-            (False, True), ("contiguous", "zigzag"), (HEADS, 4), (torch.float32, torch.bfloat16)):
+    for i, (causal, layout, kv_heads) in enumerate(itertools.product(
+            (False, True), ("contiguous", "zigzag"), (HEADS, 4))):
+        dtype = (torch.float32, torch.bfloat16)[(i ^ (i >> 1) ^ (i >> 2)) & 1]
         for name, err, tol in _errors(rank, n, strategy, causal, layout, kv_heads, dtype):
             results.append((f"causal={causal} {layout} kv={kv_heads} {dtype} {name}", err, tol))
     return results
@@ -71,12 +74,12 @@ def _matrix(rank, n, strategy):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("strategy", ["tokenring", "ring", "ulysses"])
 def test_matches_fp64_reference(strategy, world_size):
-    """out, lse, dq, dk, dv for causal/non-causal x both layouts x MHA/GQA x fp32/bf16."""
+    """out, lse, dq, dk, dv for causal/non-causal x both layouts x MHA/GQA, fp32 and bf16."""
     per_rank = spawn_ranks(world_size, _matrix, strategy, timeout=120)
     bad = [(r, what, err, tol) for r, rows in enumerate(per_rank) for what, err, tol in rows
            if not err <= tol]
     assert not bad, bad[:5]
-    assert len(per_rank[0]) == 16 * 5
+    assert len(per_rank[0]) == 8 * 5
 
 
 def _world5(rank, n):
