@@ -162,3 +162,24 @@ def test_varlen_on_cuda_world_of_one(impl):
             want = shard_sequence(ref[name], 0, 1, cu_seqlens=cu)
             err = (got.detach().double().cpu() - want).abs().max().item()
             assert err < 0.05 * max(1.0, want.abs().max().item()), (strategy, name, err)
+
+
+def _fewer_tokens_than_ranks(rank, n):
+    """3 tokens on 4 ranks: two ranks hold nothing and still take part (fwd and bwd)."""
+    cu = [0, 1, 3]
+    q = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = torch.cat([attention_with_lse(q[:, :1], q[:, :1], q[:, :1], causal=True)[0],
+                     attention_with_lse(q[:, 1:], q[:, 1:], q[:, 1:], causal=True)[0]], 1)
+    rows = []
+    for strategy, fn in FN.items():
+        ql = shard_sequence(q, rank, n, cu_seqlens=cu).requires_grad_()
+        out = fn(ql, ql, ql, causal=True, cu_seqlens=cu)
+        out.sum().backward()
+        rows.append((ql.shape[1], (gather_sequence(out.detach(), cu_seqlens=cu) - ref).abs().max().item()))
+    return rows
+
+
+def test_ranks_without_tokens_take_part():
+    per_rank = spawn_ranks(4, _fewer_tokens_than_ranks, timeout=60)
+    assert [rows[0][0] for rows in per_rank].count(0) == 2
+    assert all(err < 1e-12 for rows in per_rank for _, err in rows)
