@@ -139,7 +139,7 @@ def seg_ranges(lens: tuple[int, ...], have: tuple[int, ...], segs: Iterable[Segm
     runs: list[list[int]] = []
     for c, o, n in segs:
         if c not in off:
-            raise KeyError(f"chunk {c} is not held (held chunks {have})")
+            raise AssertionError(f"chunk {c} is not held (held chunks {have}): a schedule bug")
         start = off[c] + o
         if runs and runs[-1][0] + runs[-1][1] == start:
             runs[-1][1] += n
