@@ -99,7 +99,7 @@ class Buf:
     def __str__(self) -> str:
         at = f"@{self.at}" if self.at >= 0 and self.at != self.owner else ""
         shard = f"h{self.shard}" if self.shard >= 0 else ""
-        chunks = _chunk_list(self.chunks, 4)
+        chunks = _chunk_list(self.chunks)
         return f"{self.kind}{self.owner}{shard}[{chunks}]{at}"
 
 
@@ -166,7 +166,7 @@ def a2a_bufs(op: AllToAll, rank: int, sched: "Schedule") -> tuple[Buf, Buf]:
     return head_side, seq_side
 
 
-def _chunk_list(chunks: tuple[int, ...], limit: int = 0) -> str:
+def _chunk_list(chunks: tuple[int, ...]) -> str:
     """Chunk ids, comma-separated, ascending runs of three or more as ``a-b``: ``0-15``,
     ``2,3,29-31``. Unambiguous at any number of chunks (``1,12`` is never ``11,2``)."""
     parts: list[str] = []
@@ -202,7 +202,7 @@ class Block:
                 if not self.causal or causal_pair_kind(qc, kc) != "none"]
 
     def __str__(self) -> str:
-        q, kv = _chunk_list(self.q_chunks, 8), _chunk_list(self.kv_chunks, 8)
+        q, kv = _chunk_list(self.q_chunks), _chunk_list(self.kv_chunks)
         return f"{q}x{kv}{'c' if self.causal else ''}"
 
 
