@@ -8,15 +8,19 @@ phases, and both the runtime and the simulator follow exactly these semantics:
 3. wait for the step's communication;
 4. run ``merges`` in order (fold received partials into accumulators).
 
-Data is named by :class:`Buf` — ``(kind, owner, chunks, at)``: what it holds (see
-:data:`WIRE_FIELDS`), whose tokens, which global sequence chunks, and for partial results the rank
-that computed them (``at``; -1 for plain inputs, which are the same wherever they are). A rank
-never holds two buffers with the same ``(kind, owner, at)`` key; an op may name a subset of a
-held buffer's chunks, which is how TokenRing sends only the late half of a query block.
+Data is named by :class:`Buf` — ``(kind, owner, chunks, at, shard)``: what it holds (a
+:class:`Kind`, see :data:`WIRE_FIELDS`), whose tokens, which global sequence chunks, for partial
+results the rank that computed them (``at``; -1 for plain inputs, which are the same wherever they
+are), and after an all-to-all the head shard (-1: all heads). A rank never holds two buffers with
+the same :attr:`Buf.key`; an op may name a subset of a held buffer's chunks, which is how TokenRing
+sends only the late half of a query block. Chunk lengths may differ (packed sequences); which
+tokens a chunk holds is the schedule's :class:`~tokenloom.parallel.layout.SeqLayout`.
 
 A compute or merge *folds* into its destination: attention outputs merge in log-sum-exp form,
-gradients add; a destination that does not exist yet starts empty. The builders in
-``tokenloom.parallel.builders`` make schedules, ``tokenloom.parallel.check`` proves them.
+gradients add; a destination that does not exist yet starts empty (an all-to-all of a result
+nobody folded into moves zeros). All-to-alls run inside the groups of :attr:`Schedule.groups`;
+P2P ops match by :func:`match_p2p`. The builders in ``tokenloom.parallel.builders`` make
+schedules, ``tokenloom.parallel.check`` proves them.
 """
 
 from __future__ import annotations
