@@ -37,8 +37,8 @@ def test_torchrun_two_ranks_check():
 def test_local_launcher_table(capsys):
     rc = main(["run", "attention", "--launcher", "local", "--world-size", "3", "--seq", "96",
                "--heads", "6", "--strategy", "ulysses", "--check", "--iters", "1"])
-    out = capsys.readouterr().out
-    assert rc == 0
+    out, err = capsys.readouterr()
+    assert rc == 0, err
     assert "ulysses attention on 3 rank(s) (gloo, cpu)" in out
     assert out.count(" ok") == 5 and "FAILED" not in out
 

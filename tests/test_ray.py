@@ -14,7 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tokenloom.jobs import attention, drill  # noqa: E402
+from tokenloom.jobs import drill  # noqa: E402
 from tokenloom.launch import run_job  # noqa: E402
 from tokenloom.launch.summary import JobError  # noqa: E402
 
@@ -62,16 +62,18 @@ FLAGS = ["--strategy", "tokenring", "--seq", "64", "--heads", "4", "--kv-heads",
          "--causal", "--check", "--iters", "1"]
 
 
-def test_attention_on_ray_ranks_equals_local_and_torchrun(ray_session):
-    cfg = attention.AttentionRun(strategy="tokenring", seq=64, heads=4, kv_heads=2, head_dim=8,
-                                 causal=True, check=True, iters=1)
-    on_ray = run_job(attention.job, cfg, launcher="ray", world_size=2, timeout_s=60)
-    assert [r["rank"] for r in on_ray] == [0, 1] and on_ray[0]["backend"] == "gloo"
+def test_attention_on_ray_ranks_equals_local_and_torchrun(ray_session, capsys):
+    from tokenloom.cli import main
+
+    rc = main(["run", "--launcher", "ray", "--world-size", "2", "attention", *FLAGS, "--json"])
+    assert rc == 0
+    on_ray = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert on_ray["world_size"] == 2 and on_ray["backend"] == "gloo"
     _nothing_left_running()
     local = _cli_json(sys.executable, "-m", "tokenloom")  # --launcher auto: local, 2 ranks
     torchrun = _cli_json(os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
                          "--nproc-per-node", "2", "-m", "tokenloom")
-    for name, check in on_ray[0]["check"].items():
+    for name, check in on_ray["check"].items():
         assert check["ok"], (name, check)
         for other in (local, torchrun):
             assert check["max_abs_err"] == pytest.approx(other["check"][name]["max_abs_err"], rel=1e-6,

@@ -13,9 +13,8 @@ import argparse
 import importlib
 import importlib.util
 import os
-import sys
 
-from tokenloom.validate import arg_float, arg_int
+from tokenloom.validate import OneLineParser, arg_float, arg_int
 
 # name -> (module, one-line help)
 JOBS = {
@@ -39,18 +38,23 @@ def _available(module: str) -> bool:
         return False
 
 
-def add_launch_flags(p: argparse.ArgumentParser) -> None:
-    """The flags every job shares: where its ranks run and how long a lost peer may go unnoticed."""
+def add_launch_flags(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The flags every job shares: where its ranks run and how long a lost peer may go unnoticed.
+
+    They are accepted before the job (``run --launcher ray JOB``) and after it (``run JOB
+    --launcher ray``); only the first set carries defaults, so the second cannot reset them.
+    """
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
     g = p.add_argument_group("launch")
-    g.add_argument("--launcher", choices=("auto", "torchrun", "local", "ray"), default="auto",
+    g.add_argument("--launcher", choices=("auto", "torchrun", "local", "ray"), **(keep or {"default": "auto"}),
                    help="auto: torchrun when its environment is set, ray when --address is given, "
                         "else local (forked CPU ranks over gloo)")
-    g.add_argument("--world-size", type=arg_int(1, 4096), default=2,
+    g.add_argument("--world-size", type=arg_int(1, 4096), **(keep or {"default": 2}),
                    help="ranks for --launcher local/ray (torchrun sets its own)")
-    g.add_argument("--address", default=None,
+    g.add_argument("--address", **(keep or {"default": None}),
                    help="Ray cluster address for --launcher ray ('auto': the running cluster); "
                         "default: start a local Ray")
-    g.add_argument("--timeout", type=arg_float(0, 86_400, lo_open=True), default=60.0,
+    g.add_argument("--timeout", type=arg_float(0, 86_400, lo_open=True), **(keep or {"default": 60.0}),
                    help="seconds before a lost/stopped rank or a stuck transfer is reported as an "
                         "error naming the rank (bounds one wait, not the whole run)")
 
@@ -75,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     return int(module.report(results, args) or 0)
 
 
-class _JobParser(argparse.ArgumentParser):
+class _JobParser(OneLineParser):
     """A job's parser that imports the job module and adds its flags only when it is used, so
     ``tokenloom run --help`` and the other commands never import a job (or torch)."""
 
@@ -91,10 +95,6 @@ class _JobParser(argparse.ArgumentParser):
             module.add_flags(self)
         return super().parse_known_args(args, namespace)
 
-    def error(self, message: str) -> None:  # one line, exit 2 (as the top-level parser)
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -104,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "attention --check'. Without torchrun, --launcher local forks --world-size CPU ranks and "
         "--launcher ray starts --world-size rank actors. A rank that dies or stops makes every "
         "other rank fail within --timeout, naming it.")
+    add_launch_flags(p)
     jobs = p.add_subparsers(dest="job", metavar="JOB", parser_class=_JobParser)
     jobs.required = True
     for name, (module, help_text) in JOBS.items():
@@ -113,4 +114,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         j.job_module = module
         j.set_defaults(func=_run)
-        add_launch_flags(j)
+        add_launch_flags(j, defaults=False)

@@ -221,7 +221,8 @@ def report(results: list[dict], args: argparse.Namespace) -> int:
     return 0 if all(c["ok"] for c in rep.get("check", {}).values()) else 1
 
 
-def _print_report(rep: dict, out=sys.stdout) -> None:
+def _print_report(rep: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time: tests (and Ray) replace sys.stdout
     cfg = rep["config"]
     n = rep["world_size"]
     hkv = cfg["kv_heads"] or cfg["heads"]
