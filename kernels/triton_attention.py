@@ -41,11 +41,16 @@ def usable(device: torch.device | None = None) -> bool:
     return device is None or torch.device(device).type == "cuda"
 
 
-def _tiles(head_dim: int) -> dict:
-    """Tile sizes: tiny under the interpreter; FA2-like on GPUs (smaller key tiles for big heads)."""
+def _tiles(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: tiny under the interpreter; FA2-like on GPUs (smaller key tiles for big heads and
+    for fp32, whose tiles take twice the shared memory: fp32 d=128 stays under sm86's 99 KB)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        if block_d > 128:
+            return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
     if block_d <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
     if block_d <= 128:
@@ -53,10 +58,13 @@ def _tiles(head_dim: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=1)
 
 
-def _bwd_tiles(head_dim: int) -> dict:
-    t = _tiles(head_dim)
+def _bwd_tiles(head_dim: int, dtype: torch.dtype) -> dict:
+    t = _tiles(head_dim, dtype)
     if not interpreted():
-        t.update(BLOCK_M=64, BLOCK_N=64 if t["BLOCK_D"] <= 128 else 32, num_stages=1 if t["BLOCK_D"] > 128 else 2)
+        wide = t["BLOCK_D"] > 128 or dtype == torch.float32
+        t.update(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, num_stages=1 if wide else 2)
+        if t["BLOCK_D"] > 128 and dtype == torch.float32:
+            t.update(BLOCK_M=16, BLOCK_N=16)
     return t
 
 
@@ -252,7 +260,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if sq == 0 or b * hq == 0:
         return out, lse
-    t = _tiles(d)
+    t = _tiles(d, q.dtype)
     grid = (triton.cdiv(sq, t["BLOCK_M"]), b * hq)
     _fwd_kernel[grid](q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                       k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
@@ -276,7 +284,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dv = torch.empty_like(dk)
     if sq == 0 or sk == 0 or b * hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    t = _bwd_tiles(d)
+    t = _bwd_tiles(d, q.dtype)
     ieee = q.dtype == torch.float32
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
