@@ -8,7 +8,8 @@ tensors, ours are BSHD, so we pass transposed views:
 - CUDA: ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, head_dim <= 256, sm80+) else
   ``aten._scaled_dot_product_efficient_attention`` (fp32 too), each with its backward. head_dim is
   zero-padded to a multiple of 8 (zeros change no score). These paths have not run on a GPU yet.
-- Anything else (other devices, fp64 on CUDA): the pure-torch reference.
+- Anything else (other devices, fp64 on CUDA, empty tensors, on which the CPU op dies with
+  SIGFPE): the pure-torch reference.
 
 Masks. The ops' ``is_causal`` is aligned top-left; tokenloom's causal mask is aligned bottom-right
 (query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q``). The two agree on a square, so a
@@ -225,7 +226,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     """
     reference.check_qkv(q, k, v)
     acc = acc_dtype(q.dtype)
-    if not supported(q):
+    if not supported(q) or q.numel() == 0 or k.numel() == 0:  # the CPU op divides by zero on empties
         return reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                             out_dtype=acc)
     b, sq, hq, d = q.shape
@@ -253,7 +254,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     :func:`reference.attention_backward` (fp32 results, fp64 for fp64)."""
     reference.check_qkv(q, k, v)
     acc = acc_dtype(q.dtype)
-    if not supported(q):
+    if not supported(q) or q.numel() == 0 or k.numel() == 0:
         return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal,
                                             softmax_scale=softmax_scale)
     b, sq, hq, d = q.shape

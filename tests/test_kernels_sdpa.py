@@ -208,3 +208,14 @@ def test_cuda_ops_match_fp64(sq, sk, causal, d, dtype):
     for got, ref, p in zip((out, *grads), refs, plain_err):
         err = (got.double().cpu() - ref).abs().max().item()
         assert err <= tolerance(dtype, p, ref.abs().max().item()), err
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 4), (4, 0), (0, 0)])
+def test_empty_blocks(sq, sk):
+    """Empty query or key sets never reach the CPU op (it dies with SIGFPE on them)."""
+    q, k = rand(1, sq, 2, 4, seed=1, dtype=torch.float32), rand(1, sk, 2, 4, seed=2, dtype=torch.float32)
+    for causal in (False, True):
+        out, lse = block_forward(q, k, k, causal=causal, softmax_scale=None, impl="sdpa")
+        assert out.shape == q.shape and lse.shape == (1, 2, sq) and torch.isneginf(lse).all()
+        dq, dk, dv = block_backward(q, q, k, k, lse, lse, causal=causal, softmax_scale=None, impl="sdpa")
+        assert dq.shape == q.shape and dk.shape == k.shape and not dk.abs().sum()
