@@ -71,6 +71,11 @@ def _pieces(seq_q: int, seq_k: int, causal: bool) -> tuple[int, list[tuple[int, 
 
 
 # ---------------------------------------------------------------------------- op calls (BHSD)
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    """The ops read any outer strides but silently assume a unit stride in head_dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _pad_dim(x: torch.Tensor, to: int) -> torch.Tensor:
     return x if x.shape[-1] == to else torch.nn.functional.pad(x, (0, to - x.shape[-1]))
 
@@ -103,6 +108,7 @@ def _cuda_aux(device: torch.device, dtype: torch.dtype, backend: str) -> tuple:
 def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on ``(b, h, s, d)`` tensors (equal heads): ``out`` in q's dtype, ``lse`` fp32."""
+    q, k, v = _inner(q), _inner(k), _inner(v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
@@ -124,6 +130,7 @@ def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward on ``(b, h, s, d)`` tensors given ``out`` and ``lse`` ``(b, h, s)`` (fp32;
     fp64 for fp64 on CPU)."""
+    dout, q, k, v, out = (_inner(t) for t in (dout, q, k, v, out))
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)

@@ -219,3 +219,24 @@ def test_empty_blocks(sq, sk):
         assert out.shape == q.shape and lse.shape == (1, 2, sq) and torch.isneginf(lse).all()
         dq, dk, dv = block_backward(q, q, k, k, lse, lse, causal=causal, softmax_scale=None, impl="sdpa")
         assert dq.shape == q.shape and dk.shape == k.shape and not dk.abs().sum()
+
+
+@pytest.mark.parametrize("layout", ["head_dim_strided", "broadcast_kv", "every_other_feature"])
+def test_strided_inputs(layout):
+    """The ops silently assume a unit stride in head_dim (wrong numbers otherwise): any view works."""
+    q, dout = rand(2, 6, 2, 8, seed=1, dtype=torch.float32), rand(2, 6, 2, 8, seed=2, dtype=torch.float32)
+    k = rand(2, 10, 2, 8, seed=3, dtype=torch.float32)
+    if layout == "head_dim_strided":
+        q, dout = (t.transpose(1, 3).contiguous().transpose(1, 3) for t in (q, dout))
+    elif layout == "broadcast_kv":
+        k = rand(1, 10, 1, 8, seed=3, dtype=torch.float32).expand(2, 10, 2, 8)
+    else:
+        q, dout, k = (rand(*t.shape[:3], 16, seed=s, dtype=torch.float32)[..., ::2] for s, t in enumerate((q, dout, k)))
+    for causal in (False, True):
+        out, lse = sdpa.forward(q, k, k, causal=causal, softmax_scale=None)
+        ref_out, ref_lse = attention_with_lse(q, k, k, causal=causal)
+        delta = attention_delta(ref_out, dout)
+        got = sdpa.backward(dout, q, k, k, ref_lse, delta, causal=causal, softmax_scale=None)
+        ref = attention_backward(dout, q, k, k, ref_lse, delta, causal=causal)
+        for a, b in zip((out, lse, *got), (ref_out, ref_lse, *ref)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
