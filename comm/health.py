@@ -246,7 +246,7 @@ class Monitor:
         a beat is the verdict. Returns the abort record, or None if every peer stays alive.
         """
         deadline = time.monotonic() + grace_s
-        quiet = max(3 * self.interval_s, min(self.timeout_s, 2.0))
+        quiet = max(4 * self.interval_s, min(self.timeout_s, 2.0))  # a loaded host delays beats
         while True:
             failure = self.poll()
             if failure is not None:

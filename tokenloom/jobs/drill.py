@@ -32,10 +32,14 @@ class Drill:
     mode: str = "none"
     reap_after_s: float = 0.0
     first_attempt_only: bool = False  # misbehave only in torchrun's first attempt (--max-restarts)
+    mark_file: str = ""  # the misbehaving rank writes time.time() here first (for benchmarks)
 
 
 def _misbehave(cfg: Drill) -> bool:
     """Do the configured fault; True when the rank should leave the schedule."""
+    if cfg.mark_file:
+        with open(cfg.mark_file, "w") as f:
+            f.write(repr(time.time()))
     if cfg.mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif cfg.mode == "stop":

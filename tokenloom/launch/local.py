@@ -126,14 +126,17 @@ def _collect(pipes: list, procs: list, observer: health.Monitor, timeout_s: floa
             if pipe.poll(0.005):
                 try:
                     status, payload = pipe.recv()
-                except EOFError:
-                    status, payload = "error", Outcome.lost(_death(procs[rank].exitcode))
-                outcomes[rank] = Outcome.ok(payload) if status == "ok" else payload
-            elif not procs[rank].is_alive():
-                procs[rank].join(timeout=1)
-                outcomes[rank] = Outcome.lost(_death(procs[rank].exitcode))
-                if observer.failure is None or not observer.failure.get("lost"):
-                    observer.publish([rank], _death(procs[rank].exitcode), by="the launcher")
+                    outcomes[rank] = Outcome.ok(payload) if status == "ok" else payload
+                    continue
+                except EOFError:  # the process is gone without a word: it died
+                    pass
+            elif procs[rank].is_alive():
+                continue
+            procs[rank].join(timeout=1)
+            why = _death(procs[rank].exitcode)
+            outcomes[rank] = Outcome.lost(why)
+            if observer.failure is None or not observer.failure.get("lost"):
+                observer.publish([rank], why, by="the launcher")
         now = time.monotonic()
         if now >= next_poll:
             next_poll = now + observer.interval_s
