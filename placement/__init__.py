@@ -1,7 +1,10 @@
 """MoE expert placement: balance token load per GPU (with redundant experts, as DeepSeek EPLB does)
-and cut the tokens that cross GPUs and nodes between consecutive layers (MoETuner).
+and cut the messages the serving system sends: distinct remote nodes per token and layer when
+tokens return to their DP rank (DeepEP; ``token_home="dp"``), or tokens crossing nodes between
+consecutive layers when they stay where they were combined (MoETuner; ``token_home="expert"``).
 
 Data flow: trace -> problem -> planner (contiguous / round_robin / greedy / ilp) -> plan -> metrics.
+Names are imported on first use, so ``import tokenloom.placement`` is free.
 
     from tokenloom.placement import load_trace, plan_placement, evaluate_plan
     trace = load_trace("trace.npz")
@@ -9,27 +12,29 @@ Data flow: trace -> problem -> planner (contiguous / round_robin / greedy / ilp)
     plan.save("plan.json"); print(evaluate_plan(plan, trace).max_mean_load)
 """
 
-from tokenloom.placement.metrics import PlanMetrics
-from tokenloom.placement.plan import Plan, load_plan
-from tokenloom.placement.planner import METHODS, baseline_metrics, evaluate_plan, plan_placement
-from tokenloom.placement.problem import PlacementProblem
-from tokenloom.placement.synth import SynthConfig, synth_topk
-from tokenloom.placement.trace import Trace, load_trace, save_aggregated, save_topk, trace_from_topk
+from tokenloom._lazy import lazy_exports
 
-__all__ = [
-    "METHODS",
-    "Plan",
-    "PlanMetrics",
-    "PlacementProblem",
-    "SynthConfig",
-    "Trace",
-    "baseline_metrics",
-    "evaluate_plan",
-    "load_plan",
-    "load_trace",
-    "plan_placement",
-    "save_aggregated",
-    "save_topk",
-    "synth_topk",
-    "trace_from_topk",
-]
+_LAZY = {
+    "METHODS": "tokenloom.placement.planner",
+    "Plan": "tokenloom.placement.plan",
+    "PlanMetrics": "tokenloom.placement.metrics",
+    "PlacementProblem": "tokenloom.placement.problem",
+    "SynthConfig": "tokenloom.placement.synth",
+    "RouterConfig": "tokenloom.placement.router",
+    "Trace": "tokenloom.placement.trace",
+    "baseline_metrics": "tokenloom.placement.planner",
+    "evaluate_messages": "tokenloom.placement.planner",
+    "evaluate_plan": "tokenloom.placement.planner",
+    "load_plan": "tokenloom.placement.plan",
+    "load_trace": "tokenloom.placement.trace",
+    "message_metrics": "tokenloom.placement.dispatch",
+    "plan_placement": "tokenloom.placement.planner",
+    "rebalance_experts": "tokenloom.placement.eplb",
+    "router_topk": "tokenloom.placement.router",
+    "save_aggregated": "tokenloom.placement.trace",
+    "save_topk": "tokenloom.placement.trace",
+    "synth_topk": "tokenloom.placement.synth",
+    "trace_from_topk": "tokenloom.placement.trace",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+__all__ = sorted(_LAZY)

@@ -174,3 +174,14 @@ def test_demo_section_writes_a_table():
     greedy, dp, expert = rows[("greedy", "dp")], rows[("ilp", "dp")], rows[("ilp", "expert")]
     assert float(expert[2]) <= float(greedy[2]) and float(expert[4]) < float(greedy[4])  # balance kept, fewer cross-node
     assert float(dp[3]) < float(greedy[3])  # fewer remote messages per token in its own model
+
+
+def test_placement_commands_register_without_heavy_imports():
+    code = ("import argparse, sys\n"
+            "from tokenloom.commands import evaluate, plan, trace\n"
+            "sub = argparse.ArgumentParser().add_subparsers()\n"
+            "[m.register(sub) for m in (trace, plan, evaluate)]\n"
+            "print(sorted(m for m in ('numpy', 'scipy', 'pulp', 'torch', 'ray', 'matplotlib') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

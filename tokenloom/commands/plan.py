@@ -7,8 +7,11 @@ import json
 import time
 
 from tokenloom.errors import UsageError
-from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS
 from tokenloom.validate import arg_float, arg_int
+
+# The planner's defaults (tokenloom.placement.problem), repeated so --help does not load numpy.
+DEFAULT_INTRA_NODE_GBPS = 450.0
+DEFAULT_INTER_NODE_GBPS = 50.0
 
 MAX_GPUS = 4096
 WRITE_RESERVE = 0.1  # of --time-limit kept for the metrics and writing the plan
