@@ -34,12 +34,14 @@ use ``out`` for nothing else.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from tokenloom.kernels import reference
 from tokenloom.kernels.reference import acc_dtype, merge_into_
 
+_aten = torch.ops.aten  # one indirection, so tests can stand CPU fakes in for the CUDA ops
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,10 +87,23 @@ def _flash_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)  # FA2 in torch needs sm80+
 
 
+_FLASH_FAILED: set[torch.device] = set()
+
+
+def _no_flash(device: torch.device, exc: Exception) -> None:
+    """The flash op refused a call (a build without it, an unexpected constraint): say so once and
+    use the memory-efficient op on this device from now on."""
+    if device not in _FLASH_FAILED:
+        warnings.warn(f"tokenloom sdpa: the flash op failed on {device} ({str(exc).splitlines()[0]}); "
+                      "using the memory-efficient op instead", RuntimeWarning, stacklevel=3)
+    _FLASH_FAILED.add(device)
+
+
 def _cuda_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """"flash" for fp16/bf16 with padded head_dim <= 256 on sm80+, else "efficient"."""
     padded = -(-head_dim // 8) * 8
-    if dtype in (torch.float16, torch.bfloat16) and padded <= 256 and _flash_capable(device):
+    if (dtype in (torch.float16, torch.bfloat16) and padded <= 256 and device not in _FLASH_FAILED
+            and _flash_capable(device)):
         return "flash"
     return "efficient"
 
@@ -99,9 +114,9 @@ def _cuda_aux(device: torch.device, dtype: torch.dtype, backend: str) -> tuple:
     lengths): taken from a one-token forward so their form is exactly what the op produces."""
     x = torch.zeros(1, 1, 1, 8, device=device, dtype=dtype)
     if backend == "flash":
-        r = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=1.0)
+        r = _aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=1.0)
         return r[2], r[3], r[6], r[7]  # cum_seq_q, cum_seq_k, philox_seed, philox_offset
-    r = torch.ops.aten._scaled_dot_product_efficient_attention(x, x, x, None, True, 0.0, False, scale=1.0)
+    r = _aten._scaled_dot_product_efficient_attention(x, x, x, None, True, 0.0, False, scale=1.0)
     return r[2], r[3]  # philox_seed, philox_offset
 
 
@@ -110,16 +125,29 @@ def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     """Fused forward on ``(b, h, s, d)`` tensors (equal heads): ``out`` in q's dtype, ``lse`` fp32."""
     q, k, v = _inner(q), _inner(k), _inner(v)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
         return out, lse
+    backend = _cuda_backend(q.device, q.dtype, q.shape[-1])
+    try:
+        return _cuda_forward(backend, q, k, v, causal, scale)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if backend != "flash":
+            raise
+        _no_flash(q.device, exc)
+        return _cuda_forward("efficient", q, k, v, causal, scale)
+
+
+def _cuda_forward(backend: str, q, k, v, causal: bool, scale: float):
     d, seq_q = q.shape[-1], q.shape[-2]
     dp = -(-d // 8) * 8
     qp, kp, vp = (_pad_dim(t, dp) for t in (q, k, v))
-    if _cuda_backend(q.device, q.dtype, d) == "flash":
-        r = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False, scale=scale)
+    if backend == "flash":
+        r = _aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False, scale=scale)
     else:
-        r = torch.ops.aten._scaled_dot_product_efficient_attention(qp, kp, vp, None, True, 0.0, causal,
+        r = _aten._scaled_dot_product_efficient_attention(qp, kp, vp, None, True, 0.0, causal,
                                                                    scale=scale)
     out, lse = r[0], r[1]
     return out[..., :d], lse[..., :seq_q]  # efficient pads lse rows to a multiple of 32
@@ -132,16 +160,28 @@ def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     fp64 for fp64 on CPU)."""
     dout, q, k, v, out = (_inner(t) for t in (dout, q, k, v, out))
     if q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+    backend = _cuda_backend(q.device, q.dtype, q.shape[-1])
+    try:
+        return _cuda_backward(backend, dout, q, k, v, out, lse, causal, scale)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if backend != "flash":
+            raise
+        _no_flash(q.device, exc)
+        return _cuda_backward("efficient", dout, q, k, v, out, lse, causal, scale)
+
+
+def _cuda_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: float):
     d, seq_q, seq_k = q.shape[-1], q.shape[-2], k.shape[-2]
     dp = -(-d // 8) * 8
     dop, qp, kp, vp, outp = (_pad_dim(t, dp) for t in (dout, q, k, v, out))
-    backend = _cuda_backend(q.device, q.dtype, d)
     aux = _cuda_aux(q.device, q.dtype, backend)
     if backend == "flash":
         cum_q, cum_k, seed, offset = aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
             dop, qp, kp, vp, outp, lse.contiguous(), cum_q, cum_k, seq_q, seq_k, 0.0, causal,
             seed, offset, scale=scale)
     else:
@@ -149,7 +189,7 @@ def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         rows = -(-seq_q // 32) * 32  # the op's own lse is padded to a multiple of 32 rows
         lse_p = torch.zeros(lse.shape[:-1] + (rows,), dtype=torch.float32, device=lse.device)
         lse_p[..., :seq_q] = lse
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
             dop, qp, kp, vp, None, outp, lse_p, seed, offset, 0.0, [True, True, True, False],
             causal, scale=scale)
     return dq[..., :d], dk[..., :d], dv[..., :d]

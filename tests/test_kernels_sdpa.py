@@ -134,7 +134,7 @@ def test_sdpa_runs_the_fused_op_not_the_reference(monkeypatch):
                    softmax_scale=None, impl="sdpa")
     calls = []
     real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    monkeypatch.setattr(sdpa, "_op_forward", lambda *a: calls.append(1) or (real(*a[:3], 0.0, a[3], scale=a[4])))
+    monkeypatch.setattr(sdpa, "_op_forward", lambda *a: calls.append(1) or real(*a[:3], 0.0, a[3], scale=a[4]))
     sdpa.forward(*low[:3], causal=True, softmax_scale=None)
     assert len(calls) == 2  # the fully visible part and the causal square
 
@@ -240,3 +240,74 @@ def test_strided_inputs(layout):
         ref = attention_backward(dout, q, k, k, ref_lse, delta, causal=causal)
         for a, b in zip((out, lse, *got), (ref_out, ref_lse, *ref)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+class _FakeCudaOps:
+    """CPU stand-ins for the CUDA SDPA ops with their exact schemas (names, positions, outputs):
+    the plumbing around them (argument order, head_dim padding, lse padding, aux tensors) is then
+    checked here although the real ops need a GPU."""
+
+    cpu_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def __init__(self):
+        self.calls = []
+
+    def flash(self, query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+        assert query.shape[-1] % 8 == 0 and dropout_p == 0.0 and not return_debug_mask
+        self.calls.append("flash")
+        out, lse = self.cpu_fwd(query, key, value, 0.0, is_causal, scale=scale)
+        none = torch.empty(0)
+        return out, lse, None, None, query.shape[2], key.shape[2], torch.empty(2), none, none
+
+    def flash_bwd(self, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
+                  dropout_p, is_causal, philox_seed, philox_offset, *, scale=None):
+        assert (max_q, max_k) == (query.shape[2], key.shape[2]) and cum_seq_q is None and cum_seq_k is None
+        assert logsumexp.shape == query.shape[:3] and philox_seed.shape == (2,)
+        self.calls.append("flash_bwd")
+        return self.cpu_bwd(grad_out, query, key, value, out, logsumexp, 0.0, is_causal, scale=scale)
+
+    def efficient(self, query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False, *,
+                  scale=None):
+        assert attn_bias is None and compute_log_sumexp and query.shape[-1] % 8 == 0
+        self.calls.append("efficient")
+        out, lse = self.cpu_fwd(query, key, value, 0.0, is_causal, scale=scale)
+        rows = -(-query.shape[2] // 32) * 32
+        padded = torch.full(lse.shape[:2] + (rows,), 123.0)  # garbage beyond the real rows
+        padded[..., :query.shape[2]] = lse
+        return out, padded, torch.empty(()), torch.empty(())
+
+    def efficient_bwd(self, grad_out_, query, key, value, attn_bias, out, logsumexp, philox_seed, philox_offset,
+                      dropout_p, grad_input_mask, is_causal=False, *, scale=None):
+        assert logsumexp.shape[-1] % 32 == 0 and list(grad_input_mask) == [True, True, True, False]
+        self.calls.append("efficient_bwd")
+        lse = logsumexp[..., :query.shape[2]].contiguous()
+        return (*self.cpu_bwd(grad_out_, query, key, value, out, lse, 0.0, is_causal, scale=scale), None)
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_plumbing_with_fake_ops(monkeypatch, backend, causal):
+    from types import SimpleNamespace
+
+    fake = _FakeCudaOps()
+    monkeypatch.setattr(sdpa, "_aten", SimpleNamespace(
+        _scaled_dot_product_flash_attention=fake.flash,
+        _scaled_dot_product_flash_attention_backward=fake.flash_bwd,
+        _scaled_dot_product_efficient_attention=fake.efficient,
+        _scaled_dot_product_efficient_attention_backward=fake.efficient_bwd))
+    sdpa._cuda_aux.cache_clear()
+    low, (q, k, v, dout) = _case(C, C, 2, 2, 5, torch.float32, seed=11)  # head_dim 5: padded to 8
+    qh, kh, vh, dh = (t.transpose(1, 2) for t in low)
+    out, lse = sdpa._cuda_forward(backend, qh, kh, vh, causal, 0.4)
+    ref_out, ref_lse = attention_with_lse(q, k, v, causal=causal, softmax_scale=0.4)
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+    delta = attention_delta(ref_out, dout)
+    stand_in = sdpa._stand_in_out(low[3], delta.float()).transpose(1, 2)
+    grads = sdpa._cuda_backward(backend, dh, qh, kh, vh, stand_in, ref_lse.float(), causal, 0.4)
+    refs = attention_backward(dout, q, k, v, ref_lse, delta, causal=causal, softmax_scale=0.4)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.transpose(1, 2).double(), r, rtol=0, atol=1e-5)
+    assert fake.calls[0] == backend and fake.calls[-1] == f"{backend}_bwd"
+    sdpa._cuda_aux.cache_clear()
