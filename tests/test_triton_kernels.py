@@ -181,3 +181,31 @@ def test_gpu_residual_rmsnorm_bf16(tk):
     ref_n, ref_r = norm_ref(x, r, w)
     torch.testing.assert_close(new_r, ref_r, rtol=0, atol=0)
     torch.testing.assert_close(normed, ref_n, rtol=1.6e-2, atol=1e-2)
+
+
+def _ring_with_triton(rank, n, strategy):
+    os.environ["TOKENLOOM_ATTN_IMPL"] = "triton"  # this rank only: merges go through Triton too
+    from tokenloom.parallel import shard_sequence, sp_attention
+
+    g = torch.Generator().manual_seed(7)
+    q, dout = (torch.randn(1, 16 * n, 4, 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 16 * n, 2, 8, generator=g) for _ in range(2))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_with_lse(q64, k64, v64, causal=True)
+    ref_out.backward(dout.double())
+    ql, kl, vl = (shard_sequence(t, rank, n, "zigzag").requires_grad_() for t in (q, k, v))
+    out = sp_attention(ql, kl, vl, strategy=strategy, causal=True, layout="zigzag")
+    out.backward(shard_sequence(dout, rank, n, "zigzag"))
+    return [(shard_sequence(r.detach(), rank, n, "zigzag") - got.double()).abs().max().item()
+            for r, got in ((ref_out, out.detach()), (q64.grad, ql.grad), (k64.grad, kl.grad), (v64.grad, vl.grad))]
+
+
+@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
+def test_strategies_on_triton_blocks(tk, strategy):
+    """The runtime on 2 gloo ranks with every block and merge in Triton (GQA, causal zigzag)."""
+    from tokenloom.comm.spawn import spawn_ranks
+
+    if torch.cuda.is_available():
+        pytest.skip("gloo ranks hold CPU tensors")
+    for errs in spawn_ranks(2, _ring_with_triton, strategy, timeout=300):
+        assert max(errs) < 2e-5, errs
