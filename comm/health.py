@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 ABORT_KEY = "abort"
@@ -129,7 +128,8 @@ class Monitor:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Monitor":
-        self.store.set_timeout(timedelta(seconds=max(5.0, self.timeout_s)))
+        # No store.set_timeout here: the store is shared with the process group's rendezvous.
+        # The watchdog never blocks on it (get only after check).
         self._beat("running")
         _state["monitor"] = self
         self._thread.start()
