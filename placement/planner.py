@@ -165,7 +165,8 @@ def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float
     caps = [r[1] for r in results]
     solver = {"name": "colocate", "status": "heuristic", "gap": None, "bound": _bounds(trace, rows, problem),
               "cap": caps, "cap_rule": f"eplb {policy}" if max_imbalance is None else f"max_imbalance {max_imbalance:g}",
-              "eplb_policy": policy, "coactivation": _layer_routing(trace, 0) is not None, "time_limit": time_limit}
+              "eplb_policy": policy, "expert_groups": expert_groups, "coactivation": _layer_routing(trace, 0) is not None,
+              "time_limit": time_limit}
     return rows, solver
 
 
@@ -335,24 +336,38 @@ def _check_shape(plan: Plan, trace: Trace) -> None:
 BASELINES = ("contiguous", "round_robin", "greedy", "eplb")
 
 
-def _baseline_rows(name: str, problem: PlacementProblem, trace: Trace) -> np.ndarray:
+def _baseline_rows(name: str, problem: PlacementProblem, trace: Trace, expert_groups: int | None = None) -> np.ndarray:
     if name == "eplb":  # DeepSeek's policy choice for this shape (may hold two replicas on one GPU)
-        return eplb_policy_rows(trace.loads, problem)[0]
+        return eplb_policy_rows(trace.loads, problem, expert_groups)[0]
     return baseline_plan(name, problem, trace.loads)
 
 
-def baseline_metrics(plan: Plan, trace: Trace) -> dict[str, PlanMetrics]:
-    """Metrics of the load-oblivious baselines, greedy and DeepSeek EPLB on the same cluster and trace."""
+def baseline_metrics(plan: Plan, trace: Trace, expert_groups: int | None = None) -> dict[str, PlanMetrics]:
+    """Metrics of the load-oblivious baselines, greedy and DeepSeek EPLB on the same cluster and trace.
+
+    ``expert_groups``: the model's routing groups handed to EPLB (default: the plan's, else 1).
+    """
     problem = plan.problem()
-    return {m: evaluate_layers(_baseline_rows(m, problem, trace), trace, problem) for m in BASELINES}
+    groups = _plan_groups(plan, expert_groups)
+    return {m: evaluate_layers(_baseline_rows(m, problem, trace, groups), trace, problem) for m in BASELINES}
 
 
-def baseline_messages(plan: Plan, trace: Trace, token_home: str, replica_choice: str) -> dict[str, dict]:
+def _plan_groups(plan: Plan, expert_groups: int | None) -> int | None:
+    if expert_groups is not None:
+        return expert_groups
+    stored = plan.solver.get("expert_groups")
+    return stored if isinstance(stored, int) and not isinstance(stored, bool) and stored >= 1 else None
+
+
+def baseline_messages(plan: Plan, trace: Trace, token_home: str, replica_choice: str,
+                      expert_groups: int | None = None) -> dict[str, dict]:
     """Message metrics of the baselines (empty for aggregated traces)."""
     if not trace.is_raw:
         return {}
     problem = plan.problem()
-    return {m: _messages(_baseline_rows(m, problem, trace), trace, problem, token_home, replica_choice) for m in BASELINES}
+    groups = _plan_groups(plan, expert_groups)
+    return {m: _messages(_baseline_rows(m, problem, trace, groups), trace, problem, token_home, replica_choice)
+            for m in BASELINES}
 
 
 def traffic_cost(plan: Plan, trace: Trace) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenloom.commands.plan import add_bandwidth_flags
 from tokenloom.errors import UsageError
+from tokenloom.validate import arg_int
 
 _EPILOG = """\
 Metrics, with a raw trace (topk_ids), under the execution model (--token-home, --replica-choice;
@@ -51,8 +52,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         token_home = args.token_home or plan.token_home
         replica_choice = args.replica_choice or plan.replica_choice
         messages = evaluate_messages(plan, trace, token_home=token_home, replica_choice=replica_choice)
-        baselines = baseline_metrics(plan, trace)
-        base_messages = baseline_messages(plan, trace, token_home, replica_choice)
+        if args.expert_groups is not None and (plan.num_experts % args.expert_groups or (
+                args.expert_groups > 1 and args.expert_groups % (plan.num_gpus // plan.gpus_per_node))):
+            raise UsageError(f"--expert-groups: {args.expert_groups} must divide the {plan.num_experts} experts and be 1 "
+                             f"or a multiple of the {plan.num_gpus // plan.gpus_per_node} nodes", field="--expert-groups")
+        baselines = baseline_metrics(plan, trace, args.expert_groups)
+        base_messages = baseline_messages(plan, trace, token_home, replica_choice, args.expert_groups)
         if args.png:
             from tokenloom.placement.plot import draw_png
 
@@ -90,6 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", required=True, help="trace file (.npz raw or aggregated, or .json aggregated)")
     p.add_argument("--token-home", choices=("dp", "expert"), default=None, help="execution model (default: the plan's)")
     p.add_argument("--replica-choice", choices=("uniform", "local"), default=None, help="replica rule (default: the plan's)")
+    p.add_argument("--expert-groups", type=arg_int(1, 1 << 20), default=None,
+                   help="the model's routing groups handed to the EPLB baseline (default: the plan's, else 1)")
     add_bandwidth_flags(p, defaults=False)
     p.add_argument("--png", default=None, help="also draw the GPU load heatmap and the traffic comparison here")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
