@@ -27,8 +27,8 @@ IMPLS = ("torch", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
 ATTN_ENV = "TOKENLOOM_ATTN_IMPL"
 NORM_ENV = "TOKENLOOM_NORM_IMPL"
-# Device defaults. CPU: the fused op (as fast as torch SDPA, ~6-7x faster than the reference fwd+bwd;
-# docs/kernels.md).
+# Device defaults. CPU: the fused op (as fast as torch SDPA; the reference took 2.3x its time fwd+bwd at
+# S=8192 and made 2-rank strategies 1.6-2.4x slower than torch SDPA instead of 0.9-1.1x; docs/kernels.md).
 # CUDA: sdpa until bench_kernels.py has been run on a GPU and says Triton wins (not measured yet).
 DEFAULT_IMPL = {"cpu": "sdpa", "cuda": "sdpa"}
 DEFAULT_NORM_IMPL = {"cpu": "torch", "cuda": "torch"}
