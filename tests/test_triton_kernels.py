@@ -137,8 +137,8 @@ def test_merge_in_place_into_a_zigzag_half(tk):
 
 
 def test_merge_selector(tk, monkeypatch):
-    acc_out, acc_lse = torch.zeros(1, 4, 2, 3), torch.full((1, 2, 4), float("-inf"))
-    out, lse = rand(1, 4, 2, 3, seed=1, dtype=torch.float32).cpu(), rand(1, 2, 4, seed=2, dtype=torch.float32).cpu()
+    acc_out, acc_lse = torch.zeros(1, 4, 2, 3, device=dev()), torch.full((1, 2, 4), float("-inf"), device=dev())
+    out, lse = rand(1, 4, 2, 3, seed=1, dtype=torch.float32), rand(1, 2, 4, seed=2, dtype=torch.float32)
     calls = []
     monkeypatch.setattr(tk["merge"], "merge_into_", lambda *a: calls.append(1))
     merge_into_(acc_out, acc_lse, out, lse, impl="triton")
