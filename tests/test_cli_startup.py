@@ -37,12 +37,7 @@ def _probe(argv):
 @pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in _COMMANDS],
                                   ["run", "attention", "--help"], ["run", "drill", "--help"]],
                          ids=lambda a: " ".join(a))
-def test_help_imports_nothing_heavy(argv, request):
-    if argv[0] in ("plan", "evaluate"):  # both build on tokenloom/commands/plan.py
-        request.applymarker(pytest.mark.xfail(
-            reason="tokenloom/commands/plan.py imports tokenloom.placement.problem (numpy, pulp, "
-                   "scipy) at module top for two flag defaults; owned by the placement work",
-            strict=False))
+def test_help_imports_nothing_heavy(argv):
     got = _probe(argv)
     assert got["code"] == 0 and got["help"] > 100, got
     assert got["heavy"] == [], f"'tokenloom {' '.join(argv)}' imports {got['heavy']}"
