@@ -304,6 +304,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if not supported(q) or q.numel() == 0 or k.numel() == 0:
         return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal,
                                             softmax_scale=softmax_scale)
+    dout = dout.to(q.dtype)  # the ops want one dtype for every tensor
     b, sq, hq, d = q.shape
     scale = reference._scale(softmax_scale, d)
     empty, pieces = _pieces(sq, k.shape[1], causal)
