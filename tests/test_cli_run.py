@@ -86,3 +86,17 @@ def test_help_lists_every_command_and_job():
         assert name in proc.stdout
     proc = _cli("run", "--help")
     assert proc.returncode == 0 and "attention" in proc.stdout and "drill" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_torchrun_on_gpus_uses_nccl_and_bf16():
+    import torch
+
+    n = min(2, torch.cuda.device_count())
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", str(n), "-m", "tokenloom", "run",
+                           "attention", "--check", "--seq", "1024", "--heads", "4", "--causal", "--json",
+                           "--iters", "1"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
+    assert rep["backend"] == "nccl" and rep["config"]["dtype"] == "bf16"
+    assert all(c["ok"] for c in rep["check"].values())

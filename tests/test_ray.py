@@ -19,6 +19,7 @@ from tokenloom.launch import run_job  # noqa: E402
 from tokenloom.launch.summary import JobError  # noqa: E402
 
 BOUND = 5.0
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,15 @@ def test_simulate_sweep_on_ray_equals_serial(ray_session):
     points = points_from_args(args)
     assert len(points) == 12
     assert run_sweep(points, ray=True) == run_sweep(points)
+
+
+@pytest.mark.gpu
+def test_ray_ranks_use_nccl_on_gpus(ray_session):
+    import torch
+
+    world = min(2, torch.cuda.device_count())
+    if ray.cluster_resources().get("GPU", 0) < world:
+        pytest.skip("the test's Ray session sees no GPUs")
+    cfg = drill.Drill(steps=3, step_ms=1)
+    res = run_job(drill.job, cfg, launcher="ray", world_size=world, backend="nccl", timeout_s=60)
+    assert [r["sums"] for r in res] == [drill.expected(cfg, world, r) for r in range(world)]
