@@ -29,6 +29,7 @@ def _worker(rank: int, world_size: int, store_path: str, job: Callable, config: 
     import torch.distributed as dist
 
     torch.set_num_threads(threads)  # first: see comm/spawn.py
+    _die_with_parent()
     try:
         from tokenloom.launch.rank import run_rank
 
@@ -42,6 +43,20 @@ def _worker(rank: int, world_size: int, store_path: str, job: Callable, config: 
     finally:
         conn.close()
         os._exit(0)  # skip atexit handlers inherited from the parent (pytest, Ray, ...)
+
+
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGKILL when the launcher process dies (killed, not only exited), so
+    no orphaned rank keeps a job running."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: the launcher's finally is the only cleanup
+        pass
 
 
 def _has_ray_threads() -> bool:
