@@ -114,7 +114,7 @@ def plan_placement(
     elif method == "ilp" and token_home == "dp":
         rows, solver = _dp(trace, problem, start, float(time_limit), max_imbalance, expert_groups, map_fn)
     elif method == "ilp":
-        rows, solver = _ilp(trace, problem, start, float(time_limit), progress, max_imbalance)
+        rows, solver = _ilp(trace, problem, start, float(time_limit), progress, max_imbalance, expert_groups)
     else:
         rows = baseline_plan(method, problem, trace.loads)
         solver = {"name": "none", "status": "heuristic", "gap": None, "bound": _bounds(trace, rows, problem)}
@@ -151,10 +151,7 @@ def eplb_policy_rows(loads: np.ndarray, problem: PlacementProblem, expert_groups
 def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, max_imbalance: float | None,
         expert_groups: int | None, map_fn):
     """Per layer: balanced start, cap, node-level co-activation search (colocate.plan_layer)."""
-    if expert_groups is not None and (problem.num_experts % expert_groups or
-                                      (expert_groups > 1 and expert_groups % problem.num_nodes)):
-        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be 1 or a "
-                         f"multiple of the {problem.num_nodes} nodes")
+    _check_groups(problem, expert_groups)
     eplb, policy = eplb_policy_rows(trace.loads, problem, expert_groups)
     wall_deadline = time.time() + max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter())
     budget = max(0.0, wall_deadline - time.time()) / trace.num_layers
@@ -175,6 +172,13 @@ def _layer_routing(trace: Trace, layer: int):
     if trace.topk_ids is not None:
         return trace.topk_ids[layer]
     return None if trace.coactivations is None else trace.coactivations[layer]
+
+
+def _check_groups(problem: PlacementProblem, expert_groups: int | None) -> None:
+    if expert_groups is not None and (problem.num_experts % expert_groups or
+                                      (expert_groups > 1 and expert_groups % problem.num_nodes)):
+        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be 1 or a "
+                         f"multiple of the {problem.num_nodes} nodes")
 
 
 def dp_layer(item) -> tuple[np.ndarray, float]:
@@ -218,7 +222,7 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 
 def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, progress: bool,
-         max_imbalance: float | None = None):
+         max_imbalance: float | None = None, expert_groups: int | None = None):
     deadline = start + time_limit * (1 - METRICS_RESERVE)
     balance_deadline = start + time_limit * BALANCE_SHARE
     rows, layers = [], []
@@ -246,6 +250,10 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
         caps = np.array([r.max_load for r in layers])
         if max_imbalance is not None:
             caps = np.maximum(caps, max_imbalance * trace.loads.sum(axis=1) / problem.num_gpus)
+        else:  # as for dp: no less balanced than EPLB on each layer
+            _check_groups(problem, expert_groups)
+            eplb = eplb_policy_rows(trace.loads, problem, expert_groups)[0]
+            caps = np.maximum(caps, [gpu_loads(trace.loads[l], eplb[l], problem.num_gpus).max() for l in range(trace.num_layers)])
         bar = _progress_bar(progress, trace.num_layers - 1, "traffic")
         result = place_across_layers(rows, trace.loads, caps, trace.transitions, problem, deadline, bar)
         if bar is not None:
@@ -253,7 +261,7 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
         rows = result.rows
         traffic = {
             "status": result.status, "method": result.method, "seconds": result.seconds,
-            "start_cost": result.start_cost, "cost": result.cost,
+            "start_cost": result.start_cost, "cost": result.cost, "cap": [float(c) for c in caps],
         }
     statuses = [balance["status"]] + ([traffic["status"]] if trace.has_transitions else [])
     solver = {

@@ -52,8 +52,9 @@ SHAPES = [  # (experts, gpus, gpus_per_node, redundant, expected slots)
 @pytest.mark.parametrize("num_experts,num_gpus,gpn,redundant,num_slots", SHAPES)
 def test_invariants_every_method(tmp_path, method, home, num_experts, num_gpus, gpn, redundant, num_slots):
     trace = _trace(3, num_experts)
+    # max_imbalance=1: the expert ILP keeps its balance stage's optimum (the default allows EPLB's looser balance)
     plan = plan_placement(trace, num_gpus, gpus_per_node=gpn, num_redundant=redundant, method=method, time_limit=2.0,
-                          token_home=home)
+                          token_home=home, max_imbalance=1.0 if home == "expert" else None)
     _check_invariants(plan, num_experts, num_gpus, num_slots)
     plan.save(tmp_path / "p.json")
     back = load_plan(tmp_path / "p.json")
@@ -76,7 +77,7 @@ def test_ilp_never_worse_than_greedy_and_cuts_traffic():
     trace = _trace(6, 32, top_k=4, num_domains=4)
     kw = dict(gpus_per_node=4, num_redundant=8)
     greedy = plan_placement(trace, 8, method="greedy", **kw)
-    ilp = plan_placement(trace, 8, method="ilp", time_limit=4.0, token_home="expert", **kw)
+    ilp = plan_placement(trace, 8, method="ilp", time_limit=4.0, token_home="expert", max_imbalance=1.0, **kw)
     assert all(i <= g + 1e-12 for i, g in zip(ilp.metrics["max_mean_load"], greedy.metrics["max_mean_load"]))
     assert ilp.metrics["cross_node_tokens"] < 0.9 * greedy.metrics["cross_node_tokens"]
     assert ilp.solver["status"] in ("optimal", "feasible") and ilp.solver["seconds"] < 6.0
@@ -205,3 +206,19 @@ def test_evaluate_rejects_a_trace_of_another_shape():
     plan = plan_placement(_trace(2, 8), 4, method="greedy")
     with pytest.raises(ValueError, match="^trace: shape"):
         evaluate_plan(plan, _trace(3, 8))
+
+
+def test_expert_default_cap_is_eplbs_balance():
+    from tokenloom.placement.planner import eplb_policy_rows
+
+    trace = _trace(4, 32, top_k=4, num_domains=4)
+    kw = dict(gpus_per_node=4, num_redundant=8, time_limit=4.0, token_home="expert")
+    plan = plan_placement(trace, 8, **kw)
+    strict = plan_placement(trace, 8, max_imbalance=1.0, **kw)  # cap: the balance stage's optimum
+    eplb = eplb_policy_rows(trace.loads, plan.problem())[0]
+    for l in range(4):
+        want = max(strict.solver["traffic"]["cap"][l], _gpu_loads(trace.loads[l], eplb[l], 8).max())
+        assert plan.solver["traffic"]["cap"][l] == pytest.approx(want)
+        assert _gpu_loads(trace.loads[l], plan.phy2log[l], 8).max() <= want * (1 + 1e-9)
+        assert _gpu_loads(trace.loads[l], strict.phy2log[l], 8).max() <= strict.solver["traffic"]["cap"][l] * (1 + 1e-9)
+    assert plan.solver["traffic"]["cost"] <= strict.solver["traffic"]["cost"] * 1.05  # the looser cap is used

@@ -29,7 +29,8 @@ replica on the sender's GPU, then node; SGLang's static dispatch).
 --max-imbalance: cap on each layer's busiest GPU / mean. Default for dp: EPLB's own value on
 that layer, EPLB run as the deployment would run it: hierarchical when the model's routing
 groups (--expert-groups, DeepSeek-V3: 8) are a multiple of the nodes, else global (default: no
-groups), so the plan is never less balanced than EPLB; for expert: the balance stage's optimum.
+groups), so the plan is never less balanced than EPLB; the same for expert (never tighter than
+the balance stage's optimum). --max-imbalance 1 keeps each layer at that optimum.
 --holdout F (default 0.2 for raw traces): a seeded fraction of tokens is kept out of planning;
 every message metric is reported on it beside the in-sample value.
 
