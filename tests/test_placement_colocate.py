@@ -21,25 +21,28 @@ def _router_trace(strength, layers=3, experts=64, tokens=3000, seed=0):
     return trace_from_topk(router_topk(cfg), experts)
 
 
-def _msgs(rows, trace, problem):
-    return message_metrics(rows, trace.topk_ids, problem.num_experts, problem.num_gpus, problem.gpus_per_node).messages_per_token
+def _msgs(rows, trace, problem, home="dp"):
+    return message_metrics(rows, trace.topk_ids, problem.num_experts, problem.num_gpus, problem.gpus_per_node,
+                           home).messages_per_token
 
 
+@pytest.mark.parametrize("home", ["dp", "expert"])
 @pytest.mark.parametrize("strength", [0.0, 1.5])
-def test_dp_plan_vs_eplb_in_sample_and_held_out(strength):
+def test_plan_vs_eplb_in_sample_and_held_out(strength, home):
     trace = _router_trace(strength)
-    plan = plan_placement(trace, 16, gpus_per_node=4, num_redundant=16, expert_groups=8, time_limit=20, holdout=0.25)
+    plan = plan_placement(trace, 16, gpus_per_node=4, num_redundant=16, expert_groups=8, holdout=0.25,
+                          time_limit=20 if home == "dp" else 4, token_home=home)  # expert: the ILP uses its budget
     train, test = trace.split(0.25, 0)
     problem = plan.problem()
     eplb, policy = eplb_policy_rows(train.loads, problem, 8)
     assert policy == "hierarchical"
     ours_in, ours_out = plan.metrics["messages"]["messages_per_token"], plan.metrics["heldout"]["messages"]["messages_per_token"]
-    assert ours_in == pytest.approx(_msgs(plan.phy2log, train, problem))
-    assert ours_out == pytest.approx(_msgs(plan.phy2log, test, problem))
-    assert ours_in <= 1.01 * _msgs(eplb, train, problem)  # never more than 1% above EPLB, even without structure
-    assert ours_out <= 1.01 * _msgs(eplb, test, problem)
+    assert ours_in == pytest.approx(_msgs(plan.phy2log, train, problem, home))
+    assert ours_out == pytest.approx(_msgs(plan.phy2log, test, problem, home))
+    assert ours_in <= 1.01 * _msgs(eplb, train, problem, home)  # never more than 1% above EPLB, even without structure
+    assert ours_out <= 1.01 * _msgs(eplb, test, problem, home)
     if strength > 0:  # structure to find: strictly fewer messages on tokens the plan never saw
-        assert ours_out < 0.99 * _msgs(eplb, test, problem)
+        assert ours_out < 0.99 * _msgs(eplb, test, problem, home)
     eplb_balance = [gpu_loads(train.loads[l], eplb[l], 16).max() for l in range(3)]
     for l in range(3):  # every layer at least as balanced as EPLB's
         assert gpu_loads(train.loads[l], plan.phy2log[l], 16).max() <= eplb_balance[l] * (1 + 1e-9)
