@@ -3,9 +3,10 @@
 Cluster: G GPUs, N nodes of ``gpus_per_node``; one NIC per GPU. A token's k experts are each
 served by one replica, chosen by the ``replica_choice`` rule:
 
-- ``uniform``: a replica drawn uniformly (the even split EPLB's load model assumes; vLLM);
+- ``uniform``: a replica drawn uniformly (the even split EPLB's load model assumes);
 - ``local``: a replica on the sender's GPU if there is one, else one on the sender's node
-  (uniform among them), else uniform over all (SGLang's static dispatch map).
+  (uniform among them), else uniform over all (a locality-aware dispatch map, as SGLang's
+  static EP dispatch aims to be).
 
 ``token_home="dp"`` (DeepEP with data-parallel attention, SGLang/vLLM): the token returns to its
 DP rank after every MoE layer; homes are uniform over GPUs. Dispatch sends one RDMA message per

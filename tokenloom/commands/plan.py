@@ -24,8 +24,8 @@ execution models (--token-home):
                routed *together in one layer* on one node (co-activation), per layer.
   expert       tokens stay where the previous layer combined them (MoETuner / ExFlow): the
                planner cuts tokens crossing nodes between consecutive layers.
---replica-choice: uniform (a replica drawn uniformly; vLLM, EPLB's load model) or local (prefer a
-replica on the sender's GPU, then node; SGLang's static dispatch).
+--replica-choice: uniform (a replica drawn uniformly; EPLB's load model) or local (prefer a
+replica on the sender's GPU, then node: a locality-aware dispatch map).
 --max-imbalance: cap on each layer's busiest GPU / mean. Default for dp: EPLB's own value on
 that layer, EPLB run as the deployment would run it: hierarchical when the model's routing
 groups (--expert-groups, DeepSeek-V3: 8) are a multiple of the nodes, else global (default: no
