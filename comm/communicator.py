@@ -119,7 +119,8 @@ class Handle:
                 failure = monitor.stuck(self._what, missing, limit)
                 if failure is not None:
                     raise _lost_error(self._what, failure)
-                raise CommError(f"{self._what} did not complete within {limit:g} s; "
+                raise CommError(f"{self._what} did not complete within {limit:g} s (a rank skipped "
+                                f"a call, or waits in another one); where the peers are: "
                                 f"{monitor.describe_peers([p for p in missing if p != monitor.rank])}")
 
     def _explain(self, exc: Exception, monitor: Any) -> Exception:
