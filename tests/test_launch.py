@@ -90,3 +90,27 @@ def test_every_rank_refusing_the_same_input_is_a_usage_error():
 
 def _refuse(comm, config):
     raise UsageError("--fail-rank must be below 2")
+
+
+def _skip_backward(comm, config):
+    import torch
+
+    from tokenloom.parallel import sp_attention
+
+    q, k, v = (torch.randn(1, 32, 4, 8, generator=torch.Generator().manual_seed(i), requires_grad=True)
+               for i in range(3))
+    for it in range(2):
+        out = sp_attention(q, k, v, strategy="tokenring", causal=True)
+        if not (comm.rank == 1 and it == 0):  # rank 1 skips its first backward
+            out.sum().backward()
+    return comm.rank
+
+
+def test_a_skipped_backward_names_where_each_rank_waits():
+    t0 = time.monotonic()
+    with pytest.raises(JobError) as info:
+        run_job(_skip_backward, None, launcher="local", world_size=2, timeout_s=3.0)
+    assert time.monotonic() - t0 < 3.0 + 8
+    lines = info.value.lines
+    assert "did not complete within 3 s" in lines[0] and "rank 1 running at" in lines[0], lines
+    assert "tokenring backward" in lines[1] or "tokenring backward" in lines[0], lines
