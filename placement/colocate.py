@@ -8,8 +8,9 @@ the expected co-activated pairs that land on one node under uniform replica choi
 pairwise part of the exact metric (expected distinct nodes per token), cheap to update, and works
 on aggregated traces that carry only ``C``; the plan is scored afterwards with the exact metric.
 
-Search (node level, then GPUs), from each start row (the balanced greedy packing; EPLB's
-hierarchical layout):
+Search (node level, then GPUs), from each start row: the balanced greedy packing; with the
+model's routing groups, whole groups on nodes paired by how tokens choose them
+(:func:`group_start`); EPLB's hierarchical layout. A start above the node cap is repaired first.
 
 1. swap polish: the gains of all replica swaps between two nodes are tabulated at once; the best
    and then up to ``BATCH`` next candidates are applied, each re-checked on the current state
@@ -19,6 +20,9 @@ hierarchical layout):
    the nodes above the cap at the least loss of F) and polish again; kept when F improves;
 3. GPU packing inside each node (largest first, then swaps), and a GPU-level least-cost repair
    if a GPU is still above ``cap``. If that fails the start row (which meets the cap) is kept.
+4. choice: with the layer's raw ids, the result with the fewest expected distinct nodes on the
+   planning tokens (the exact metric) among all starts' results and the first start; else the
+   highest F.
 
 Assignment rounds (every replica re-placed at once by ``linear_sum_assignment`` on the
 linearised affinities, then repaired) were tried first: on the DeepSeek-V3-shaped router trace
@@ -31,9 +35,11 @@ replica goes is decided by the objective, at most one per GPU and ``gpus_per_nod
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
+
 from tokenloom.placement.balance import assignment_matrix, improve_by_swaps
 from tokenloom.placement.packing import SlotBins, pack_balanced
 from tokenloom.placement.problem import PlacementProblem
@@ -250,16 +256,19 @@ def gpu_repair(row: np.ndarray, state: NodeState, problem: PlacementProblem, cap
 
 
 def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], cap: float, problem: PlacementProblem,
-               deadline: float) -> np.ndarray:
+               deadline: float, ids: np.ndarray | None = None) -> np.ndarray:
     """One layer's ``dp`` row (num_slots,), from feasible start rows (GPU loads <= ``cap``).
 
     ``coact`` (E, E) co-activation, ``loads`` (E,). Each start keeps its replica counts; only its
     slot -> node map is used. The result meets ``cap`` on every GPU, has no duplicate on a GPU and
-    is never worse in F than the first start (which must itself be a valid row).
+    is never worse in F than the first start (which must itself be a valid row). With the
+    layer's raw ``ids`` (T, K), every start is searched and the final choice among the results
+    (and the first start) is by the exact metric on those tokens instead of F.
     """
     spn = problem.slots_per_gpu * problem.gpus_per_node
     node = np.arange(problem.num_slots) // spn
     best_row, best_score = starts[0], None
+    candidates = [starts[0]]
     for i, start_row in enumerate(starts):
         if time.perf_counter() >= deadline:
             break
@@ -268,16 +277,91 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
             best_score = start.score()
         if start.X.max() > problem.gpus_per_node:  # e.g. EPLB put more replicas on a node than it has GPUs
             continue
-        node_cap = max(cap * problem.gpus_per_node, float(start.load.max()))
+        node_cap = max(cap * problem.gpus_per_node, float(start.load.max()) if i == 0 else 0.0)
+        if not repair(start, problem.gpus_per_node, node_cap):  # a structured start may overload a node
+            continue
         found = block_descent(start, problem.gpus_per_node, node_cap, deadline)  # later starts get what is left
-        if found.score() <= best_score + _EPS:
+        if ids is None and found.score() <= best_score + _EPS:
             continue
         row = gpu_repair(pack_gpus(found, problem), found, problem, cap)
-        if row is not None:
+        if row is None:
+            continue
+        if ids is None:
             best_row, best_score = row, found.score()
+        else:
+            candidates.append(row)
+    if ids is not None:
+        costs = [_exact_cost(row, ids, problem) for row in candidates]
+        best_row = candidates[int(np.argmin(costs))]  # ties: the earlier candidate
     return best_row
+
+
+def _exact_cost(row: np.ndarray, ids: np.ndarray, problem: PlacementProblem) -> float:
+    """Expected distinct nodes summed over the tokens (uniform replica choice): the exact dp metric."""
+    from tokenloom.placement.dispatch import Layout, node_hits
+
+    layout = Layout.from_row(row, int(max(row.max(), ids.max())) + 1, problem.num_gpus, problem.gpus_per_node)
+    return float(node_hits(ids, layout, "uniform")[0].sum())
 
 
 def _row_state(row, node, coact, loads, problem) -> NodeState:
     counts = np.bincount(row, minlength=loads.shape[0])
     return NodeState(row, node, coact, loads / np.maximum(counts, 1), problem.num_nodes)
+
+
+def group_start(ids: np.ndarray, counts: np.ndarray, num_groups: int | None, problem: PlacementProblem) -> np.ndarray | None:
+    """A start row with whole routing groups on nodes, paired by how tokens choose them.
+
+    Group-limited routing (DeepSeek-V3: a token keeps 4 of 8 contiguous expert groups) makes the
+    *groups* a token uses co-occur. EPLB's hierarchical policy pairs groups on nodes by load;
+    here the group -> node map is a local search (swap two groups between nodes) on the exact
+    number of distinct nodes the planning tokens touch, from the contiguous map. Replicas go
+    beside their primary while the node has room. Only the slot -> node map of the result is
+    meaningful (the caller re-packs GPUs); the caller repairs node loads. None when the groups
+    do not split evenly over more than one group per node.
+    """
+    num_experts, num_nodes = counts.shape[0], problem.num_nodes
+    if not num_groups or num_experts % num_groups or num_groups % num_nodes or num_groups == num_nodes:
+        return None
+    group_tokens = ids // (num_experts // num_groups)  # (T, K) group of each routed expert
+    assign = np.arange(num_groups) // (num_groups // num_nodes)
+
+    def touched(a: np.ndarray) -> int:
+        nodes = np.sort(a[group_tokens], axis=1)
+        return int((np.diff(nodes, axis=1) != 0).sum())
+
+    best = touched(assign)
+    improved = True
+    while improved:
+        improved = False
+        for g, h in itertools.combinations(range(num_groups), 2):
+            if assign[g] == assign[h]:
+                continue
+            assign[g], assign[h] = assign[h], assign[g]
+            value = touched(assign)
+            if value < best:
+                best, improved = value, True
+            else:
+                assign[g], assign[h] = assign[h], assign[g]
+    return _row_from_nodes(assign[np.arange(num_experts) // (num_experts // num_groups)], counts, problem)
+
+
+def _row_from_nodes(home: np.ndarray, counts: np.ndarray, problem: PlacementProblem) -> np.ndarray | None:
+    """Units grouped by node: every expert's primary on ``home[e]``, extra replicas beside it while
+    there is room (and at most one per GPU), else on the node with the most free slots."""
+    spn, gpn = problem.slots_per_gpu * problem.gpus_per_node, problem.gpus_per_node
+    members: list[list[int]] = [[] for _ in range(problem.num_nodes)]
+    held = np.zeros((counts.shape[0], problem.num_nodes), dtype=np.int64)
+    for e, n in enumerate(home):
+        members[n].append(e)
+        held[e, n] += 1
+    if max(len(m) for m in members) > spn:
+        return None
+    for e in np.repeat(np.arange(counts.shape[0]), counts - 1):
+        room = [spn - len(m) if held[e, n] < gpn else -1 for n, m in enumerate(members)]
+        n = int(home[e]) if room[home[e]] > 0 else int(np.argmax(room))
+        if room[n] <= 0:
+            return None
+        members[n].append(int(e))
+        held[e, n] += 1
+    return np.concatenate([np.array(m, dtype=np.int64) for m in members])

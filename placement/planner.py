@@ -155,8 +155,8 @@ def _dp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float
     eplb, policy = eplb_policy_rows(trace.loads, problem, expert_groups)
     wall_deadline = time.time() + max(0.0, start + time_limit * DP_SEARCH_SHARE - time.perf_counter())
     budget = max(0.0, wall_deadline - time.time()) / trace.num_layers
-    items = [(trace.loads[l], _layer_routing(trace, l), eplb[l], problem, max_imbalance, budget, wall_deadline)
-             for l in range(trace.num_layers)]
+    items = [(trace.loads[l], _layer_routing(trace, l), eplb[l], problem, max_imbalance, budget, wall_deadline,
+              expert_groups) for l in range(trace.num_layers)]
     results = list(map_fn(dp_layer, items)) if map_fn is not None else [dp_layer(item) for item in items]
     rows = np.stack([r[0] for r in results])
     caps = [r[1] for r in results]
@@ -185,11 +185,12 @@ def dp_layer(item) -> tuple[np.ndarray, float]:
     """One dp layer (a pure function of its inputs, so it can run as a Ray task): (row, cap).
 
     ``item``: (loads (E,), ids (T, K) or co-activation (E, E) or None, EPLB's row, problem,
-    max_imbalance, seconds for this layer, wall-clock deadline of the whole search).
+    max_imbalance, seconds for this layer, wall-clock deadline of the whole search, the model's
+    routing groups or None).
     """
-    from tokenloom.placement.colocate import coactivation, plan_layer
+    from tokenloom.placement.colocate import coactivation, group_start, plan_layer
 
-    loads, routing, eplb_row, problem, max_imbalance, budget, wall_deadline = item
+    loads, routing, eplb_row, problem, max_imbalance, budget, wall_deadline, groups = item
     counts = eplb_replica_counts(loads, problem.num_slots, problem.num_gpus)
     begin = improve_by_swaps(loads, greedy_layer(loads, problem, counts), problem)
     begin_max = float(gpu_loads(loads, begin, problem.num_gpus).max())
@@ -199,9 +200,14 @@ def dp_layer(item) -> tuple[np.ndarray, float]:
     seconds = min(budget, wall_deadline - time.time())
     if routing is None or problem.num_nodes == 1 or seconds <= 0:
         return begin, cap
-    coact = routing if routing.shape == (problem.num_experts, problem.num_experts) and routing.dtype.kind == "f" \
-        else coactivation(routing, problem.num_experts)
-    row = plan_layer(coact, loads, [begin, eplb_row], cap, problem, time.perf_counter() + seconds)
+    is_ids = not (routing.shape == (problem.num_experts, problem.num_experts) and routing.dtype.kind == "f")
+    coact = coactivation(routing, problem.num_experts) if is_ids else routing
+    starts = [begin]
+    grouped = group_start(routing, counts, groups, problem) if is_ids else None
+    if grouped is not None:
+        starts.append(grouped)
+    row = plan_layer(coact, loads, starts + [eplb_row], cap, problem, time.perf_counter() + seconds,
+                     ids=routing if is_ids else None)
     return row, cap
 
 

@@ -169,3 +169,26 @@ def test_aggregated_trace_with_coactivation_plans_like_the_raw_one(capsys, tmp_p
         rows.append(json.loads(out.read_text())["phy2log"])
     assert rows[0] == rows[1]
     capsys.readouterr()
+
+
+def test_group_start_pairs_the_groups_tokens_choose_together():
+    from tokenloom.placement.colocate import group_start
+
+    rng = np.random.default_rng(0)
+    pairs = [(0, 7), (1, 6), (2, 5), (3, 4)]  # 8 groups of 4 experts; tokens use one pair of groups
+    ids = []
+    for _ in range(400):
+        g, h = pairs[rng.integers(4)]
+        ids.append([4 * g + rng.integers(4), 4 * g + (rng.integers(3) + 1) % 4, 4 * h + rng.integers(4)])
+    ids = np.array(ids)
+    problem = PlacementProblem.build(1, 32, 8, 2, 8)  # 4 nodes of 2 GPUs, 10 slots per node
+    counts = np.ones(32, dtype=np.int64)
+    counts[[0, 9, 18, 27, 5, 14, 23, 30]] = 2
+    row = group_start(ids, counts, 8, problem)
+    assert np.array_equal(np.bincount(row, minlength=32), counts)
+    node = {}
+    for slot, e in enumerate(row):
+        node.setdefault(int(e), set()).add(slot // 10)
+    for g, h in pairs:  # both groups of a pair, primaries included, on one node
+        assert len({n for e in range(4 * g, 4 * g + 4) for n in node[e]} | {n for e in range(4 * h, 4 * h + 4) for n in node[e]}) == 1
+    assert group_start(ids, counts, None, problem) is None and group_start(ids, counts, 4, problem) is None
