@@ -212,7 +212,7 @@ def test_expert_default_cap_is_eplbs_balance():
     from tokenloom.placement.planner import eplb_policy_rows
 
     trace = _trace(4, 32, top_k=4, num_domains=4)
-    kw = dict(gpus_per_node=4, num_redundant=8, time_limit=4.0, token_home="expert")
+    kw = dict(gpus_per_node=4, num_redundant=8, time_limit=2.0, token_home="expert")
     plan = plan_placement(trace, 8, **kw)
     strict = plan_placement(trace, 8, max_imbalance=1.0, **kw)  # cap: the balance stage's optimum
     eplb = eplb_policy_rows(trace.loads, plan.problem())[0]
