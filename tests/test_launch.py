@@ -115,3 +115,26 @@ def test_a_skipped_backward_names_where_each_rank_waits():
     assert "did not complete within 3 s" in text and "skipped a call" in text, text
     assert "rank 0" in text and "tokenring backward" in text, text  # where rank 0 waits
     assert "rank 1" in text and "tokenring forward" in text, text  # where rank 1 went on
+
+
+def test_threads_after_a_multithreaded_op_in_this_process_do_not_hang_the_ranks():
+    """GNU OpenMP is not fork-safe: after this process ran a multi-threaded op, forked ranks with
+    more than one thread hang on their first op; the launcher falls back to one thread then."""
+    import torch
+
+    from tokenloom.launch.local import _fork_safe_threads
+
+    torch.set_num_threads(2)
+    a = torch.randn(300, 300)
+    _ = a @ a
+    assert _fork_safe_threads(2) in (1, 2)  # 1 with GNU OpenMP (the CPU wheel), 2 if fork-safe
+    t0 = time.monotonic()
+    res = run_job(_matmul_job, None, launcher="local", world_size=1, threads=2, timeout_s=10)
+    assert res == [300.0 ** 3] and time.monotonic() - t0 < 20
+
+
+def _matmul_job(comm, config):
+    import torch
+
+    a = torch.ones(300, 300)
+    return float((a @ a).sum())

@@ -59,6 +59,42 @@ def _die_with_parent() -> None:
         pass
 
 
+def _fork_safe_threads(threads: int) -> int:
+    """``threads`` if a forked child can run a multi-threaded op, else 1.
+
+    Once this process has run a multi-threaded torch op, a forked child's first multi-threaded
+    op hangs forever (GNU OpenMP is not fork-safe; REFERENCE.md §7): a library caller or a test
+    process usually has. A canary child tries one such op (~50 ms); if it does not finish in
+    1 s the ranks run with one thread each, which is always safe (and stays so: remembered).
+    """
+    if threads <= 1 or _UNSAFE_TO_FORK_THREADS.get(os.getpid()):
+        return 1
+    pid = os.fork()
+    if pid == 0:  # the canary
+        code = 1
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+            a = torch.ones(300, 300)
+            code = 0 if float((a @ a).sum()) == 300.0 ** 3 else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return threads if status == 0 else 1
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    _UNSAFE_TO_FORK_THREADS[os.getpid()] = True
+    return 1
+
+
+_UNSAFE_TO_FORK_THREADS: dict[int, bool] = {}
+
+
 def _has_ray_threads() -> bool:
     """A process connected to Ray runs gRPC threads; a child forked from it was seen to freeze
     mid-job here (gRPC's and Ray's threads do not survive fork)."""
@@ -98,7 +134,7 @@ def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
         raise UsageError("launcher: this process is connected to Ray, and ranks forked from it were "
                          "seen to freeze; use launcher='ray' here, or the local launcher from a "
                          "process without Ray", field="launcher")
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    threads = _fork_safe_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
     ctx = mp.get_context("fork")
     tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-local-")
     store_path = os.path.join(tmpdir.name, "store")
