@@ -46,6 +46,7 @@ from tokenloom.placement.problem import PlacementProblem
 
 _EPS = 1e-9
 MAX_SWAP_STEPS = 400
+F_SHARE = 0.6  # of a layer's time for the F search when raw ids allow the exact polish afterwards
 
 
 def coactivation(ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -267,6 +268,10 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
     """
     spn = problem.slots_per_gpu * problem.gpus_per_node
     node = np.arange(problem.num_slots) // spn
+    final_deadline = deadline
+    if ids is not None:  # the F search from every start, then the exact polish of the best
+        now = time.perf_counter()
+        deadline = now + F_SHARE * max(0.0, deadline - now)
     best_row, best_score = starts[0], None
     candidates = [starts[0]]
     for i, start_row in enumerate(starts):
@@ -293,7 +298,106 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
     if ids is not None:
         costs = [_exact_cost(row, ids, problem) for row in candidates]
         best_row = candidates[int(np.argmin(costs))]  # ties: the earlier candidate
+        best_row = exact_polish_row(best_row, min(costs), ids, coact, loads, cap, problem, final_deadline)
     return best_row
+
+
+def exact_polish_row(row: np.ndarray, cost: float, ids: np.ndarray, coact: np.ndarray, loads: np.ndarray, cap: float,
+                     problem: PlacementProblem, deadline: float) -> np.ndarray:
+    """``row`` polished by node-level swaps on the exact metric (expected distinct nodes of the
+    planning tokens ``ids``), then re-packed onto GPUs under ``cap``; ``row`` itself (exact cost
+    ``cost``) when that is not better."""
+    spn = problem.slots_per_gpu * problem.gpus_per_node
+    state = _row_state(row, np.arange(problem.num_slots) // spn, coact, loads, problem)
+    node_cap = max(cap * problem.gpus_per_node, float(state.load.max()))
+    if not exact_polish(state, ids, problem.gpus_per_node, node_cap, deadline):
+        return row
+    new = gpu_repair(pack_gpus(state, problem), state, problem, cap)
+    if new is None or _exact_cost(new, ids, problem) >= cost - _EPS:
+        return row
+    return new
+
+
+def _tokens_cost(P: np.ndarray, ids: np.ndarray) -> float:
+    """Expected distinct nodes summed over tokens ``ids`` (T, K), ``P`` (E, N) node shares."""
+    return float((1.0 - (1.0 - P[ids]).prod(1)).sum())
+
+
+def _exact_affinity(P: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(E, N): ``B[e, n] = sum over tokens t with e of prod_{f in t, f != e} (1 - P[f, n])``.
+
+    The exact metric is linear in one expert's shares: moving a replica of e (c_e replicas) from
+    node a to node b changes the expected distinct nodes by ``(B[e, b] - B[e, a]) / c_e``.
+    """
+    q = 1.0 - P[ids]  # (T, K, N)
+    before = np.ones_like(q)
+    after = np.ones_like(q)
+    before[:, 1:] = np.cumprod(q[:, :-1], axis=1)
+    after[:, :-1] = np.cumprod(q[:, :0:-1], axis=1)[:, ::-1]
+    excl = (before * after).reshape(-1, q.shape[2])
+    flat = ids.ravel()
+    return np.stack([np.bincount(flat, weights=excl[:, n], minlength=P.shape[0]) for n in range(P.shape[1])], axis=1)
+
+
+def tokens_by_expert(ids: np.ndarray, num_experts: int) -> list[np.ndarray]:
+    """For every expert, the (sorted) rows of ``ids`` (T, K) routed to it."""
+    order = np.argsort(ids.ravel(), kind="stable")
+    bounds = np.searchsorted(ids.ravel()[order], np.arange(num_experts + 1))
+    token = order // ids.shape[1]
+    return [token[bounds[e]:bounds[e + 1]] for e in range(num_experts)]
+
+
+def exact_polish(state: NodeState, ids: np.ndarray, gpus_per_node: int, node_cap: float, deadline: float,
+                 max_rounds: int = 200, affinity=None, cost=None) -> int:
+    """Node-level swap descent on an exact per-token metric (default: the dp metric, expected
+    distinct nodes of the tokens ``ids``).
+
+    ``affinity(P) -> (E, N)`` gives the metric's exact change per unit share of one expert on a
+    node (the metric is linear in any single expert's shares ``P[e]``), ``cost(P, rows) -> float``
+    the metric on the token rows ``rows``. Swaps are ranked by the linearised change; up to
+    ``BATCH`` candidates per table are each verified exactly on the tokens routed to either
+    expert and applied only when the metric drops and both nodes stay within ``node_cap``.
+    Returns the number of swaps applied (every one strictly improving).
+    """
+    affinity = affinity or (lambda P: _exact_affinity(P, ids))
+    cost = cost or (lambda P, rows: _tokens_cost(P, ids[rows]))
+    tokens_of = tokens_by_expert(ids, state.coact.shape[0])
+    limit = node_cap * (1 + _EPS)
+    applied = 0
+    for _ in range(max_rounds):
+        if time.perf_counter() > deadline:
+            break
+        table = affinity(state.X / state.counts[:, None])
+        eu, nu = state.expert, state.node
+        move = (table[eu] - table[eu, nu][:, None]) / state.counts[eu][:, None]  # (U, N) change moving u to n
+        delta = move[:, nu] + move[:, nu].T
+        moved = state.shares[eu][None, :] - state.shares[eu][:, None]
+        ok = state.legal(gpus_per_node) & (delta < -1e-6)
+        ok &= (state.load[nu][:, None] + moved <= limit) & (state.load[nu][None, :] - moved <= limit)
+        if not ok.any():
+            break
+        delta = np.where(ok, delta, np.inf)
+        done = 0
+        for u, v in zip(*np.unravel_index(np.argsort(delta, axis=None)[:BATCH], delta.shape)):
+            if not np.isfinite(delta[u, v]):
+                break
+            u, v = int(u), int(v)
+            e, f, a, b = state.expert[u], state.expert[v], state.node[u], state.node[v]
+            m = state.shares[e] - state.shares[f]
+            if (a == b or state.X[e, b] >= gpus_per_node or state.X[f, a] >= gpus_per_node
+                    or state.load[a] - m > limit or state.load[b] + m > limit):
+                continue
+            rows = np.union1d(tokens_of[e], tokens_of[f])
+            before = cost(state.X / state.counts[:, None], rows)
+            state.swap(u, v)
+            if cost(state.X / state.counts[:, None], rows) < before - 1e-9:
+                done += 1
+            else:
+                state.swap(u, v)
+        applied += done
+        if not done:
+            break
+    return applied
 
 
 def _exact_cost(row: np.ndarray, ids: np.ndarray, problem: PlacementProblem) -> float:
