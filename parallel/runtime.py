@@ -287,7 +287,8 @@ class Runner:
         if "lse" in fields:
             for (o_view, j, n), (l_view, _, _) in zip(place(dst.fields["out"], 1, ranges),
                                                       place(dst.fields["lse"], 2, ranges)):
-                merge_into_(o_view, l_view, fields["out"].narrow(1, j, n), fields["lse"].narrow(2, j, n))
+                merge_into_(o_view, l_view, fields["out"].narrow(1, j, n), fields["lse"].narrow(2, j, n),
+                            impl=self.impl)
             return
         for name, value in fields.items():
             for view, j, n in place(dst.fields[name], 1, ranges):
