@@ -154,16 +154,41 @@ def _field_of(message: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def detect_hardware() -> str:
-    """Catalog name of this machine's accelerator, or ``local-cpu`` without CUDA. Never raises."""
+    """Name of this machine's node for the simulator, or ``local-cpu`` without CUDA. Never raises.
+
+    With CUDA the node is read through NVML (as ``tokenloom topo`` does) and registered in the
+    catalog as ``this-node``: its real GPU count, SM count and NVLink/PCIe fabric are priced, so
+    ``advise`` and ``strategy="auto"`` answer for the machine they run on. If NVML cannot read the
+    node, the catalog entry of the GPU model is used.
+    """
     try:
         import torch
 
         if torch.cuda.is_available():
+            from tokenloom.launch.nvml import read_topology
+
+            node = hardware_from_topology(read_topology())
+            if node is not None:
+                return node
             name = torch.cuda.get_device_name(0).lower()
             return next((cat for key, cat in _DEVICE_NAMES if key in name), DEFAULT_GPU)
     except (ImportError, RuntimeError, AssertionError):
         pass  # a broken CUDA install is priced like no CUDA at all
     return LOCAL_CPU
+
+
+def hardware_from_topology(topology: dict) -> str | None:
+    """Register the node an NVML topology describes (``tokenloom.launch.nvml.read_topology``) and
+    return its catalog name; None when it lists no GPUs."""
+    from tokenloom.launch.nvml import node_spec
+    from tokenloom.simulator.hardware import register_node
+
+    spec = node_spec(topology)
+    if spec is None:
+        return None
+    register_node(spec)
+    _choose.cache_clear()  # answers cached under the same name priced another node
+    return spec.name
 
 
 def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_heads: int | None,

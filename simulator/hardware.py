@@ -292,6 +292,12 @@ def load_cpu_profile() -> tuple[NodeSpec, bool]:
     return entries[LOCAL_CPU], calibrated
 
 
+def register_node(spec: NodeSpec) -> None:
+    """Add (or replace) a node in the built-in catalog under ``spec.name``: the node discovered on
+    this machine (``detect_hardware``), so every later lookup prices the real node."""
+    CATALOG[spec.name] = spec
+
+
 def catalog(hardware_file: str | os.PathLike | None = None) -> dict[str, NodeSpec]:
     """Built-in nodes, the local-cpu profile, and the entries of ``hardware_file`` (which win)."""
     out = dict(CATALOG)
