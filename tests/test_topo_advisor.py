@@ -41,6 +41,6 @@ def test_discovered_nodes_are_priced_as_found():
                                  causal=True, hardware=name)
         assert pcie[0] == "tokenring"  # MHA over PCIe switches: both directions of every link work
         assert nvlink[0] in ("tokenring", "ring", "ulysses")
-        assert _time(name) < pcie_s / 2  # all-to-all over NVLink, not PCIe switches
+        assert _time(name) < 0.8 * pcie_s  # all-to-all over NVLink, not PCIe switches
     finally:
         CATALOG.pop("this-node", None)
