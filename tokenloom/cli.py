@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError) as exc:  # TODO(issue 9): ValueError becomes a bug (exit 1)
+    except UsageError as exc:  # bad input: one line naming the field (a plain ValueError is a bug: exit 1)
         print(f"tokenloom {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written: their input
