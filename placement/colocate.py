@@ -318,9 +318,38 @@ def exact_polish_row(row: np.ndarray, cost: float, ids: np.ndarray, coact: np.nd
     return new
 
 
+def prod_k(q: np.ndarray) -> np.ndarray:
+    """Product over axis 1 of ``q`` (T, K, N) by K vector products (faster than ``prod`` for small K)."""
+    out = q[:, 0].copy() if q.shape[1] else np.ones((q.shape[0], q.shape[2]))
+    for k in range(1, q.shape[1]):
+        out *= q[:, k]
+    return out
+
+
+def excluding(q: np.ndarray) -> np.ndarray:
+    """(T, K, N): for every position k, the product of ``q`` over the token's other positions."""
+    num_k = q.shape[1]
+    out = np.ones_like(q)
+    run = np.ones((q.shape[0], q.shape[2]))
+    for k in range(1, num_k):  # before k
+        run = run * q[:, k - 1]
+        out[:, k] = run
+    run = np.ones((q.shape[0], q.shape[2]))
+    for k in range(num_k - 2, -1, -1):  # after k
+        run = run * q[:, k + 1]
+        out[:, k] *= run
+    return out
+
+
 def _tokens_cost(P: np.ndarray, ids: np.ndarray) -> float:
     """Expected distinct nodes summed over tokens ``ids`` (T, K), ``P`` (E, N) node shares."""
-    return float((1.0 - (1.0 - P[ids]).prod(1)).sum())
+    return float((1.0 - prod_k(1.0 - P[ids])).sum())
+
+
+def scatter_rows(ids: np.ndarray, values: np.ndarray, num_experts: int) -> np.ndarray:
+    """(E, N): ``values`` (T, K, N) summed by expert id ``ids`` (T, K)."""
+    flat, values = ids.ravel(), values.reshape(-1, values.shape[2])
+    return np.stack([np.bincount(flat, weights=values[:, n], minlength=num_experts) for n in range(values.shape[1])], axis=1)
 
 
 def _exact_affinity(P: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -329,14 +358,7 @@ def _exact_affinity(P: np.ndarray, ids: np.ndarray) -> np.ndarray:
     The exact metric is linear in one expert's shares: moving a replica of e (c_e replicas) from
     node a to node b changes the expected distinct nodes by ``(B[e, b] - B[e, a]) / c_e``.
     """
-    q = 1.0 - P[ids]  # (T, K, N)
-    before = np.ones_like(q)
-    after = np.ones_like(q)
-    before[:, 1:] = np.cumprod(q[:, :-1], axis=1)
-    after[:, :-1] = np.cumprod(q[:, :0:-1], axis=1)[:, ::-1]
-    excl = (before * after).reshape(-1, q.shape[2])
-    flat = ids.ravel()
-    return np.stack([np.bincount(flat, weights=excl[:, n], minlength=P.shape[0]) for n in range(P.shape[1])], axis=1)
+    return scatter_rows(ids, excluding(1.0 - P[ids]), P.shape[0])
 
 
 def tokens_by_expert(ids: np.ndarray, num_experts: int) -> list[np.ndarray]:

@@ -36,13 +36,15 @@ from tokenloom.placement.metrics import PlanMetrics, evaluate_layers, gpu_loads
 from tokenloom.placement.migrate import count_moves, migrate_layer
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, PlacementProblem
-from tokenloom.placement.solver import OPTIMAL, highs_available, worst_status
+from tokenloom.placement.solver import FEASIBLE, OPTIMAL, highs_available, worst_status
 from tokenloom.placement.trace import Trace
 
 METHODS = ("ilp", "greedy", "round_robin", "contiguous")
 DP_SEARCH_SHARE = 0.7  # of the time budget for the dp layer searches (the rest: metrics, writing)
 BALANCE_SHARE = 0.4  # of the time budget for stage 1
 METRICS_RESERVE = 0.05  # of the time budget kept for the final metrics
+CHAIN_BALANCE_SHARE = 0.1  # expert model with raw ids: stage 1 ends here, the v1 traffic stage at
+CHAIN_TRAFFIC_SHARE = 0.2  # this share, and the exact node-level stage (chain.py) gets the rest
 
 
 def plan_placement(
@@ -229,8 +231,10 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: float, progress: bool,
          max_imbalance: float | None = None, expert_groups: int | None = None):
+    chain = trace.is_raw and problem.num_nodes > 1  # the exact node-level stage needs per-token ids
     deadline = start + time_limit * (1 - METRICS_RESERVE)
-    balance_deadline = start + time_limit * BALANCE_SHARE
+    balance_deadline = start + time_limit * (CHAIN_BALANCE_SHARE if chain else BALANCE_SHARE)
+    traffic_deadline = start + time_limit * CHAIN_TRAFFIC_SHARE if chain else deadline
     rows, layers = [], []
     bar = _progress_bar(progress, trace.num_layers, "balance")
     for l in range(trace.num_layers):
@@ -253,15 +257,9 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
     }
     traffic = {"status": "skipped (trace has no transitions)"}
     if trace.has_transitions:
-        caps = np.array([r.max_load for r in layers])
-        if max_imbalance is not None:
-            caps = np.maximum(caps, max_imbalance * trace.loads.sum(axis=1) / problem.num_gpus)
-        else:  # as for dp: no less balanced than EPLB on each layer
-            _check_groups(problem, expert_groups)
-            eplb = eplb_policy_rows(trace.loads, problem, expert_groups)[0]
-            caps = np.maximum(caps, [gpu_loads(trace.loads[l], eplb[l], problem.num_gpus).max() for l in range(trace.num_layers)])
+        caps = _expert_caps(trace, problem, layers, max_imbalance, expert_groups)  # default: as balanced as EPLB
         bar = _progress_bar(progress, trace.num_layers - 1, "traffic")
-        result = place_across_layers(rows, trace.loads, caps, trace.transitions, problem, deadline, bar)
+        result = place_across_layers(rows, trace.loads, caps, trace.transitions, problem, traffic_deadline, bar)
         if bar is not None:
             bar.close()
         rows = result.rows
@@ -269,7 +267,23 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
             "status": result.status, "method": result.method, "seconds": result.seconds,
             "start_cost": result.start_cost, "cost": result.cost, "cap": [float(c) for c in caps],
         }
+    node_stage = {"status": "skipped (needs a raw trace and more than one node)", "layers_changed": 0}
+    if chain and traffic.get("status") == OPTIMAL:  # tiny shapes: keep the proven optimum of the chain model
+        node_stage = {"status": "skipped (the traffic stage proved its plan optimal)", "layers_changed": 0}
+    elif chain:
+        from tokenloom.placement.chain import chain_polish
+
+        if not trace.has_transitions:
+            caps = _expert_caps(trace, problem, layers, max_imbalance, expert_groups)
+        began = time.perf_counter()
+        rows, info = chain_polish(rows, trace.topk_ids, trace.loads, caps, problem, deadline)
+        node_stage = {"status": "feasible", "method": "node block-coordinate descent, exact expert metric",
+                      "seconds": time.perf_counter() - began, **info}
+        if trace.has_transitions:  # the v1 objective after this stage (the traffic stage's cost is before it)
+            node_stage["traffic_cost"] = weighted_cost(rows, trace.transitions, problem)
     statuses = [balance["status"]] + ([traffic["status"]] if trace.has_transitions else [])
+    if chain and node_stage["layers_changed"]:
+        statuses.append(FEASIBLE)  # a local search changed the plan after the proven stages
     solver = {
         "name": "HiGHS" if highs_available() else "CBC",
         "status": worst_status(statuses),
@@ -277,9 +291,22 @@ def _ilp(trace: Trace, problem: PlacementProblem, start: float, time_limit: floa
         "bound": [r.bound for r in layers],
         "balance": balance,
         "traffic": traffic,
+        "node_stage": node_stage,
         "time_limit": time_limit,
     }
     return rows, solver
+
+
+def _expert_caps(trace: Trace, problem: PlacementProblem, layers, max_imbalance: float | None,
+                 expert_groups: int | None) -> np.ndarray:
+    """Per-layer cap of the ``expert`` model: the balance optimum, loosened to ``max_imbalance`` x
+    the mean or (default) to EPLB's max load on the layer."""
+    caps = np.array([r.max_load for r in layers])
+    if max_imbalance is not None:
+        return np.maximum(caps, max_imbalance * trace.loads.sum(axis=1) / problem.num_gpus)
+    _check_groups(problem, expert_groups)
+    eplb = eplb_policy_rows(trace.loads, problem, expert_groups)[0]
+    return np.maximum(caps, [gpu_loads(trace.loads[l], eplb[l], problem.num_gpus).max() for l in range(trace.num_layers)])
 
 
 def _migrate(trace: Trace, problem: PlacementProblem, previous: Plan, max_moves: object):
