@@ -9,7 +9,6 @@ single-process reference. The same job runs under torchrun, forked local ranks a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.errors import UsageError
+from tokenloom.jobs import emit_report
 from tokenloom.validate import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
@@ -213,12 +213,7 @@ def combine(results: list[dict], cfg: AttentionRun) -> dict:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> int:
-    rep = combine(results, config_from_args(args))
-    if args.json:
-        print(json.dumps(rep))
-    else:
-        _print_report(rep)
-    return 0 if all(c["ok"] for c in rep.get("check", {}).values()) else 1
+    return emit_report(combine(results, config_from_args(args)), args.json, _print_report)
 
 
 def _print_report(rep: dict, out=None) -> None:

@@ -10,7 +10,6 @@ compared with the baseline's and with the unsharded single-device stack in fp64.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.errors import UsageError
+from tokenloom.jobs import emit_report
 from tokenloom.validate import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
@@ -183,15 +183,11 @@ def combine(results: list[dict], cfg: TokenweaveRun) -> dict:
 
 
 def report(results: list[dict], args: argparse.Namespace) -> int:
-    rep = combine(results, config_from_args(args))
-    if args.json:
-        print(json.dumps(rep))
-    else:
-        print_report(rep)
-    return 0 if all(c["ok"] for c in rep.get("check", {}).values()) else 1
+    return emit_report(combine(results, config_from_args(args)), args.json, print_report)
 
 
-def print_report(rep: dict, out=sys.stdout) -> None:
+def print_report(rep: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time: tests (and Ray) replace sys.stdout
     cfg, plan = rep["config"], rep["plan"]
     moe = f", MoE {cfg['moe_experts']} experts top-{cfg['top_k']}" if cfg["moe_experts"] else ""
     pieces = " + ".join(str(e - s) for s, e in plan["pieces"])
