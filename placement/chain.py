@@ -16,8 +16,8 @@ single expert's shares (:func:`layer_affinity`), which is what the node-level sw
 :func:`tokenloom.placement.colocate.exact_polish` needs. Each sweep visits every layer with both
 neighbours fixed: the layer's replicas are re-placed at node level under the layer's node cap (a
 start from ``scipy.optimize.linear_sum_assignment`` on the linearised costs, repaired to the cap,
-competes with the current placement), polished by exact swaps, packed onto GPUs under the GPU cap,
-and kept only when the layer's exact cost drops.
+competes with the current placement; the one with the lower exact cost is polished by exact
+swaps), packed onto GPUs under the GPU cap, and kept only when the layer's exact cost drops.
 """
 
 from __future__ import annotations
@@ -111,14 +111,17 @@ def _assignment_start(state: NodeState, table: np.ndarray, spn: int, gpn: int) -
 
 
 def chain_polish(rows: np.ndarray, topk_ids: np.ndarray, loads: np.ndarray, caps: np.ndarray,
-                 problem: PlacementProblem, deadline: float, max_sweeps: int = 4) -> tuple[np.ndarray, dict]:
+                 problem: PlacementProblem, deadline: float, max_sweeps: int = 4,
+                 assignment: bool = True) -> tuple[np.ndarray, dict]:
     """Sweeps of node-level block-coordinate descent on the exact ``expert`` metric.
 
     ``rows`` (L, num_slots) feasible phy2log rows (layer l's busiest GPU <= ``caps[l]``);
     ``topk_ids`` (L, T, K) the planning tokens. Every layer keeps its replica counts, its cap,
     at most one replica of an expert per GPU, and changes only when its exact cost (its own
     dispatch and combine plus the next layer's dispatch) drops, so the total never rises.
-    Returns (rows, info) with the number of sweeps, layers changed and the cost before/after.
+    ``assignment``: also try, per layer, the start from ``linear_sum_assignment`` on the
+    linearised costs (repaired to the node cap) beside the current placement.
+    Returns (rows, info): sweeps run, layers changed, layers where the assignment start won.
     """
     rows = rows.copy()
     num_layers, num_experts = rows.shape[0], problem.num_experts
@@ -143,11 +146,16 @@ def chain_polish(rows: np.ndarray, topk_ids: np.ndarray, loads: np.ndarray, caps
             state = NodeState(rows[l], unit_node, zero, layer_shares, problem.num_nodes)
             node_cap = max(caps[l] * gpn, float(state.load.max()))
             candidates = [state]
-            alt = state.clone(_assignment_start(state, affinity(state.X / state.counts[:, None]), spn, gpn))
-            if repair(alt, gpn, node_cap) and alt.X.max() <= gpn:
+            alt = None if not assignment else state.clone(_assignment_start(state, affinity(state.X / state.counts[:, None]), spn, gpn))
+            if alt is not None and repair(alt, gpn, node_cap) and alt.X.max() <= gpn:
                 candidates.append(alt)
             best_row, best_cost, from_alt = None, before, False
+            if len(candidates) > 1:  # polish only the start with the lower exact cost: more sweeps in the time
+                start_costs = [layer_cost(c.X / c.counts[:, None], ids, w, R) for c in candidates]
+                candidates = [c if i == int(np.argmin(start_costs)) else None for i, c in enumerate(candidates)]
             for i, cand in enumerate(candidates):
+                if cand is None:
+                    continue
                 exact_polish(cand, ids, gpn, node_cap, deadline, affinity=affinity, cost=cost)
                 new = gpu_repair(pack_gpus(cand, problem), cand, problem, caps[l])
                 if new is None:
