@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from tokenloom.comm import health
 from tokenloom.comm.health import PeerLostError
+from tokenloom.errors import UsageError
 
 
 # torch 2.13 renames the flat all-gather; older releases only have the old name.
@@ -37,9 +38,10 @@ def resolve_group(group: Any) -> dist.ProcessGroup | None:
         return group
     if hasattr(group, "get_group") and hasattr(group, "ndim"):  # DeviceMesh
         if group.ndim != 1:
-            raise ValueError(f"group: a DeviceMesh must be 1-D, got ndim={group.ndim}")
+            raise UsageError(f"group: a DeviceMesh must be 1-D, got ndim={group.ndim}", field="group")
         return group.get_group()
-    raise ValueError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+    raise UsageError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}",
+                     field="group")
 
 
 class CommError(RuntimeError):
@@ -236,7 +238,7 @@ class Communicator:
         remote = [o for o in ops if o.peer != self.rank]
         for o in remote:
             if o.op not in ("send", "recv"):
-                raise ValueError(f"P2P.op must be 'send' or 'recv', got {o.op!r}")
+                raise UsageError(f"P2P.op must be 'send' or 'recv', got {o.op!r}", field="P2P.op")
             if not 0 <= o.peer < self.world_size:
                 raise CommError(f"{what}: rank {self.rank} addresses peer {o.peer} outside "
                                 f"world_size {self.world_size}")
@@ -292,7 +294,7 @@ class Communicator:
         return tensor
 
     def check_agree(self, what: str, values: Sequence[int]) -> None:
-        """Raise ValueError unless every rank passes the same integers (e.g. tensor shapes).
+        """Raise UsageError (a ValueError) unless every rank passes the same integers (e.g. tensor shapes).
 
         One tiny all-gather; called before any P2P so that a mismatch is an error, not a hang.
         """
@@ -301,11 +303,11 @@ class Communicator:
         mine = torch.tensor([len(values), *values], dtype=torch.int64, device=self.device)
         lengths = self.all_gather(mine[:1])
         if not bool((lengths == lengths[0]).all()):
-            raise ValueError(f"{what}: ranks pass different numbers of values: "
-                             f"{lengths.flatten().tolist()}")
+            raise UsageError(f"{what}: ranks pass different numbers of values: "
+                             f"{lengths.flatten().tolist()}", field=what)
         every = self.all_gather(mine).cpu()
         ref = every[0]
         bad = [r for r in range(self.world_size) if not torch.equal(every[r], ref)]
         if bad:
             shown = {r: every[r, 1:].tolist() for r in [0, *bad]}
-            raise ValueError(f"{what} differs across ranks (rank: values) {shown}")
+            raise UsageError(f"{what} differs across ranks (rank: values) {shown}", field=what)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from tokenloom.errors import UsageError
+
 
 class RankError(RuntimeError):
     """A rank raised, died, or did not finish in time; the message names the rank(s)."""
@@ -70,7 +72,7 @@ def spawn_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.
     traceback), died, or did not finish within ``timeout`` seconds; survivors are killed.
     """
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+        raise UsageError(f"world_size must be >= 1, got {world_size}", field="world_size")
     ctx = mp.get_context("fork")
     tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-ranks-")
     store_path = os.path.join(tmpdir.name, "store")

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tokenloom.comm.communicator import Communicator
+from tokenloom.errors import UsageError
 
 PATHS = ("multimem", "nccl", "gloo")
 
@@ -77,10 +78,10 @@ def select_path(comm: Communicator, device: torch.device, dtype: torch.dtype, hi
     """``path`` if given (validated), else multimem where usable, else nccl on CUDA, else gloo."""
     if path is not None:
         if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
+            raise UsageError(f"path must be one of {PATHS} or None, got {path!r}", field="path")
         if path == "multimem" and not multimem_usable(comm, device, dtype, hidden):
-            raise ValueError("path='multimem' needs CUDA sm_90+ GPUs with NVLink multicast, bf16 and "
-                             "hidden % 8 == 0 on >= 2 ranks; use path=None")
+            raise UsageError("path='multimem' needs CUDA sm_90+ GPUs with NVLink multicast, bf16 and "
+                             "hidden % 8 == 0 on >= 2 ranks; use path=None", field="path")
         return path
     if multimem_usable(comm, device, dtype, hidden):
         return "multimem"
@@ -89,7 +90,8 @@ def select_path(comm: Communicator, device: torch.device, dtype: torch.dtype, hi
 
 def _rows_of_rank(rows: int, comm: Communicator) -> slice:
     if rows % comm.world_size:
-        raise ValueError(f"rows ({rows}) must be a multiple of the group size ({comm.world_size}); pad first")
+        raise UsageError(f"partial rows ({rows}) must be a multiple of the group size ({comm.world_size}); "
+                         "pad first", field="partial")
     m = rows // comm.world_size
     return slice(comm.rank * m, (comm.rank + 1) * m)
 
@@ -156,8 +158,8 @@ def fused_allreduce_residual_rmsnorm(partial: torch.Tensor, residual: torch.Tens
     """
     mine = _rows_of_rank(partial.shape[0], comm)
     if residual.shape != (mine.stop - mine.start, partial.shape[1]):
-        raise ValueError(f"residual shard must be {(mine.stop - mine.start, partial.shape[1])}, "
-                         f"got {tuple(residual.shape)}")
+        raise UsageError(f"residual shard must be {(mine.stop - mine.start, partial.shape[1])}, "
+                         f"got {tuple(residual.shape)}", field="residual")
     chosen = select_path(comm, partial.device, partial.dtype, partial.shape[-1], path)
     if chosen == "multimem":
         return _multimem_path(partial, residual, weight, eps, comm)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenloom.comm.communicator import Communicator
+from tokenloom.errors import UsageError
 from tokenloom.kernels import block_forward
 from tokenloom.parallel.tokenweave_comm import (CommStream, allreduce_residual_rmsnorm,
                                                 fused_allreduce_residual_rmsnorm, residual_rmsnorm)
@@ -145,11 +146,12 @@ class TPStack:
         """
         n, tp, rank = x.shape[0], self.comm.world_size, self.comm.rank
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UsageError(f"mode must be one of {MODES}, got {mode!r}", field="mode")
         fused = mode == "tokenweave"
         pieces = pieces or Pieces.whole(n, tp if fused else 1)
         if pieces.ranges[-1][1] != n:
-            raise ValueError(f"pieces cover {pieces.ranges[-1][1]} tokens, x has {n}")
+            raise UsageError(f"pieces must cover the {n} tokens (rows) of x, they cover {pieces.ranges[-1][1]}",
+                             field="pieces")
         steps = steps or build_steps(self.num_layers, len(pieces.ranges), fused)
         check_steps(steps, len(pieces.ranges))
         eps, w0 = self.cfg.eps, self.w["layers"][0]["in_norm"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenloom.errors import UsageError
+
 KINDS = ("compute", "allreduce", "post", "wait")
 OPS = ("attn", "mlp")
 
@@ -45,10 +47,10 @@ def build_steps(num_layers: int, num_pieces: int, fused: bool) -> list[Step]:
     ``num_pieces`` 1 (fuse-only) or 2 (split) is TokenWeave.
     """
     if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        raise UsageError(f"num_layers must be >= 1, got {num_layers}", field="num_layers")
     if num_pieces not in (1, 2) or (not fused and num_pieces != 1):
-        raise ValueError(f"num_pieces must be 1, or 2 with fused communication; got {num_pieces} "
-                         f"(fused={fused})")
+        raise UsageError(f"num_pieces must be 1, or 2 with fused communication; got {num_pieces} "
+                         f"(fused={fused})", field="num_pieces")
     steps: list[Step] = []
     pending: dict[int, int] = {}  # piece -> layer of its outstanding post
     for layer in range(num_layers):

@@ -130,7 +130,7 @@ def load_plan(path: str | os.PathLike, field: str = "plan") -> Plan:
     """Read and validate a plan JSON; every problem is a UsageError naming the flag, file and key."""
     p = Path(path)
     try:
-        return _plan_from_dict(read_json(p, field), p, field)
+        return _plan_from_dict(read_json(p, field, max_bytes=64 << 20), p, field)  # plans are KiB
     except UsageError as exc:
         text = str(exc)
         if text.startswith(f"{field}:"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenloom.errors import UsageError
-from tokenloom.io import atomic_write, check_input_file, read_json
+from tokenloom.io import MAX_JSON_BYTES, atomic_write, check_input_file, read_json
 
 _SUFFIXES = (".npz", ".json")
 MAX_EXPERTS = 1 << 14  # 16384 experts per layer; more is refused before anything is allocated
@@ -224,7 +224,7 @@ def _read_npz(path: Path, field: str) -> dict[str, object]:
 
 
 def _read_json(path: Path, field: str) -> dict[str, object]:
-    data = read_json(path, field)
+    data = read_json(path, field, max_bytes=MAX_JSON_BYTES)  # ~10x in memory once parsed
     if not isinstance(data, dict):
         raise UsageError(f"{field}: {str(path)!r} must hold a JSON object with keys 'loads' or 'topk_ids'")
     return data

@@ -36,6 +36,7 @@ from tokenloom.errors import UsageError
 from tokenloom.parallel.tokenweave_schedule import Step, build_steps
 from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split
 from tokenloom.simulator.hardware import Cluster, NodeSpec
+from tokenloom.validate import check_int
 
 # name: (hidden, ffn, heads, kv_heads, num_experts, top_k, layers) from the public configs
 MODELS: dict[str, tuple[int, int, int, int, int, int, int]] = {
@@ -54,6 +55,17 @@ AR_LAT, AR_BW = 64e-6, 230e9
 MM_LAT, MM_BW = 14e-6, 276e9
 NORM_LAT, NORM_BW = 8e-6, 762e9
 CTA_SLOWDOWN = {2: 3.1, 4: 1.8, 8: 1.12, 16: 1.0}
+
+# Work and shape limits, refused up front (the CLI repeats them: tokenloom/commands/simulate_tokenweave.py).
+# Every layer's steps are walked one by one (~1 ms per layer on one core, 4x with comm_ctas="auto"),
+# and the split planner prices ~tokens/512 candidate cuts (16M tokens: ~1 s); 100M layers or 1T
+# tokens would run for hours. Times are per-layer averages, so more layers change little. The
+# shape limits sit far above any public model (hidden <= 25600, ffn <= 73728, experts <= 384).
+MAX_LAYERS = 1024
+MAX_TOKENS = 1 << 24
+MAX_HIDDEN = MAX_FFN = 1 << 20
+MAX_HEADS = 1 << 16
+MAX_EXPERTS = 1 << 12
 
 
 def model_shape(name: str, tp: int) -> tuple[LayerShape, int]:
@@ -253,6 +265,22 @@ class TokenweaveResult:
         }
 
 
+def check_limits(layer: LayerShape, tokens: int, num_layers: int) -> None:
+    """UsageError unless tokens, layers and the layer's sizes are within the limits above."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_TOKENS:
+        raise UsageError(f"tokens must be an integer in 1..{MAX_TOKENS} (16M: the split planner prices "
+                         f"~tokens/512 cuts), got {tokens!r}", field="tokens")
+    check_int(num_layers, "layers", lo=1)
+    if num_layers > MAX_LAYERS:
+        raise UsageError(f"layers must be <= {MAX_LAYERS} (every layer is simulated step by step; times are "
+                         f"per-layer averages), got {num_layers}", field="layers")
+    for name, value, hi in (("hidden", layer.hidden, MAX_HIDDEN), ("ffn", layer.ffn, MAX_FFN),
+                            ("heads", layer.heads, MAX_HEADS), ("kv_heads", layer.kv_heads, MAX_HEADS),
+                            ("experts", layer.num_experts, MAX_EXPERTS)):
+        if value > hi:
+            raise UsageError(f"{name} must be <= {hi} (far above any public model), got {value}", field=name)
+
+
 def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num_layers: int = 1,
                         model: str = "custom", dtype_bytes: int = 2,
                         comm_ctas: int | str = 8) -> TokenweaveResult:
@@ -263,13 +291,11 @@ def simulate_tokenweave(cluster: Cluster, layer: LayerShape, tokens: int, *, num
     communication hides anyway, as with long prompts).
     """
     if comm_ctas == "auto":
+        check_limits(layer, tokens, num_layers)
         results = [simulate_tokenweave(cluster, layer, tokens, num_layers=num_layers, model=model,
                                        dtype_bytes=dtype_bytes, comm_ctas=k) for k in sorted(CTA_SLOWDOWN)]
         return min(results, key=lambda r: (r.modes["tokenweave"].total_s, -r.comm_ctas))
-    if not isinstance(tokens, int) or tokens < 1:
-        raise UsageError(f"tokens must be an integer >= 1, got {tokens!r}", field="tokens")
-    if num_layers < 1:
-        raise UsageError(f"layers must be >= 1, got {num_layers}", field="layers")
+    check_limits(layer, tokens, num_layers)
     if layer.tp != cluster.num_gpus:
         raise UsageError(f"tp ({layer.tp}) must equal the cluster's GPUs ({cluster.num_gpus})", field="tp")
     pricer = Pricer(cluster, layer, tokens, dtype_bytes, comm_ctas)

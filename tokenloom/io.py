@@ -24,6 +24,9 @@ from typing import IO, Callable, Iterable, Iterator
 from tokenloom.errors import UsageError, one_line
 
 MAX_INPUT_BYTES = 2 << 30  # refuse to slurp more than 2 GiB from one input file
+# JSON is ~10x its size once parsed into Python objects (a 2 GiB file would need ~20 GB of
+# memory), so read_json refuses more than 256 MiB unless the caller passes its own max_bytes.
+MAX_JSON_BYTES = 256 << 20
 
 
 def resolve_output(path: str | os.PathLike, field: str = "output",
@@ -82,7 +85,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     device, FIFO or directory).
     """
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+        raise UsageError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}", field="mode")
     target = resolve_output(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -212,7 +215,7 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} bytes"
 
 
-def read_json(path: str | os.PathLike, field: str, *, max_bytes: int = MAX_INPUT_BYTES) -> object:
+def read_json(path: str | os.PathLike, field: str, *, max_bytes: int = MAX_JSON_BYTES) -> object:
     """Parse a JSON file strictly: UTF-8, finite numbers only (no NaN/Infinity, no 1e400), integers
     of at most 4300 digits, bounded nesting; every error is a UsageError naming the file and the flag."""
     import json

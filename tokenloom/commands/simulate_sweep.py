@@ -78,6 +78,35 @@ def points_from_args(args: argparse.Namespace) -> list[dict]:
             for gpus, seq, strategy, layout in grid]
 
 
+def check_sweep_work(points: list[dict], limit: int | None = None) -> int:
+    """Refuse (UsageError, exit 2) a sweep whose points together need more simulated transfers than
+    ``limit`` (the simulator's work limit, default its own); return the estimate.
+
+    Each point is also checked alone when it runs; this is the sum, checked before any point runs
+    (three points of 256 GPUs each pass alone but together run for minutes). Points that will be
+    skipped at once (infeasible, or over the limit alone) cost nothing and are not counted.
+    """
+    from tokenloom.commands.simulate import _DTYPES
+    from tokenloom.errors import UsageError
+    from tokenloom.simulator.cost import AttentionShape
+    from tokenloom.simulator.scenario import check_feasible, check_work
+
+    runs = []
+    for p in points:
+        run = (p["strategy"], p["gpus"], p["backward"])
+        try:
+            shape = AttentionShape(p["seq"], p["heads"], p["head_dim"], p["kv_heads"], p["batch"],
+                                   _DTYPES[p["dtype"]])
+            check_feasible(p["strategy"], p["gpus"], shape)
+            check_work([run], limit=limit)
+        except UsageError:
+            continue  # skipped when it runs, before building anything
+        runs.append(run)
+    if not runs:
+        return 0
+    return check_work(runs, "--gpus/--seq/--strategies/--layouts", limit=limit)
+
+
 def run_sweep(points: list[dict], *, ray: bool = False, address: str | None = None) -> list[dict]:
     if ray:
         from tokenloom.launch.ray import map_tasks
@@ -87,7 +116,9 @@ def run_sweep(points: list[dict], *, ray: bool = False, address: str | None = No
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    rows = run_sweep(points_from_args(args), ray=args.ray, address=args.address)
+    points = points_from_args(args)
+    check_sweep_work(points, args.max_transfers)  # the sum of all points, before any runs
+    rows = run_sweep(points, ray=args.ray, address=args.address)
     if args.json:
         print(json.dumps({"points": rows}, allow_nan=False))
         return 0
@@ -104,7 +135,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def add_sweep(sub: argparse._SubParsersAction) -> None:
-    from tokenloom.commands.simulate import _DTYPES, tokens
+    from tokenloom.commands.simulate import _DTYPES, MAX_TRANSFERS_CEILING, tokens
     from tokenloom.parallel.builders import STRATEGIES
 
     p = sub.add_parser("sweep", help="simulate attention over lists of GPU counts, lengths, strategies",
@@ -131,8 +162,9 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
                    metavar="S[,S...]", help=f"of {', '.join(STRATEGIES)} (default: the three flat ones)")
     p.add_argument("--layouts", type=_list(str), default=["zigzag"], metavar="L[,L...]",
                    help="zigzag and/or contiguous (default zigzag)")
-    p.add_argument("--max-transfers", type=arg_int(1), default=None, metavar="N",
-                   help="work limit per simulation (default: the simulator's)")
+    p.add_argument("--max-transfers", type=arg_int(1, MAX_TRANSFERS_CEILING), default=None, metavar="N",
+                   help="work limit: simulated transfers of all points together, checked before any runs "
+                        f"(default: the simulator's, 150,000; at most {MAX_TRANSFERS_CEILING:,})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ray", action="store_true", help="run the points as Ray tasks")
     p.add_argument("--address", default=None, help="with --ray: Ray cluster ('auto'); default: a local Ray")

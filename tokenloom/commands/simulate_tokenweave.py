@@ -18,6 +18,10 @@ model's layers (the last communication of a layer overlaps the next layer).
 models: llama-3.3-70b, llama-3.1-8b, qwen2.5-72b, mixtral-8x22b; or --hidden/--ffn/--heads/--kv-heads
 [--experts E --top-k K] for a custom layer (they also override a named model's fields).
 
+limits (refused up front): --tokens <= 16M, --layers <= 1024 (each layer is walked step by step;
+the times are per-layer averages), --hidden/--ffn <= 1048576, --heads/--kv-heads <= 65536,
+--experts/--top-k <= 4096.
+
 examples:
   tokenloom simulate tokenweave --hardware h100-sxm --tp 8 --tokens 8K --model llama-3.3-70b
   tokenloom simulate tokenweave --tp 8 --tokens 4096 --model mixtral-8x22b --json
@@ -26,13 +30,38 @@ examples:
 """
 
 
+# = tokenloom.simulator.tokenweave.MAX_* (not imported here: startup time; a test keeps them equal)
+MAX_LAYERS = 1024
+MAX_TOKENS = 1 << 24
+MAX_HIDDEN = MAX_FFN = 1 << 20
+MAX_HEADS = 1 << 16
+MAX_EXPERTS = 1 << 12
+_WHY_SHAPE = "far above any public model"
+
+
 def _tokens(text: str) -> int:
     from tokenloom.commands.simulate import tokens
 
     value = tokens(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_TOKENS} (16M; the split planner prices "
+                                         f"~tokens/512 cuts), got {text[:40]}")
     return value
+
+
+def _bounded(lo: int, hi: int, why: str):
+    """arg_int(lo, hi) whose too-large error also says why the limit exists."""
+    convert = arg_int(lo, hi)
+
+    def parse(text: str) -> int:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError as exc:
+            if str(exc).startswith("must be <="):
+                raise argparse.ArgumentTypeError(f"{exc} ({why})") from None
+            raise
+
+    return parse
 
 
 def add_tokenweave(sub: argparse._SubParsersAction) -> None:
@@ -47,11 +76,17 @@ def add_tokenweave(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=_tokens, required=True, metavar="T", help="tokens in the batch, e.g. 8192 or 8K")
     p.add_argument("--model", default=None, metavar="NAME", help="llama-3.3-70b, llama-3.1-8b, qwen2.5-72b, "
                    "mixtral-8x22b (or give the custom flags)")
-    for flag, what in (("--hidden", "hidden size"), ("--ffn", "FFN (intermediate) size per expert"),
-                       ("--heads", "query heads"), ("--kv-heads", "key/value heads (GQA)"),
-                       ("--experts", "MoE experts (0: dense)"), ("--top-k", "experts per token (MoE)"),
-                       ("--layers", "layers to simulate (default: the model's, else 1)")):
-        p.add_argument(flag, type=arg_int(0 if flag == "--experts" else 1), default=None, help=what)
+    for flag, what, hi, why in (
+            ("--hidden", "hidden size", MAX_HIDDEN, _WHY_SHAPE),
+            ("--ffn", "FFN (intermediate) size per expert", MAX_FFN, _WHY_SHAPE),
+            ("--heads", "query heads", MAX_HEADS, _WHY_SHAPE),
+            ("--kv-heads", "key/value heads (GQA)", MAX_HEADS, _WHY_SHAPE),
+            ("--experts", "MoE experts (0: dense)", MAX_EXPERTS, _WHY_SHAPE),
+            ("--top-k", "experts per token (MoE)", MAX_EXPERTS, "at most --experts"),
+            ("--layers", "layers to simulate (default: the model's, else 1)", MAX_LAYERS,
+             "every layer is simulated step by step, ~1 ms each; times are per-layer averages")):
+        p.add_argument(flag, type=_bounded(0 if flag == "--experts" else 1, hi, why), default=None,
+                       help=f"{what}; at most {hi}")
     p.add_argument("--comm-ctas", choices=("2", "4", "8", "16", "auto"), default="8",
                    help="CTAs of the overlapped communication kernel; 'auto' picks the fastest (default 8, "
                         "the paper's; the runtime cannot set it for torch's symmetric-memory ops)")
