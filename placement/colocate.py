@@ -23,6 +23,9 @@ model's routing groups, whole groups on nodes paired by how tokens choose them
 4. choice: with the layer's raw ids, the result with the fewest expected distinct nodes on the
    planning tokens (the exact metric) among all starts' results and the first start; else the
    highest F.
+5. exact polish (raw ids; :func:`exact_polish`), with the rest of the layer's time (the F search
+   gets ``F_SHARE`` of it): node swaps ranked by the linearised exact metric, each verified
+   exactly on the tokens it touches, then GPU packing; kept only when the exact metric drops.
 
 Assignment rounds (every replica re-placed at once by ``linear_sum_assignment`` on the
 linearised affinities, then repaired) were tried first: on the DeepSeek-V3-shaped router trace
@@ -47,6 +50,7 @@ from tokenloom.placement.problem import PlacementProblem
 _EPS = 1e-9
 MAX_SWAP_STEPS = 400
 F_SHARE = 0.6  # of a layer's time for the F search when raw ids allow the exact polish afterwards
+PACK_SHARE = 0.2  # of the time left after the F search, kept for packing the polished nodes onto GPUs
 
 
 def coactivation(ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -298,7 +302,9 @@ def plan_layer(coact: np.ndarray, loads: np.ndarray, starts: list[np.ndarray], c
     if ids is not None:
         costs = [_exact_cost(row, ids, problem) for row in candidates]
         best_row = candidates[int(np.argmin(costs))]  # ties: the earlier candidate
-        best_row = exact_polish_row(best_row, min(costs), ids, coact, loads, cap, problem, final_deadline)
+        now = time.perf_counter()  # keep a share of what is left for the GPU packing after the polish
+        polish_deadline = now + (1 - PACK_SHARE) * max(0.0, final_deadline - now)
+        best_row = exact_polish_row(best_row, min(costs), ids, coact, loads, cap, problem, polish_deadline)
     return best_row
 
 

@@ -193,14 +193,15 @@ def dp_layer(item) -> tuple[np.ndarray, float]:
     from tokenloom.placement.colocate import coactivation, group_start, plan_layer
 
     loads, routing, eplb_row, problem, max_imbalance, budget, wall_deadline, groups = item
+    entered = time.perf_counter()  # the layer's share counts from here: the set-up below is part of it
+    seconds = min(budget, wall_deadline - time.time())
     counts = eplb_replica_counts(loads, problem.num_slots, problem.num_gpus)
     begin = improve_by_swaps(loads, greedy_layer(loads, problem, counts), problem)
     begin_max = float(gpu_loads(loads, begin, problem.num_gpus).max())
     mean = float(loads.sum()) / problem.num_gpus
     target = float(gpu_loads(loads, eplb_row, problem.num_gpus).max()) if max_imbalance is None else max_imbalance * mean
     cap = max(begin_max, target)
-    seconds = min(budget, wall_deadline - time.time())
-    if routing is None or problem.num_nodes == 1 or seconds <= 0:
+    if routing is None or problem.num_nodes == 1 or seconds <= 0 or time.perf_counter() >= entered + seconds:
         return begin, cap
     is_ids = not (routing.shape == (problem.num_experts, problem.num_experts) and routing.dtype.kind == "f")
     coact = coactivation(routing, problem.num_experts) if is_ids else routing
@@ -208,7 +209,7 @@ def dp_layer(item) -> tuple[np.ndarray, float]:
     grouped = group_start(routing, counts, groups, problem) if is_ids else None
     if grouped is not None:
         starts.append(grouped)
-    row = plan_layer(coact, loads, starts + [eplb_row], cap, problem, time.perf_counter() + seconds,
+    row = plan_layer(coact, loads, starts + [eplb_row], cap, problem, entered + seconds,
                      ids=routing if is_ids else None)
     return row, cap
 
