@@ -36,7 +36,7 @@ def test_usage_error_is_exit_2_one_line(handler, capsys):
     handler(UsageError("--gpus must be >= 1, got 0\nsecond line", field="gpus"))
     assert cli.main(ADVISE) == 2
     err = capsys.readouterr().err
-    assert err == "tokenloom advise: error: --gpus must be >= 1, got 0\n"
+    assert err == "tokenloom advise attention: error: --gpus must be >= 1, got 0\n"
 
 
 def test_os_error_is_exit_2_one_line_with_the_file(handler, capsys):

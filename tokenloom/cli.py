@@ -74,14 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv, lazy=True)
     args = parser.parse_args(argv)
+    # the command's name in messages: "simulate sweep", "trace synth" (a job of "run" is its flags)
+    action = getattr(args, "what", None) or getattr(args, "trace_command", None)
+    where = f"{args.command} {action}" if action else args.command
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:  # bad input: one line naming the field (a plain ValueError is a bug: exit 1)
-        print(f"tokenloom {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"tokenloom {where}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written: their input
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"tokenloom {args.command}: error: {exc.strerror or one_line(exc)}{where}", file=sys.stderr)
+        path = f": {exc.filename}" if exc.filename else ""
+        print(f"tokenloom {where}: error: {exc.strerror or one_line(exc)}{path}", file=sys.stderr)
         return 2
     except Exception as exc:
         from tokenloom.comm.health import PeerLostError
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # ranks failed: the summary (every lost and failed rank, the first traceback) is the report
         # one write: the ranks of a torchrun job share the terminal
-        sys.stderr.write(f"tokenloom {args.command}: error: {exc}\n")
+        sys.stderr.write(f"tokenloom {where}: error: {exc}\n")
         sys.stderr.flush()
         return 1
     except KeyboardInterrupt:
