@@ -49,10 +49,6 @@ def test_report_exit_code_follows_the_check(capsys):
 
 
 def test_cli_local_launcher(capsys):
-    from tokenloom.commands import run as run_cmd
-
-    if "tokenweave" not in getattr(run_cmd, "JOBS", {}):
-        pytest.skip("the run-job registry has not landed")
     from tokenloom.cli import main
 
     rc = main(["run", "tokenweave", "--launcher", "local", "--world-size", "2", "--layers", "1",

@@ -43,7 +43,6 @@ transformers is imported only in this module, and only when a function here is c
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -75,19 +74,6 @@ def _groups(group: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _supports_cu_seqlens() -> bool:
-    """Whether tokenloom.parallel's public API takes ``cu_seqlens`` (packed sequences)."""
-    from tokenloom.parallel import shard_sequence, sp_attention
-
-    return all("cu_seqlens" in inspect.signature(f).parameters for f in (sp_attention, shard_sequence))
-
-
-def _packed_unsupported() -> UsageError:
-    return UsageError("cu_seqlens: packed batches need cu_seqlens support in "
-                      "tokenloom.parallel.sp_attention/shard_sequence, which this build lacks; "
-                      "pass one sequence per batch row", field="cu_seqlens")
-
-
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int | None) -> torch.Tensor:
     """``cu_seqlens`` as a CPU int64 tensor after checking it (``seq_len``: the total, if known)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
@@ -142,15 +128,10 @@ def _shard(x: torch.Tensor, group: Any, layout: str, cu_seqlens: torch.Tensor | 
     """This SP rank's part of ``x`` along dim 1 (``group=None``: the default group)."""
     from tokenloom.parallel import shard_sequence
 
-    extra = {}
-    if cu_seqlens is not None:
-        if not _supports_cu_seqlens():
-            raise _packed_unsupported()
-        extra["cu_seqlens"] = cu_seqlens
     if group is None:  # shard_sequence wants the rank spelled out for the default group
         g = _groups(None)
-        return shard_sequence(x, g.rank, g.world_size, layout=layout, dim=1, **extra)
-    return shard_sequence(x, group=group, layout=layout, dim=1, **extra)
+        return shard_sequence(x, g.rank, g.world_size, layout=layout, dim=1, cu_seqlens=cu_seqlens)
+    return shard_sequence(x, group=group, layout=layout, dim=1, cu_seqlens=cu_seqlens)
 
 
 def shard_inputs(input_ids: torch.Tensor, *, group: Any = None, layout: str = "zigzag",
@@ -229,13 +210,8 @@ class _SPAttention:
         self._refuse_unsupported(module, query, key, dropout, kwargs)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         groups = _groups(self.group)
-        cu_seqlens = _cu_seqlens_of(kwargs)  # global boundaries: local lengths may differ by rank
-        extra = {}
-        if cu_seqlens is not None:
-            if not _supports_cu_seqlens():
-                raise _packed_unsupported()
-            extra["cu_seqlens"] = cu_seqlens
-            cu_seqlens = _check_cu_seqlens(cu_seqlens, None)
+        packed = _cu_seqlens_of(kwargs)  # global boundaries: local lengths may differ by rank
+        cu_seqlens = None if packed is None else _check_cu_seqlens(packed, None)
         _refuse_sliding_window(kwargs.get("sliding_window"), query.shape[2] * groups.world_size
                                if cu_seqlens is None else int(cu_seqlens[-1]))
         code = self._local_problem(attention_mask, kwargs.get("position_ids"), groups, cu_seqlens)
@@ -245,7 +221,7 @@ class _SPAttention:
         out = sp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                            strategy=self.strategy, group=self.group, causal=causal,
                            layout=self.layout, softmax_scale=scaling, impl=self.impl,
-                           hardware=self.hardware, **extra)
+                           hardware=self.hardware, cu_seqlens=packed)
         return out, None
 
     @staticmethod
