@@ -128,16 +128,22 @@ def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, scale=scale)
         return out, lse
+    return _on_cuda(q, lambda backend: _cuda_forward(backend, q, k, v, causal, scale))
+
+
+def _on_cuda(q: torch.Tensor, call):
+    """``call(backend)`` on the CUDA backend chosen for ``q``; when flash refuses a call (not for
+    lack of memory), warn once and run it on the memory-efficient op instead."""
     backend = _cuda_backend(q.device, q.dtype, q.shape[-1])
     try:
-        return _cuda_forward(backend, q, k, v, causal, scale)
+        return call(backend)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:
         if backend != "flash":
             raise
         _no_flash(q.device, exc)
-        return _cuda_forward("efficient", q, k, v, causal, scale)
+        return call("efficient")
 
 
 def _cuda_forward(backend: str, q, k, v, causal: bool, scale: float):
@@ -162,16 +168,7 @@ def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if q.device.type == "cpu":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
-    backend = _cuda_backend(q.device, q.dtype, q.shape[-1])
-    try:
-        return _cuda_backward(backend, dout, q, k, v, out, lse, causal, scale)
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as exc:
-        if backend != "flash":
-            raise
-        _no_flash(q.device, exc)
-        return _cuda_backward("efficient", dout, q, k, v, out, lse, causal, scale)
+    return _on_cuda(q, lambda backend: _cuda_backward(backend, dout, q, k, v, out, lse, causal, scale))
 
 
 def _cuda_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: float):
