@@ -72,7 +72,7 @@ def local_table(iters: int) -> None:
     from tokenloom.comm.spawn import spawn_ranks
 
     print(f"2 gloo ranks on this machine, {LAYERS} layers, fp32, ms per layer (slowest rank, median of {iters}):")
-    print(f"| layer | tokens | plan | baseline | TokenWeave | no overlap | TokenWeave / baseline |")
+    print("| layer | tokens | plan | baseline | TokenWeave | no overlap | TokenWeave / baseline |")
     print("|---|---|---|---|---|---|---|")
     for case in CASES:
         res = spawn_ranks(2, _rank, case, iters, timeout=900)
