@@ -6,6 +6,10 @@ on first use.
 
 from __future__ import annotations
 
+from tokenloom._shadow import hand_back
+
+hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
+
 from tokenloom.comm.topology import (
     LAYOUTS,
     causal_pair_kind,

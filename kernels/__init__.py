@@ -9,6 +9,10 @@ argument, else the environment variable, else the device default. Tests force ea
 
 from __future__ import annotations
 
+from tokenloom._shadow import hand_back
+
+hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
+
 import os
 
 import torch

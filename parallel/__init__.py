@@ -6,6 +6,10 @@ used by the simulator) loads without the runtime.
 
 from __future__ import annotations
 
+from tokenloom._shadow import hand_back
+
+hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
+
 from tokenloom._lazy import lazy_exports
 
 _API = "tokenloom.parallel.attention"

@@ -10,6 +10,10 @@
 The simulator imports schedules from ``tokenloom.parallel`` but never the runtime.
 """
 
+from tokenloom._shadow import hand_back
+
+hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
+
 from tokenloom.simulator.advisor import Advice, advise_attention, choose_strategy, detect_hardware
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import DeadlockError, SimulationError, simulate
