@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from tokenloom.comm import health
+from tokenloom.comm import health, rollcall
 from tokenloom.comm.health import PeerLostError
 from tokenloom.errors import UsageError
 
@@ -59,8 +59,11 @@ class Handle:
     """
 
     def __init__(self, works: Sequence[Any], what: str, timeout: datetime.timedelta | None,
-                 on_done: Any = None, peers: Sequence[int] = (), poll: bool = True) -> None:
+                 on_done: Any = None, peers: Sequence[int] = (), poll: bool = True,
+                 group: Any = None, members: Sequence[int] = ()) -> None:
         self._works = list(works)
+        self._group = group
+        self._members = list(members)
         self._what = what
         self._timeout = timeout
         self._on_done = on_done
@@ -127,6 +130,8 @@ class Handle:
 
     def _explain(self, exc: Exception, monitor: Any) -> Exception:
         if monitor is None:
+            if len(self._members) > 1:  # the user's own process group: ask who is still there
+                return CommError(rollcall.explain(self._what, exc, self._group, self._members, self._peers))
             return CommError(f"{self._what} failed: {exc}")
         failure = monitor.verdict(self._peers or list(range(monitor.world_size)),
                                   grace_s=self._limit_s(monitor))
@@ -198,6 +203,7 @@ class Communicator:
             self.rank = dist.get_rank(self.group)
             self.world_size = dist.get_world_size(self.group)
             self.backend = str(dist.get_backend(self.group))
+        self._members = self._all_global()  # global ranks, for naming a lost one
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend})"
@@ -216,6 +222,10 @@ class Communicator:
 
     def _all_global(self) -> list[int]:
         return [self._global(r) for r in range(self.world_size)]
+
+    def _handle(self, works: list[Any], desc: str, peers: list[int]) -> Handle:
+        return Handle(works, desc, self.timeout, peers=peers, poll=self.backend != "nccl",
+                      group=self.group, members=self._members)
 
     # ---------------------------------------------------------------- point to point
     def batch_p2p(self, ops: Sequence[P2P], what: str = "p2p") -> Handle:
@@ -258,8 +268,7 @@ class Communicator:
             works = dist.batch_isend_irecv(p2p_ops)
         except Exception as exc:
             raise CommError(f"{desc} failed to post: {exc}") from exc
-        return Handle(works, desc, self.timeout, peers=[self._global(p) for p in peers],
-                      poll=self.backend != "nccl")
+        return self._handle(works, desc, [self._global(p) for p in peers])
 
     # ---------------------------------------------------------------- collectives
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, what: str = "all_to_all") -> Handle:
@@ -270,7 +279,7 @@ class Communicator:
         desc = f"{what} on rank {self.rank}"
         health.set_comm(desc)
         work = dist.all_to_all_single(output, input, group=self.group, async_op=True)
-        return Handle([work], desc, self.timeout, peers=self._all_global(), poll=self.backend != "nccl")
+        return self._handle([work], desc, self._all_global())
 
     def all_gather(self, tensor: torch.Tensor, what: str = "all_gather") -> torch.Tensor:
         """Stack every rank's ``tensor`` along a new dim 0; shape ``(world_size, *tensor.shape)``."""
@@ -280,7 +289,7 @@ class Communicator:
         desc = f"{what} on rank {self.rank}"
         health.set_comm(desc)
         work = _all_gather_single(flat, tensor.contiguous().view(-1), group=self.group, async_op=True)
-        Handle([work], desc, self.timeout, peers=self._all_global(), poll=self.backend != "nccl").wait()
+        self._handle([work], desc, self._all_global()).wait()
         return flat.view(self.world_size, *tensor.shape)
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
@@ -289,8 +298,7 @@ class Communicator:
             desc = f"{what} on rank {self.rank}"
             health.set_comm(desc)
             work = dist.all_reduce(tensor, group=self.group, async_op=True)
-            Handle([work], desc, self.timeout, peers=self._all_global(),
-                   poll=self.backend != "nccl").wait()
+            self._handle([work], desc, self._all_global()).wait()
         return tensor
 
     def check_agree(self, what: str, values: Sequence[int]) -> None:
