@@ -20,6 +20,7 @@ import pytest
 
 from tokenloom.cli import main
 from tokenloom.simulator.hardware import CATALOG, PROFILE_ENV, node_to_dict
+from procs import run
 
 SIM = ["simulate", "attention", "--hardware", "h100-sxm", "--gpus", "8", "--seq", "16K", "--heads", "16",
        "--head-dim", "64"]
@@ -339,8 +340,7 @@ def test_calibrate_refuses_bad_profile_variable(tmp_path, monkeypatch, capsys):
 
 # -- the real entry point (subprocesses: ~1 s each, so only a few) ----------------------------------
 def _cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenloom", *argv], capture_output=True, text=True,
-                          timeout=timeout)
+    return run([sys.executable, "-m", "tokenloom", *argv], timeout=timeout)
 
 
 def test_entry_point_nan_hardware_file_does_not_spin(tmp_path):

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tokenloom.cli import main
+from procs import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -15,15 +15,13 @@ SMALL = ["--seq", "96", "--heads", "6", "--kv-heads", "3", "--head-dim", "8", "-
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tokenloom", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return run([sys.executable, "-m", "tokenloom", *args], timeout=timeout, env=ENV)
 
 
 def test_torchrun_two_ranks_check():
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tokenloom",
-                           "run", "attention", "--check", "--seq", "256", "--heads", "4",
-                           "--kv-heads", "2", "--causal", "--json", "--iters", "1"],
-                          capture_output=True, text=True, timeout=120, env=ENV)
+    proc = run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tokenloom",
+                "run", "attention", "--check", "--seq", "256", "--heads", "4",
+                "--kv-heads", "2", "--causal", "--json", "--iters", "1"], timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1  # rank 0 only
@@ -93,9 +91,9 @@ def test_torchrun_on_gpus_uses_nccl_and_bf16():
     import torch
 
     n = min(2, torch.cuda.device_count())
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", str(n), "-m", "tokenloom", "run",
-                           "attention", "--check", "--seq", "1024", "--heads", "4", "--causal", "--json",
-                           "--iters", "1"], capture_output=True, text=True, timeout=300, env=ENV)
+    proc = run([TORCHRUN, "--standalone", "--nproc-per-node", str(n), "-m", "tokenloom", "run",
+                "attention", "--check", "--seq", "1024", "--heads", "4", "--causal", "--json",
+                "--iters", "1"], timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
     assert rep["backend"] == "nccl" and rep["config"]["dtype"] == "bf16"

@@ -3,10 +3,10 @@ pulp, scipy, matplotlib, ray), checked deterministically in a fresh interpreter 
 The wall-clock side is benchmarks/cli_startup.py (a table, not an assert)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+from procs import run
 
 from tokenloom.cli import _COMMANDS
 
@@ -28,8 +28,7 @@ print(json.dumps({"code": code, "help": len(out.getvalue()),
 
 
 def _probe(argv):
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True,
-                          text=True, timeout=60)
+    proc = run([sys.executable, "-c", PROBE, json.dumps(argv)], timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

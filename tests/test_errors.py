@@ -3,7 +3,6 @@ else is a bug: exit 1 with the traceback, never disguised as bad input."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 
@@ -11,6 +10,7 @@ import pytest
 
 from tokenloom import cli
 from tokenloom.errors import UsageError, one_line
+from procs import run
 
 ADVISE = ["advise", "attention", "--hardware", "h100-sxm", "--gpus", "2", "--seq", "1K", "--heads", "2",
           "--head-dim", "8"]
@@ -86,8 +86,7 @@ def test_real_entry_point_exit_codes(tmp_path):
         advise._advise = bug
         sys.exit(cli.main({ADVISE!r}))
     """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    res = run([sys.executable, "-c", script], timeout=60)
     assert res.returncode == 1 and "Traceback" in res.stderr and "internal invariant broken" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "tokenloom", *ADVISE[:-1], "0"], capture_output=True,
-                         text=True, timeout=60)
+    res = run([sys.executable, "-m", "tokenloom", *ADVISE[:-1], "0"], timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--head-dim" in res.stderr

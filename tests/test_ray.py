@@ -6,7 +6,6 @@ RAY_AUTH_MODE=disabled); rank actors take 0.01 CPU each, so they never starve th
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -17,6 +16,7 @@ ray = pytest.importorskip("ray")
 from tokenloom.jobs import drill  # noqa: E402
 from tokenloom.launch import run_job  # noqa: E402
 from tokenloom.launch.summary import JobError  # noqa: E402
+from procs import run
 
 BOUND = 5.0
 pytestmark = pytest.mark.ray
@@ -53,8 +53,7 @@ def _cli_json(*launch):
     """The same job through the CLI in a fresh process (forking ranks from a process that runs
     Ray's threads is unsafe, so the local and torchrun runs are not done in this one)."""
     cmd = [*launch, "run", "attention", *FLAGS, "--json"] if launch else None
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run(cmd, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
 

@@ -10,7 +10,6 @@ kill every Ray on the machine).
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 
 import pytest
+from procs import kill_group, popen, run
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -38,11 +38,9 @@ def test_launcher_joins_an_existing_cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=false", f"--temp-dir={tmp}",
-                             "--node-ip-address=127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    head = popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                  "--include-dashboard=false", f"--temp-dir={tmp}", "--node-ip-address=127.0.0.1"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -54,14 +52,12 @@ def test_launcher_joins_an_existing_cluster():
                 assert head.poll() is None, "ray start --head exited"
                 assert time.monotonic() < deadline, "ray head did not come up within 60 s"
                 time.sleep(0.5)
-        proc = subprocess.run([sys.executable, "-m", "tokenloom", "run", "--launcher", "ray", "--address",
-                               address, "--world-size", "2", "attention", *FLAGS, "--json"],
-                              capture_output=True, text=True, timeout=180, env=env)
+        proc = run([sys.executable, "-m", "tokenloom", "run", "--launcher", "ray", "--address",
+                    address, "--world-size", "2", "attention", *FLAGS, "--json"], timeout=180, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
         assert report["world_size"] == 2 and all(c["ok"] for c in report["check"].values())
         assert head.poll() is None  # the user's cluster is still running after the job
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
+        kill_group(head)
         shutil.rmtree(tmp, ignore_errors=True)

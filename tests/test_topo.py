@@ -2,19 +2,18 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tokenloom.launch.nvml import catalog_model, hardware_entry, node_spec
+from procs import run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tokenloom", *args], capture_output=True, text=True,
-                          timeout=60, env=ENV)
+    return run([sys.executable, "-m", "tokenloom", *args], timeout=60, env=ENV)
 
 
 def _has_gpu_driver() -> bool:
