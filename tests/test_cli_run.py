@@ -55,7 +55,8 @@ def test_bad_input_exits_2_with_one_line(args, message):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "inf"),
+    ("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "1e-9"),
+    ("--timeout", "0.5"),
     ("--world-size", "0"), ("--kv-heads", "0"), ("--seq", "1e12"), ("--iters", "-3"),
     ("--launcher", "slurm"),
 ])

@@ -33,7 +33,7 @@ def test_timeout_bounds_a_wait_not_the_whole_run():
     assert [r["sums"] for r in res] == [drill.expected(cfg, 2, r) for r in range(2)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "5", True])
+@pytest.mark.parametrize("bad", [0, -1, 1e-9, 0.5, math.nan, math.inf, "5", True])
 def test_bad_timeout_is_a_usage_error(bad):
     with pytest.raises(UsageError, match="timeout_s"):
         run_job(drill.job, drill.Drill(), launcher="local", world_size=2, timeout_s=bad)

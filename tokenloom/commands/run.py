@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 
+from tokenloom.launch import MIN_TIMEOUT_S
 from tokenloom.validate import OneLineParser, arg_float, arg_int
 
 # name -> (module, one-line help)
@@ -54,9 +55,10 @@ def add_launch_flags(p: argparse.ArgumentParser, *, defaults: bool = True) -> No
     g.add_argument("--address", **(keep or {"default": None}),
                    help="Ray cluster address for --launcher ray ('auto': the running cluster); "
                         "default: start a local Ray")
-    g.add_argument("--timeout", type=arg_float(0, 86_400, lo_open=True), **(keep or {"default": 60.0}),
+    g.add_argument("--timeout", type=arg_float(MIN_TIMEOUT_S, 86_400), **(keep or {"default": 60.0}),
                    help="seconds before a lost/stopped rank or a stuck transfer is reported as an "
-                        "error naming the rank (bounds one wait, not the whole run)")
+                        f"error naming the rank (bounds one wait, not the whole run; at least "
+                        f"{MIN_TIMEOUT_S:g}: heartbeats cannot judge finer)")
 
 
 def _world_size(args: argparse.Namespace, launcher: str) -> int:
@@ -103,7 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "is one rank (NCCL on GPUs, gloo on CPU): 'torchrun --nproc-per-node 2 -m tokenloom run "
         "attention --check'. Without torchrun, --launcher local forks --world-size CPU ranks and "
         "--launcher ray starts --world-size rank actors. A rank that dies or stops makes every "
-        "other rank fail within --timeout, naming it.")
+        "other rank fail within --timeout, naming it. Ctrl-C (SIGINT) or SIGTERM stops every rank "
+        "(exit 130 for Ctrl-C). Started with SIGINT ignored (nohup, a background job of a script), "
+        "Ctrl-C stays ignored, as in Python and other Unix tools: stop it with SIGTERM.")
     add_launch_flags(p)
     jobs = p.add_subparsers(dest="job", metavar="JOB", parser_class=_JobParser)
     jobs.required = True

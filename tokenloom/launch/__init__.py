@@ -20,6 +20,10 @@ from tokenloom.errors import UsageError
 from tokenloom.validate import check_choice, check_int, check_number
 
 LAUNCHERS = ("auto", "torchrun", "local", "ray")
+# The smallest timeout a heartbeat can meet: ranks beat every max(0.05, timeout/10) s from a helper
+# thread, and a busy rank's thread can be late by tens of milliseconds; below a second every rank
+# would be declared "not responding" while all of them are fine.
+MIN_TIMEOUT_S = 1.0
 
 __all__ = ["LAUNCHERS", "JobError", "resolve_launcher", "run_job"]
 
@@ -62,7 +66,7 @@ def run_job(job: Callable, config: Any, *, launcher: str = "auto", world_size: i
         UsageError: bad arguments (or every rank refused the same input).
         JobError: ranks failed or were lost; the message names them, their node and step.
     """
-    check_number(timeout_s, "timeout_s", lo=0, lo_open=True)
+    check_number(timeout_s, "timeout_s", lo=MIN_TIMEOUT_S)
     launcher = resolve_launcher(launcher, address)
     if backend is not None:
         check_choice(backend, "backend", ("gloo", "nccl"))
