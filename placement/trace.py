@@ -182,7 +182,8 @@ def _scalar_int(value: object, field: str) -> int:
     arr = np.asarray(value)
     if arr.size != 1:
         raise UsageError(f"{field}: expected a scalar, got shape {arr.shape}")
-    item = arr.reshape(-1)[0].item()
+    item = arr.reshape(-1)[0]
+    item = item.item() if isinstance(item, np.generic) else item  # an int beyond int64 stays a Python object
     integral = isinstance(item, int) or (isinstance(item, float) and item.is_integer())
     if isinstance(item, bool) or not integral:
         raise UsageError(f"{field}: expected a positive integer, got {item!r}")

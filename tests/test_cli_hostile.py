@@ -375,3 +375,15 @@ def test_demo_sections_still_run():
     out = io.StringIO()
     demo_section(out)
     assert out.getvalue().count("->") == 4  # one verdict per simulated case
+
+
+@pytest.mark.parametrize("body", ['{"loads": [[1, 2], [3, 4]], "num_experts": 99999999999999999999999}',
+                                  '{"topk_ids": [[[0], [1]]], "num_experts": 99999999999999999999999}',
+                                  '{"topk_ids": [[[0], [1]]], "num_experts": -99999999999999999999999}'])
+def test_entry_point_num_experts_beyond_int64(tmp_path, body):
+    trace, out = tmp_path / "t.json", tmp_path / "plan.json"
+    trace.write_text(body)
+    proc = _cli("plan", "--trace", str(trace), "--gpus", "2", "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1 and "num_experts" in proc.stderr
+    assert not out.exists()
