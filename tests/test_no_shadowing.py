@@ -91,3 +91,13 @@ def test_python_m_tokenloom_runs_from_the_repository_root():
                 "2", "--seq", "256", "--heads", "2", "--head-dim", "16", "--check"], cwd=ROOT, env=env,
                timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_torchrun_hf_example_from_the_repository_root():
+    pytest.importorskip("transformers")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = run([torchrun, "--standalone", "--nproc-per-node", "2", "examples/hf_train_step.py", "--check",
+                "--steps", "1"], cwd=ROOT, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "-> OK" in proc.stdout, proc.stdout[-2000:]
