@@ -20,6 +20,14 @@ import torch
 from tokenloom.errors import UsageError
 from tokenloom.kernels import norm as _norm
 from tokenloom.kernels import reference
+from tokenloom.kernels.masks import (
+    PositionMask,
+    all_finite,
+    block_visible,
+    exact_backward,
+    exact_forward,
+    lse_ok,
+)
 from tokenloom.kernels.reference import (
     attention_backward,
     attention_delta,
@@ -111,39 +119,69 @@ def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return _norm.residual_rmsnorm(x, residual, weight, eps)
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                  softmax_scale: float | None, impl: str | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One attention block, not differentiable: ``out`` in the accumulation dtype, ``lse``."""
+def _route(q: torch.Tensor, impl: str | None, scale: float, mask) -> str:
+    """The impl that runs a block with finite inputs: softmax_scale == 0 runs the reference (the
+    fused ops multiply the masked -inf scores by 0 and return nan, where the exact answer is
+    uniform attention over the visible keys); Triton has no position masks."""
     chosen = select_impl(q.device, impl)
+    if chosen == "triton" and mask is not None:
+        raise UsageError("impl='triton' does not support window_size yet; use impl='sdpa' or 'torch'",
+                         field="impl")
+    return "torch" if scale == 0.0 else chosen
+
+
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                  softmax_scale: float | None, impl: str | None = None,
+                  mask: PositionMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention block, not differentiable: ``out`` in the accumulation dtype, ``lse``.
+
+    ``mask``: query/key positions and a window (then ``causal`` is ignored: the window holds it).
+    A block whose inputs hold a nan or inf runs the exact visible-pairs path
+    (:mod:`tokenloom.kernels.masks`), whatever ``impl`` says.
+    """
+    scale = reference._scale(softmax_scale, q.shape[-1])
+    if mask is not None:
+        causal = False
+    if not all_finite(q, k, v):
+        vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
+        return exact_forward(q, k, v, vis, scale)
+    chosen = _route(q, impl, scale, mask)
+    vis = mask.visible(q.device) if mask is not None else None
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
-        return triton_attention.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return triton_attention.forward(q, k, v, causal=causal, softmax_scale=scale)
     if chosen == "sdpa":
         from tokenloom.kernels import sdpa
 
-        return sdpa.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return sdpa.forward(q, k, v, causal=causal, softmax_scale=scale, mask=vis)
     acc = reference.acc_dtype(q.dtype)
-    return attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale, out_dtype=acc)
+    return attention_with_lse(q, k, v, causal=causal, softmax_scale=scale, out_dtype=acc, mask=vis)
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    lse: torch.Tensor, delta: torch.Tensor, *, causal: bool,
-                   softmax_scale: float | None, impl: str | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block given the global ``lse`` and ``delta``; fp32 results."""
-    chosen = select_impl(q.device, impl)
+                   softmax_scale: float | None, impl: str | None = None,
+                   mask: PositionMask | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the global ``lse`` and ``delta``; fp32 results (exact
+    visible-pairs path when an input holds a nan or inf, as :func:`block_forward`)."""
+    scale = reference._scale(softmax_scale, q.shape[-1])
+    if mask is not None:
+        causal = False
+    if not (all_finite(dout, q, k, v, delta) and lse_ok(lse)):
+        vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
+        return exact_backward(dout, q, k, v, lse, delta, vis, scale)
+    chosen = _route(q, impl, scale, mask)
+    vis = mask.visible(q.device) if mask is not None else None
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
-        return triton_attention.backward(dout, q, k, v, lse, delta, causal=causal,
-                                         softmax_scale=softmax_scale)
+        return triton_attention.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale)
     if chosen == "sdpa":
         from tokenloom.kernels import sdpa
 
-        return sdpa.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=softmax_scale)
-    return attention_backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=softmax_scale)
+        return sdpa.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale, mask=vis)
+    return attention_backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale, mask=vis)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -186,6 +224,7 @@ __all__ = [
     "IMPLS",
     "NORM_ENV",
     "NORM_IMPLS",
+    "PositionMask",
     "attention_backward",
     "attention_delta",
     "attention_with_lse",

@@ -71,14 +71,18 @@ def _heads_first(x: torch.Tensor, heads_kv: int, acc: torch.dtype) -> torch.Tens
 
 
 def _scores(q_t: torch.Tensor, k_t: torch.Tensor, scale: float, row0: int, causal: bool,
-            offset: int, inplace: bool = True) -> torch.Tensor:
+            offset: int, inplace: bool = True, vis: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled, masked scores of a query tile: ``(batch, heads_kv, group, tile, keys)``.
 
     ``q_t`` is ``(b, hkv, g, tile, d)``, ``k_t`` the transposed key prefix ``(b, hkv, 1, d, keys)``;
-    ``offset = seq_k - seq_q`` of the whole block (bottom-right alignment).
+    ``offset = seq_k - seq_q`` of the whole block (bottom-right alignment). ``vis``: an explicit
+    ``(seq_q, seq_k)`` visibility (position masks, :mod:`tokenloom.kernels.masks`) instead.
     """
     s = torch.matmul(q_t, k_t)
     s = s.mul_(scale) if inplace else s * scale
+    if vis is not None:
+        hide = ~vis[row0:row0 + q_t.shape[-2], :k_t.shape[-1]]
+        return s.masked_fill_(hide, float("-inf")) if inplace else s.masked_fill(hide, float("-inf"))
     if causal:
         rows = torch.arange(row0, row0 + q_t.shape[-2], device=s.device).unsqueeze(1)
         cols = torch.arange(k_t.shape[-1], device=s.device).unsqueeze(0)
@@ -88,8 +92,8 @@ def _scores(q_t: torch.Tensor, k_t: torch.Tensor, scale: float, row0: int, causa
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                       softmax_scale: float | None = None, out_dtype: torch.dtype | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       softmax_scale: float | None = None, out_dtype: torch.dtype | None = None,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its log-sum-exp; the oracle and the CPU block kernel.
 
     Args:
@@ -97,6 +101,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     Returns:
         ``out`` ``(batch, seq_q, heads_q, head_dim)`` in ``out_dtype`` (default ``q.dtype``) and
         ``lse`` ``(batch, heads_q, seq_q)`` in the accumulation dtype (fp32, fp64 for fp64).
+        ``mask``: optional ``(seq_q, seq_k)`` bool visibility replacing ``causal``.
     """
     check_qkv(q, k, v)
     b, sq, hq, d = q.shape
@@ -111,14 +116,14 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     vh = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2).contiguous()  # (b, hkv, 1, sk, d)
     out_h = torch.empty((b, hkv, hq // hkv, sq, d), dtype=acc, device=q.device)
     lse_h = torch.empty((b, hkv, hq // hkv, sq), dtype=acc, device=q.device)
-    for r0, r1, kend in _tiles(sq, sk, b * hq, causal):
+    for r0, r1, kend in _tiles(sq, sk, b * hq, causal and mask is None):
         if kend == 0:  # no visible key: empty rows
             out_h[..., r0:r1, :] = 0
             lse_h[..., r0:r1] = float("-inf")
             continue
-        p = _scores(qh[..., r0:r1, :], k_t[..., :kend], scale, r0, causal, sk - sq, inplace)
+        p = _scores(qh[..., r0:r1, :], k_t[..., :kend], scale, r0, causal, sk - sq, inplace, mask)
         m = p.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked rows
         p = p.sub_(m).exp_() if inplace else torch.exp(p - m)
         denom = p.sum(dim=-1, keepdim=True)
         o = torch.matmul(p, vh[..., :kend, :]) / denom.clamp_min(torch.finfo(acc).tiny)
@@ -164,7 +169,7 @@ def attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, delta: torch.Tensor, *, causal: bool = False,
-                       softmax_scale: float | None = None
+                       softmax_scale: float | None = None, mask: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one attention block given the *global* row statistics.
 
@@ -189,13 +194,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dq = torch.empty((b, hkv, g, sq, d), dtype=acc, device=q.device)
     dk = torch.zeros((b, hkv, sk, d), dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
-    for r0, r1, kend in _tiles(sq, sk, b * hq, causal):
+    for r0, r1, kend in _tiles(sq, sk, b * hq, causal and mask is None):
         if kend == 0:  # rows that see no key have no gradient
             dq[..., r0:r1, :] = 0
             continue
         t = r1 - r0
         q_t, do_t = qh[..., r0:r1, :], doh[..., r0:r1, :]
-        p = _scores(q_t, k_t[..., :kend], scale, r0, causal, sk - sq)
+        p = _scores(q_t, k_t[..., :kend], scale, r0, causal, sk - sq, vis=mask)
         p.sub_(lse_h[..., r0:r1].unsqueeze(-1)).exp_()
         # the (group, tile) rows of one kv head fold together for dK and dV
         dv[:, :, :kend] += torch.matmul(p.reshape(b, hkv, g * t, kend).transpose(-1, -2),

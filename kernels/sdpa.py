@@ -120,13 +120,14 @@ def _cuda_aux(device: torch.device, dtype: torch.dtype, backend: str) -> tuple:
     return r[2], r[3]  # philox_seed, philox_offset
 
 
-def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on ``(b, h, s, d)`` tensors (equal heads): ``out`` in q's dtype, ``lse`` fp32."""
+def _op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on ``(b, h, s, d)`` tensors (equal heads): ``out`` in q's dtype, ``lse`` fp32.
+    ``bias``: an additive ``(s_q, s_k)`` mask (0 / -inf), CPU only."""
     q, k, v = _inner(q), _inner(k), _inner(v)
     if q.device.type == "cpu":
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse
     return _on_cuda(q, lambda backend: _cuda_forward(backend, q, k, v, causal, scale))
 
@@ -160,14 +161,14 @@ def _cuda_forward(backend: str, q, k, v, causal: bool, scale: float):
 
 
 def _op_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward on ``(b, h, s, d)`` tensors given ``out`` and ``lse`` ``(b, h, s)`` (fp32;
     fp64 for fp64 on CPU)."""
     dout, q, k, v, out = (_inner(t) for t in (dout, q, k, v, out))
     if q.device.type == "cpu":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+            dout, q, k, v, out, lse.contiguous(), 0.0, causal, attn_mask=bias, scale=scale)
     return _on_cuda(q, lambda backend: _cuda_backward(backend, dout, q, k, v, out, lse, causal, scale))
 
 
@@ -218,11 +219,19 @@ def _bhsd_qkv(q, k, v, causal):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), False
 
 
-def _piece_forward(q, k, v, causal, scale):
+def _bias(vis: torch.Tensor | None, group: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask for the folded rows ``(group * s_q, s_k)``: 0 where visible, -inf elsewhere."""
+    if vis is None:
+        return None
+    bias = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
+    return bias.repeat(group, 1) if group > 1 else bias
+
+
+def _piece_forward(q, k, v, causal, scale, vis=None):
     """One op call on BSHD tensors: ``out`` BSHD (q's dtype), ``lse`` ``(b, hq, s)`` fp32."""
     b, sq, hq, _ = q.shape
     qh, kh, vh, folded = _bhsd_qkv(q, k, v, causal)
-    out, lse = _op_forward(qh, kh, vh, causal, scale)
+    out, lse = _op_forward(qh, kh, vh, causal, scale, _bias(vis, hq // k.shape[2], q.dtype))
     if folded:
         return _unfold_q(out, sq), lse.reshape(b, hq, sq)
     return out.transpose(1, 2), lse
@@ -239,7 +248,7 @@ def _stand_in_out(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (unit * torch.where(amax > 0, coef, torch.zeros_like(coef))).to(dout.dtype)
 
 
-def _piece_backward(dout, q, k, v, lse, delta, causal, scale):
+def _piece_backward(dout, q, k, v, lse, delta, causal, scale, vis=None):
     """One backward op call on BSHD tensors; dq, dk, dv like q, k, v in the op's dtype."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
@@ -251,7 +260,8 @@ def _piece_backward(dout, q, k, v, lse, delta, causal, scale):
     else:
         doh, oh, lse_h = dout.transpose(1, 2), out.transpose(1, 2), lse
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq, dk, dv = _op_backward(doh, qh, kh, vh, oh, lse_h.to(stat), causal, scale)
+    bias = _bias(vis, hq // hkv, q.dtype)
+    dq, dk, dv = _op_backward(doh, qh, kh, vh, oh, lse_h.to(stat), causal, scale, bias)
     dq = _unfold_q(dq, sq) if folded else dq.transpose(1, 2)
     dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)
     if not folded:  # repeated kv heads: sum each group back
@@ -262,19 +272,28 @@ def _piece_backward(dout, q, k, v, lse, delta, causal, scale):
 
 # ---------------------------------------------------------------------------- public
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-            softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+            softmax_scale: float | None, mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block forward: ``out`` BSHD in the accumulation dtype, ``lse`` ``(b, hq, seq_q)``.
 
     Same contract as :func:`reference.attention_with_lse` (bottom-right causal, GQA, rows with no
     visible key give ``lse = -inf`` and 0); the reference runs where :func:`supported` is False.
+    ``mask`` (a ``(seq_q, seq_k)`` bool visibility: windows) goes to the CPU op as an additive
+    mask; on CUDA such blocks run the reference (not wired to the efficient op's bias yet).
     """
     reference.check_qkv(q, k, v)
     acc = acc_dtype(q.dtype)
-    if not supported(q) or q.numel() == 0 or k.numel() == 0:  # the CPU op divides by zero on empties
+    if (not supported(q) or q.numel() == 0 or k.numel() == 0  # the CPU op divides by zero on empties
+            or (mask is not None and q.device.type != "cpu")):
         return reference.attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                            out_dtype=acc)
+                                            out_dtype=acc, mask=mask)
     b, sq, hq, d = q.shape
     scale = reference._scale(softmax_scale, d)
+    if mask is not None:  # one call with the mask; rows that see no key: 0 and -inf, as the merge wants
+        out, lse = _piece_forward(q, k, v, False, scale, mask)
+        empty = ~mask.any(-1)
+        return (out.to(acc).masked_fill(empty[None, :, None, None], 0.0),
+                lse.to(acc).masked_fill(empty, float("-inf")))
     empty, pieces = _pieces(sq, k.shape[1], causal)
     if empty == 0 and len(pieces) == 1:
         out, lse = _piece_forward(q, k, v, pieces[0][3], scale)
@@ -292,18 +311,22 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             lse: torch.Tensor, delta: torch.Tensor, *, causal: bool, softmax_scale: float | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             lse: torch.Tensor, delta: torch.Tensor, *, causal: bool, softmax_scale: float | None,
+             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block gradients given the global ``lse`` and ``delta`` ``(b, hq, seq_q)``; like
     :func:`reference.attention_backward` (fp32 results, fp64 for fp64)."""
     reference.check_qkv(q, k, v)
     acc = acc_dtype(q.dtype)
-    if not supported(q) or q.numel() == 0 or k.numel() == 0:
+    if (not supported(q) or q.numel() == 0 or k.numel() == 0
+            or (mask is not None and q.device.type != "cpu")):
         return reference.attention_backward(dout, q, k, v, lse, delta, causal=causal,
-                                            softmax_scale=softmax_scale)
+                                            softmax_scale=softmax_scale, mask=mask)
     dout = dout.to(q.dtype)  # the ops want one dtype for every tensor
     b, sq, hq, d = q.shape
     scale = reference._scale(softmax_scale, d)
+    if mask is not None:
+        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # empty rows: p = 0
+        return tuple(t.to(acc) for t in _piece_backward(dout, q, k, v, lse, delta, False, scale, mask))
     empty, pieces = _pieces(sq, k.shape[1], causal)
     if empty == 0 and len(pieces) == 1:
         return tuple(t.to(acc) for t in _piece_backward(dout, q, k, v, lse, delta, pieces[0][3], scale))

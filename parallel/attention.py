@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tokenloom.errors import UsageError
+from tokenloom.kernels.masks import poison_dead_rows
 from tokenloom.kernels.reference import attention_delta, check_qkv
 from tokenloom.parallel.agree import Agreed, agree, check_scale
 from tokenloom.parallel.builders import schedule_for
@@ -153,6 +154,7 @@ class _Plan:
         runner.run(store)
         out = runner.output(store, "out", "out").to(q.dtype)
         lse = runner.output(store, "out", "lse").contiguous()  # fp32 (fp64 for fp64), as the reference
+        out, lse = poison_dead_rows(out, lse)  # rows whose every score was -inf (infinite inputs)
         tensors.update(out=out, lse=lse)
         need = {f for b in bwd_inputs if self._local(b) for f, *_ in WIRE_FIELDS[b.kind]}
         need |= {"q", "out", "lse"} if "delta" in need else set()

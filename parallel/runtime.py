@@ -29,6 +29,7 @@ import torch
 from tokenloom.comm.health import set_step as report_step  # the launcher's watchdog (heartbeat)
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
+from tokenloom.kernels.masks import poison_dead_rows
 from tokenloom.kernels.reference import acc_dtype
 from tokenloom.parallel.layout import SeqLayout
 from tokenloom.parallel.schedule import (
@@ -323,8 +324,9 @@ class Runner:
         by_kind = {b.kind: self._get(store, b) for b in op.srcs}
         q, out, dout = by_kind["q"], by_kind["out"], by_kind["dout"]
         assert q.chunks == out.chunks == dout.chunks == op.dst.chunks, (self.rank, op)
-        fields = {"q": q.fields["q"], "dout": dout.fields["dout"], "lse": out.fields["lse"],
-                  "delta": attention_delta(out.fields["out"], dout.fields["dout"])}
+        o, lse = poison_dead_rows(out.fields["out"], out.fields["lse"])  # as the API's forward output
+        fields = {"q": q.fields["q"], "dout": dout.fields["dout"], "lse": lse,
+                  "delta": attention_delta(o, dout.fields["dout"])}
         store[op.dst.key] = Held(op.dst.chunks, fields)
 
     # ------------------------------------------------------------------ all-to-all
