@@ -1,15 +1,29 @@
 """The local launcher: fork ``world_size`` CPU ranks over gloo on this machine.
 
-Fork with one intra-op thread per rank, as :mod:`tokenloom.comm.spawn` explains (OpenMP is not
-fork-safe). The store is a FileStore in a fresh temporary directory: it survives the death of any
-rank, and the launcher reads it too: it watches the heartbeats as an observer, writes the
-``abort`` record itself when a rank process dies (it knows the signal), and names every lost and
-failed rank in its summary. There is no bound on the whole run; ``timeout_s`` bounds how long a
-lost peer or a stuck transfer goes unnoticed.
+One bootstrap and one reaping serve two entry points:
+
+- :func:`run` runs a job, ``job(comm, config)``, as every launcher does: each rank heartbeats into
+  the store, the launcher watches as an observer, writes the ``abort`` record itself when a rank
+  process dies (it knows the signal) and names every lost and failed rank in its summary. There is
+  no bound on the whole run; ``timeout_s`` bounds how long a lost peer or a stuck transfer goes
+  unnoticed.
+- :func:`spawn_ranks` runs a plain function, ``fn(rank, world_size, *args)``, with nothing but the
+  default process group initialised, exactly what a user's own script has (no watchdog): the
+  tests' and benchmarks' multi-process harness. Its ``timeout`` bounds the whole run.
+
+Why fork with few intra-op threads: spawn re-imports torch in every rank (seconds each), while
+fork starts in ~0.1 s. But OpenMP is not fork-safe: once the parent has run a multi-threaded op, a
+forked child's first multi-threaded op can hang forever (REFERENCE.md §7), so every rank sets its
+thread count before anything else, and :func:`_fork_safe_threads` asks a canary first. The store
+is a FileStore in a fresh temporary directory: no port to pick, so concurrent runs never collide,
+no server thread in the parent (a parent-side TCPStore was seen to hang one forked rendezvous in
+three here), and it survives the death of any rank. Results come back as plain data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import multiprocessing as mp
 import os
 import signal
@@ -17,7 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tokenloom.comm import health
 from tokenloom.launch.summary import Outcome, raise_for
@@ -28,7 +42,7 @@ def _worker(rank: int, world_size: int, store_path: str, job: Callable, config: 
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(threads)  # first: see comm/spawn.py
+    torch.set_num_threads(threads)  # first: see the module docstring
     _die_with_parent()
     try:
         from tokenloom.launch.rank import run_rank
@@ -135,19 +149,7 @@ def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
                          "seen to freeze; use launcher='ray' here, or the local launcher from a "
                          "process without Ray", field="launcher")
     threads = _fork_safe_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
-    ctx = mp.get_context("fork")
-    tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-local-")
-    store_path = os.path.join(tmpdir.name, "store")
-    pipes, procs = [], []
-    try:
-        for rank in range(world_size):
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(rank, world_size, store_path, job, config,
-                                                     timeout_s, threads, send_end), daemon=True)
-            proc.start()
-            send_end.close()
-            pipes.append(recv_end)
-            procs.append(proc)
+    with _ranks(world_size, _worker, (job, config, timeout_s, threads)) as (store_path, pipes, procs):
         store = dist.FileStore(store_path, -1)
         observer = health.Monitor(store, None, world_size, timeout_s=timeout_s)
         outcomes = _collect(pipes, procs, observer, timeout_s)
@@ -156,13 +158,32 @@ def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
                 observer.poll()  # adopt the abort record the ranks wrote
             except Exception:
                 pass
+    return raise_for(outcomes, observer.failure, world_size)
+
+
+@contextlib.contextmanager
+def _ranks(world_size: int, worker: Callable, args: tuple) -> Iterator[tuple[str, list, list]]:
+    """Fork ``worker(rank, world_size, store_path, *args, conn)`` for every rank; yield the store
+    path, the result pipes and the processes; on leaving, however we leave, kill and reap them."""
+    ctx = mp.get_context("fork")
+    tmpdir = tempfile.TemporaryDirectory(prefix="tokenloom-local-")
+    store_path = os.path.join(tmpdir.name, "store")
+    pipes, procs = [], []
+    try:
+        for rank in range(world_size):
+            recv_end, send_end = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=worker, args=(rank, world_size, store_path, *args, send_end), daemon=True)
+            proc.start()
+            send_end.close()
+            pipes.append(recv_end)
+            procs.append(proc)
+        yield store_path, pipes, procs
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
             proc.join(timeout=5)
         tmpdir.cleanup()
-    return raise_for(outcomes, observer.failure, world_size)
 
 
 def _collect(pipes: list, procs: list, observer: health.Monitor, timeout_s: float) -> dict[int, Outcome]:
@@ -207,3 +228,91 @@ def _collect(pipes: list, procs: list, observer: health.Monitor, timeout_s: floa
             outcomes[rank] = Outcome.lost("stopped (SIGSTOP) and killed by the launcher" if stopped
                                           else "did not report after the abort; killed by the launcher")
     return outcomes
+
+
+# ---------------------------------------------------------------- plain functions (no watchdog)
+class RankError(RuntimeError):
+    """A rank raised, died, or did not finish in time; the message names the rank(s)."""
+
+
+def _plain(obj: Any) -> Any:
+    """Tensors become numpy arrays: a tensor sent through a pipe is unreadable once its rank exited."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _plain_worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, timeout_s: float,
+                  threads: int, conn: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)  # first: see the module docstring
+    _die_with_parent()
+    status, payload = "ok", None
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        payload = _plain(fn(rank, world_size, *args))
+    except BaseException:  # report everything, including SystemExit from a CLI entry
+        status, payload = "error", traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    try:
+        conn.send((status, payload))
+    finally:
+        conn.close()
+        os._exit(0)  # skip atexit handlers inherited from the parent (pytest, Ray, ...)
+
+
+def spawn_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0,
+                threads: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked ranks over gloo.
+
+    ``fn`` runs with the default process group initialised. Returns each rank's return value (as
+    plain data) in rank order. Raises :class:`RankError` naming the rank(s) that raised (with the
+    traceback), died, or did not finish within ``timeout`` seconds; survivors are killed.
+    """
+    if world_size < 1:
+        from tokenloom.errors import UsageError
+
+        raise UsageError(f"world_size must be >= 1, got {world_size}", field="world_size")
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    with _ranks(world_size, _plain_worker, (fn, args, timeout, threads)) as (_, pipes, procs):
+        while len(results) < world_size and time.monotonic() < deadline:
+            for rank, pipe in enumerate(pipes):
+                if rank in results:
+                    continue
+                if pipe.poll(0.01):
+                    try:
+                        results[rank] = pipe.recv()
+                    except EOFError:
+                        results[rank] = ("error", f"rank {rank} exited without a result "
+                                                  f"(exit code {procs[rank].exitcode})")
+                elif not procs[rank].is_alive() and not pipe.poll(0):
+                    results[rank] = ("error", f"rank {rank} died (exit code {procs[rank].exitcode})")
+            if any(status == "error" for status, _ in results.values()):
+                time.sleep(0.2)  # let the other ranks report their own errors first
+                for rank, pipe in enumerate(pipes):
+                    if rank not in results and pipe.poll(0):
+                        results[rank] = pipe.recv()
+                break
+    errors = {r: p for r, (status, p) in sorted(results.items()) if status == "error"}
+    if errors:
+        first = min(errors)
+        others = f" (ranks {sorted(errors)} failed)" if len(errors) > 1 else ""
+        raise RankError(f"rank {first} failed{others}:\n{errors[first]}")
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        raise RankError(f"ranks {missing} did not finish within {timeout:.0f} s (hang or deadlock)")
+    return [results[r][1] for r in range(world_size)]
