@@ -19,7 +19,7 @@ import torch
 
 from tokenloom.errors import UsageError
 from tokenloom.kernels import norm as _norm
-from tokenloom.kernels import reference
+from tokenloom.kernels import reference, windowed
 from tokenloom.kernels.masks import (
     PositionMask,
     all_finite,
@@ -146,7 +146,12 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
         return exact_forward(q, k, v, vis, scale)
     chosen = _route(q, impl, scale, mask)
-    vis = mask.visible(q.device) if mask is not None else None
+    if mask is not None:
+        return windowed.forward(lambda *a: _forward(chosen, *a, False, scale), q, k, v, mask)
+    return _forward(chosen, q, k, v, None, causal, scale)
+
+
+def _forward(chosen: str, q, k, v, vis, causal: bool, scale: float):
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
@@ -172,7 +177,13 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
         return exact_backward(dout, q, k, v, lse, delta, vis, scale)
     chosen = _route(q, impl, scale, mask)
-    vis = mask.visible(q.device) if mask is not None else None
+    if mask is not None:
+        return windowed.backward(lambda *a: _backward(chosen, *a, False, scale), dout, q, k, v, lse,
+                                 delta, mask)
+    return _backward(chosen, dout, q, k, v, lse, delta, None, causal, scale)
+
+
+def _backward(chosen: str, dout, q, k, v, lse, delta, vis, causal: bool, scale: float):
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 

@@ -33,24 +33,40 @@ _MAX_PRODUCTS = 1 << 22
 
 @dataclass(frozen=True)
 class PositionMask:
-    """Global positions of a block's query rows ``(seq_q,)`` and key rows ``(seq_k,)`` (int64)
-    and the window ``(left, right)`` (-1: unbounded on that side)."""
+    """A block whose query rows sit at global positions ``q_start, q_start + 1, ...`` and whose
+    key rows at ``k_start, ...``, under the window ``(left, right)`` (-1: unbounded on that side).
+    (The runtime only masks blocks of one chunk piece against one chunk piece: runs of positions.)"""
 
-    q_pos: torch.Tensor
-    k_pos: torch.Tensor
+    q_start: int
+    k_start: int
     left: int
     right: int
 
-    def visible(self, device: torch.device | None = None) -> torch.Tensor:
+    def visible(self, seq_q: int, seq_k: int, device: torch.device | None = None) -> torch.Tensor:
         """``(seq_q, seq_k)`` bool: which keys each query sees."""
-        qp = self.q_pos.to(device).unsqueeze(1)
-        kp = self.k_pos.to(device).unsqueeze(0)
-        vis = torch.ones((qp.shape[0], kp.shape[1]), dtype=torch.bool, device=qp.device)
+        qp = torch.arange(self.q_start, self.q_start + seq_q, device=device).unsqueeze(1)
+        kp = torch.arange(self.k_start, self.k_start + seq_k, device=device).unsqueeze(0)
+        vis = torch.ones((seq_q, seq_k), dtype=torch.bool, device=device)
         if self.left >= 0:
             vis &= kp >= qp - self.left
         if self.right >= 0:
             vis &= kp <= qp + self.right
         return vis
+
+    def key_range(self, r0: int, r1: int, seq_k: int) -> tuple[int, int, bool]:
+        """Keys ``[k0, k1)`` that query rows ``[r0, r1)`` can see, and whether every one of those
+        rows sees every one of those keys (then the sub-block needs no mask)."""
+        lo = 0 if self.left < 0 else self.q_start + r0 - self.left - self.k_start
+        hi = seq_k if self.right < 0 else self.q_start + r1 - 1 + self.right - self.k_start + 1
+        k0, k1 = max(0, lo), min(seq_k, hi)
+        if k1 <= k0:
+            return 0, 0, True
+        full_lo = 0 if self.left < 0 else self.q_start + r1 - 1 - self.left - self.k_start
+        full_hi = seq_k if self.right < 0 else self.q_start + r0 + self.right - self.k_start + 1
+        return k0, k1, full_lo <= k0 and k1 <= full_hi
+
+    def shifted(self, dq: int, dk: int) -> "PositionMask":
+        return PositionMask(self.q_start + dq, self.k_start + dk, self.left, self.right)
 
 
 def block_visible(seq_q: int, seq_k: int, causal: bool, mask: PositionMask | None,
@@ -58,7 +74,7 @@ def block_visible(seq_q: int, seq_k: int, causal: bool, mask: PositionMask | Non
     """The block's ``(seq_q, seq_k)`` visibility: the position mask, else bottom-right causal,
     else everything."""
     if mask is not None:
-        return mask.visible(device)
+        return mask.visible(seq_q, seq_k, device)
     vis = torch.ones((seq_q, seq_k), dtype=torch.bool, device=device)
     return vis.tril(seq_k - seq_q) if causal else vis
 

@@ -30,7 +30,8 @@ import torch
 from tokenloom.errors import UsageError
 
 FIELDS = ("arguments", "strategy", "layout", "causal", "softmax_scale", "impl", "dtype", "batch",
-          "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "shape", "call")
+          "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "shape", "call",
+          "window_size")
 
 
 def code_of(text: str) -> int:

@@ -17,6 +17,7 @@ lists as inputs that are not plain local tensors: the forward run keeps exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from tokenloom.parallel.agree import Agreed, agree, check_scale
 from tokenloom.parallel.builders import schedule_for
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims
 from tokenloom.parallel.groups import agreement_gather, resolve_sp_group
-from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
+from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens, normalize_window
 from tokenloom.parallel.runtime import Dims, Groups, Held, Runner
 from tokenloom.parallel.sharding import gather_sequence, host_cu_seqlens, shard_sequence  # noqa: F401
 from tokenloom.parallel.schedule import WIRE_FIELDS, Buf, Schedule
@@ -76,6 +77,7 @@ class _Args:
     softmax_scale: Any
     impl: Any
     cu_seqlens: tuple[int, ...] | None
+    window_size: Any
     hardware: str | None
     backward: bool
     q_shape: tuple
@@ -116,6 +118,14 @@ class _Plan:
                              f"cu_seqlens=...)", field="cu_seqlens")
         self.scale = check_scale(a.softmax_scale, d)
         self.impl = _resolve_impl(a.impl, a.device)
+        window = normalize_window(a.window_size, a.causal)
+        if window is not None and self.impl == "triton":
+            raise UsageError(f"{name}: impl='triton' has no sliding window yet (window_size="
+                             f"{a.window_size!r}); use impl='sdpa' or 'torch'", field="window_size")
+        if window is not None:
+            self.pdims = dataclasses.replace(self.pdims, window=window,
+                                             seq_len=seq_len if doc_lens is None else None)
+            seq = self.pdims.seq
         self.dims = Dims(b, seq.chunk_lens(seq_len), h, hkv, d, a.dtypes[0], a.device,
                          self.pdims.head_shards, self.pdims.kv_repeat, seq if seq.varlen else None)
         self.fwd = schedule_for(self.pdims, causal=a.causal, backward=False)
@@ -125,7 +135,7 @@ class _Plan:
             "softmax_scale": self.scale, "impl": self.impl, "dtype": str(a.dtypes[0]), "batch": b,
             "seq": seq_len if doc_lens is not None else s_local, "heads": h, "kv_heads": hkv,
             "head_dim": d, "cu_seqlens": doc_lens, "mesh": f"{u}x{n // u}", "backward": a.backward,
-            "call": "attention"})
+            "call": "attention", "window_size": window})
 
     def runner(self, sched: Schedule, keep=()) -> Runner:
         return Runner(sched, self.groups, self.dims, softmax_scale=self.scale, impl=self.impl, keep=keep)
@@ -237,7 +247,7 @@ _MAX_PLANS = 256
 
 
 def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causal, layout,
-              softmax_scale, impl, cu_seqlens, hardware) -> tuple[Agreed, _Plan | None]:
+              softmax_scale, impl, cu_seqlens, hardware, window_size=None) -> tuple[Agreed, _Plan | None]:
     """This rank's encoded arguments and plan, or its own argument error (cached by arguments)."""
     from tokenloom.parallel.agree import FIELDS
 
@@ -245,7 +255,9 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
         _check_tensors(name, q, k, v)
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         cu = host_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
-        args = _Args(strategy, layout, causal, softmax_scale, impl, cu, hardware, backward,
+        if isinstance(window_size, list):
+            window_size = tuple(window_size)
+        args = _Args(strategy, layout, causal, softmax_scale, impl, cu, window_size, hardware, backward,
                      tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype),
                      q.device)
         # the process and the group's shape too: a forked child must not reuse its parent's plans
@@ -269,11 +281,11 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
 
 
 def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, softmax_scale,
-               return_lse, impl, cu_seqlens=None, hardware=None, timeout=None):
+               return_lse, impl, cu_seqlens=None, hardware=None, timeout=None, window_size=None):
     groups = resolve_sp_group(group, timeout=timeout)
     mine, plan = _plan_for(name, groups, group, q, k, v, strategy=strategy, causal=causal,
                            layout=layout, softmax_scale=softmax_scale, impl=impl,
-                           cu_seqlens=cu_seqlens, hardware=hardware)
+                           cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size)
     gather, device = agreement_gather(groups, f"{name} argument agreement")
     agree(name, mine, gather, device)  # before any P2P: raises on every rank or none
     assert plan is not None
@@ -285,7 +297,7 @@ def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, soft
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                          causal: bool = False, layout: str = "zigzag",
                          softmax_scale: float | None = None, return_lse: bool = False,
-                         impl: str | None = None, cu_seqlens: Any = None):
+                         impl: str | None = None, cu_seqlens: Any = None, window_size: Any = None):
     """TokenRing attention (arXiv 2412.20501): queries travel, partial outputs come back.
 
     K/V stay on their rank. At every step a rank sends the query block it holds one way around
@@ -308,17 +320,21 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
         cu_seqlens: packed documents, int32 ``(num_docs + 1,)`` boundaries of the *global* packed
             sequence (flash-attn convention), the same on every rank; every batch row uses them.
             The local tensors must come from :func:`shard_sequence` with the same cu_seqlens.
+        window_size: sliding window ``(left, right)`` (flash-attn's convention, -1 unbounded):
+            query at global position i sees keys i - left .. i + right (causal: right = 0), inside
+            its document. Blocks the window hides are never computed nor sent.
     Returns:
         ``out`` like q (or ``(out, lse)``).
     """
     return _attention("token_ring_attention", "tokenring", q, k, v, group=group, causal=causal,
                       layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, window_size=window_size)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                    causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
-                   return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None):
+                   return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
+                   window_size: Any = None):
     """Ring attention: K/V blocks rotate around the ring, outputs accumulate where queries live.
 
     Backward rotates K/V again with an fp32 dk/dv accumulator one step behind them. Arguments as
@@ -326,12 +342,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     """
     return _attention("ring_attention", "ring", q, k, v, group=group, causal=causal, layout=layout,
                       softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, window_size=window_size)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                       causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
-                      return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None):
+                      return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
+                      window_size: Any = None):
     """DeepSpeed-Ulysses: all-to-all from sequence shards to head shards and back.
 
     Needs ``heads % world_size == 0``; kv heads that do not divide the world size are replicated
@@ -339,13 +356,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     """
     return _attention("ulysses_attention", "ulysses", q, k, v, group=group, causal=causal,
                       layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, window_size=window_size)
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str = "auto",
                  group: Any = None, causal: bool = False, layout: str = "zigzag",
                  softmax_scale: float | None = None, return_lse: bool = False,
-                 impl: str | None = None, hardware: str | None = None, cu_seqlens: Any = None):
+                 impl: str | None = None, hardware: str | None = None, cu_seqlens: Any = None,
+                 window_size: Any = None):
     """Sequence-parallel attention with ``strategy`` "tokenring" | "ring" | "ulysses" | "auto".
 
     ``"auto"`` asks the simulator's advisor (:func:`tokenloom.simulator.choose_strategy`) which
@@ -357,7 +375,7 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy:
     """
     return _attention("sp_attention", strategy, q, k, v, group=group, causal=causal, layout=layout,
                       softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens, hardware=hardware)
+                      cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from collections import defaultdict
 from tokenloom.comm.topology import causal_pair_kind
 from tokenloom.errors import UsageError
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims, describe_strategy, hybrid_name, parse_strategy
-from tokenloom.parallel.layout import SeqLayout
+from tokenloom.parallel.layout import SeqLayout, normalize_window
 from tokenloom.parallel.schedule import (
     AllToAll,
     Block,
@@ -50,7 +50,7 @@ from tokenloom.parallel.schedule import (
 )
 
 __all__ = ["STRATEGIES", "ParallelDims", "build_schedule", "describe_strategy", "hybrid_name", "make_blocks",
-           "parse_strategy", "schedule_for"]
+           "parse_strategy", "schedule_for", "window_blocks"]
 
 
 def _ordered(chunks: set[int], order: tuple[int, ...]) -> tuple[int, ...]:
@@ -84,6 +84,19 @@ def make_blocks(pairs: list[tuple[int, int]], q_order: tuple[int, ...], kv_order
         else:
             blocks.append(Block(tuple(qcs), kvs, False))
     return _join_diagonals(blocks)
+
+
+def window_blocks(pairs: list[tuple[int, int]], q_order: tuple[int, ...], kv_order: tuple[int, ...],
+                  seq: SeqLayout) -> tuple[Block, ...]:
+    """Blocks under a sliding window: pairs the window shows whole are grouped as in
+    :func:`make_blocks` (no mask); each pair it shows in part is its own ``masked`` block."""
+    full = [(qc, kc) for qc, kc in pairs if seq.pair_kind(qc, kc) == "full"]
+    partial = [(qc, kc) for qc, kc in pairs if seq.pair_kind(qc, kc) == "partial"]
+    blocks = list(make_blocks(full, q_order, kv_order, False)) if full else []
+    order_q, order_kv = {c: i for i, c in enumerate(q_order)}, {c: i for i, c in enumerate(kv_order)}
+    for qc, kc in sorted(partial, key=lambda p: (order_q[p[0]], order_kv[p[1]])):
+        blocks.append(Block((qc,), (kc,), False, masked=True))
+    return tuple(blocks)
 
 
 def _join_diagonals(blocks: list[Block]) -> tuple[Block, ...]:
@@ -148,6 +161,11 @@ class _Ring:
     def pairs(self, q_chunks, kv_chunks) -> list[tuple[int, int]]:
         return self.seq.needed_pairs(q_chunks, kv_chunks, self.causal)
 
+    def blocks(self, pairs, q_order, kv_order) -> tuple[Block, ...]:
+        if self.seq.window is not None:
+            return window_blocks(pairs, q_order, kv_order, self.seq)
+        return make_blocks(pairs, q_order, kv_order, self.causal)
+
     def travel(self, move: str, direction: int) -> dict[int, Buf]:
         """``move`` ("q" or "kv") blocks visit every member; returns member -> its dk/dv home (Ring bwd)."""
         n = len(self.members)
@@ -186,7 +204,7 @@ class _Ring:
             kv_used = _ordered({kc for _, kc in need[s]}, local[h])
             self.sched.add(m[h], s0 + s, "computes", Compute(
                 self.buf(q_kind, owner, moving[s]), self.buf("kv", h, kv_used),
-                make_blocks(need[s], moving[s], local[h], self.causal), dst,
+                self.blocks(need[s], moving[s], local[h]), dst,
                 self.buf("dkv", h, local[h], at=m[h]) if self.backward else None, self.head_shard))
             if s > 0:
                 self.sched.p2p(s0 + s + 1, m[h], m[owner], dst, part)
@@ -220,7 +238,7 @@ class _Ring:
                 q_used = _ordered({qc for qc, _ in need[s]}, local[h])
                 self.sched.add(m[h], s0 + s, "computes", Compute(
                     self.buf(q_kind, h, q_used), self.buf("kv", owner, moving[s]),
-                    make_blocks(need[s], local[h], moving[s], self.causal),
+                    self.blocks(need[s], local[h], moving[s]),
                     self.buf(part, h, local[h], at=m[h]), chain[s] if self.backward else None,
                     self.head_shard))
             if self.backward and 2 <= s <= last and acc_chunks[s - 1]:
@@ -245,7 +263,12 @@ def _flat(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
     ring = _Ring(sched, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
                  first_step=0)
     move = "q" if dims.strategy == "tokenring" else "kv"
-    homes = ring.travel(move, _direction(dims.strategy, dims.layout))
+    direction = _direction(dims.strategy, dims.layout)
+    if seq.window is not None and n > 2:  # a window talks to neighbours: go the shorter way round
+        direction = min((1, -1), key=lambda d: _ring_steps(seq, local, n, move, d, causal, backward))
+        ring = _Ring(sched, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
+                     first_step=0)
+    homes = ring.travel(move, direction)
     inputs = tuple((Buf(q_kind, r, local[r]), Buf("kv", r, local[r])) for r in range(n))
     outputs = []
     for r in range(n):
@@ -256,6 +279,15 @@ def _flat(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
             outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": dkv})
     return Schedule(dims.name, dims.layout, causal, backward, n, sched.freeze(), inputs,
                     tuple(outputs), seq, ())
+
+
+def _ring_steps(seq: SeqLayout, local, n: int, move: str, direction: int, causal: bool,
+                backward: bool) -> int:
+    """Steps a flat ring needs when its blocks travel in ``direction`` (a trial build)."""
+    trial = _Steps(n)
+    _Ring(trial, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
+          first_step=0).travel(move, direction)
+    return len(trial.freeze()[0])
 
 
 def _hybrid(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
@@ -325,13 +357,15 @@ def schedule_for(dims: ParallelDims, *, causal: bool, backward: bool) -> Schedul
 def build_schedule(strategy: str, world_size: int, *, layout: str = "zigzag", causal: bool = False,
                    backward: bool = False, num_heads: int | None = None,
                    num_kv_heads: int | None = None, ulysses: int = 1,
-                   doc_lens: tuple[int, ...] | None = None) -> Schedule:
+                   doc_lens: tuple[int, ...] | None = None, window_size=None,
+                   seq_len: int | None = None) -> Schedule:
     """The schedule of one attention pass for every rank.
 
     ``num_heads``/``num_kv_heads`` matter only when heads are sharded (divisibility, kv
     replication). ``ulysses`` > 1: 2-D hybrid, Ulysses groups of that size and ``strategy`` across
     them (or name the hybrid ``strategy="ulysses<N>+tokenring"``). ``doc_lens``: packed documents
-    (document-causal mask, empty blocks skipped).
+    (document-causal mask, empty blocks skipped). ``window_size``: ``(left, right)`` sliding window
+    (flash-attn convention); a dense sequence then needs ``seq_len`` (the global length).
     """
     name, named_ulysses = parse_strategy(strategy)
     if named_ulysses > 1:  # "ulysses8+tokenring": the simulator's and advisor's hybrid names
@@ -340,6 +374,10 @@ def build_schedule(strategy: str, world_size: int, *, layout: str = "zigzag", ca
         ulysses = named_ulysses
     if ulysses > world_size or world_size % ulysses:
         raise UsageError(f"ulysses size {ulysses} must divide world_size {world_size}", field="ulysses")
+    window = normalize_window(window_size, causal)
+    if window is not None and not doc_lens and seq_len is None:
+        raise UsageError("a sliding window over a dense sequence needs seq_len", field="seq_len")
     dims = ParallelDims(name, world_size, layout=layout, ulysses=ulysses, heads=num_heads,
-                        kv_heads=num_kv_heads, doc_lens=tuple(doc_lens) if doc_lens else None)
+                        kv_heads=num_kv_heads, doc_lens=tuple(doc_lens) if doc_lens else None,
+                        window=window, seq_len=seq_len if window is not None and not doc_lens else None)
     return schedule_for(dims, causal=causal, backward=backward)

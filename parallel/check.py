@@ -185,6 +185,7 @@ def check_schedule(sched: Schedule) -> None:
             for blk in op.blocks:
                 if not set(blk.q_chunks) <= set(op.q_src.chunks) or not set(blk.kv_chunks) <= set(op.kv_src.chunks):
                     _fail(sched, r, s, f"block {blk} outside its sources {op.q_src}, {op.kv_src}")
+                _check_block_mask(sched, r, s, blk)
                 pairs |= {(qc, kc, op.head_shard[0]) for qc, kc in blk.pairs()}
             if pairs & computed:
                 _fail(sched, r, s, f"pairs {sorted(pairs & computed)[:4]} computed twice")
@@ -226,15 +227,17 @@ def required_pairs(sched: Schedule) -> set[Pair]:
 
     Derived from token positions: chunk ``c``'s tokens are the global ranges the layout gives it;
     a query at position i sees a key at j iff both are in the same document and, when causal,
-    j <= i. For a dense schedule (size-free) every chunk is taken one token long.
+    j <= i, and under a window ``i - left <= j <= i + right``. For a dense schedule without a
+    window (size-free) every chunk is taken one token long.
     """
     seq = sched.seq_layout
     k = seq.num_chunks
-    starts = list(itertools.accumulate(seq.doc_lens or (k,), initial=0))
+    dense_len = seq.seq_len if seq.window is not None else k
+    starts = list(itertools.accumulate(seq.doc_lens or (dense_len,), initial=0))
 
     def doc_spans(c: int) -> dict[int, tuple[int, int]]:
         """document -> (first, last) global position of chunk c's tokens in it."""
-        ranges = seq._chunk_ranges(c, None if seq.varlen else k)
+        ranges = seq._chunk_ranges(c, None if seq.varlen or seq.window is not None else k)
         spans: dict[int, tuple[int, int]] = {}
         for a, length in ranges:
             for pos in (a, a + length - 1):
@@ -246,10 +249,45 @@ def required_pairs(sched: Schedule) -> set[Pair]:
     spans = [doc_spans(c) for c in range(k)]
     pairs = set()
     for qc, kc in itertools.product(range(k), repeat=2):
-        if any(d in spans[kc] and (not sched.causal or spans[kc][d][0] <= spans[qc][d][1])
-               for d in spans[qc]):
+        if seq.window is not None:
+            seen = any(_window_sees(spans[qc][d], spans[kc][d], seq.window, sched.causal)[0]
+                       for d in spans[qc] if d in spans[kc])
+        else:
+            seen = any(d in spans[kc] and (not sched.causal or spans[kc][d][0] <= spans[qc][d][1])
+                       for d in spans[qc])
+        if seen:
             pairs.update((qc, kc, h) for h in range(sched.head_shards))
     return pairs
+
+
+def _window_sees(q_span: tuple[int, int], k_span: tuple[int, int], window: tuple[int, int],
+                 causal: bool) -> tuple[bool, bool]:
+    """(does some query of ``q_span`` see some key of ``k_span``, does every query see every key)
+    under ``window`` (and causality), from the spans' positions: the key - query offsets form the
+    interval [k_first - q_last, k_last - q_first], which must meet / lie inside [-left, right]."""
+    left, right = window
+    right = 0 if causal and (right < 0 or right > 0) else right
+    lo_off, hi_off = k_span[0] - q_span[1], k_span[1] - q_span[0]
+    lo_ok = float("-inf") if left < 0 else -left
+    hi_ok = float("inf") if right < 0 else right
+    return max(lo_off, lo_ok) <= min(hi_off, hi_ok), lo_ok <= lo_off and hi_off <= hi_ok
+
+
+def _check_block_mask(sched: Schedule, rank: int, step: int, blk) -> None:
+    """Under a window, a block without a mask must only hold pairs the window shows whole."""
+    seq = sched.seq_layout
+    if seq.window is None or blk.masked:
+        if blk.masked and (len(blk.q_chunks), len(blk.kv_chunks)) != (1, 1):
+            _fail(sched, rank, step, f"masked block {blk} must be one chunk against one chunk")
+        return
+    for qc in blk.q_chunks:
+        q_spans, k_spans = seq.spans(qc), None
+        for kc in blk.kv_chunks:
+            k_spans = seq.spans(kc)
+            for d in q_spans.keys() & k_spans.keys():
+                if not _window_sees(q_spans[d], k_spans[d], seq.window, sched.causal)[1]:
+                    _fail(sched, rank, step, f"block {blk} runs without a mask but window "
+                          f"{seq.window} hides part of pair ({qc}, {kc})")
 
 
 def _check_coverage(sched: Schedule, held: list[dict], computed: set[Pair]) -> None:

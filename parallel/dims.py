@@ -64,6 +64,8 @@ class ParallelDims:
     heads: int | None = None
     kv_heads: int | None = None
     doc_lens: tuple[int, ...] | None = None
+    window: tuple[int, int] | None = None  # (left, right), causal folded in; None: no window
+    seq_len: int | None = None  # global length; needed only by a dense sequence with a window
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -135,7 +137,8 @@ class ParallelDims:
     @property
     def seq(self) -> SeqLayout:
         """Which chunks each rank holds; a 1-D group keeps the flat layout for every strategy."""
-        return SeqLayout(self.world_size, self.layout, self.ulysses, self.doc_lens)
+        return SeqLayout(self.world_size, self.layout, self.ulysses, self.doc_lens, self.window,
+                         self.seq_len if self.window is not None else None)
 
     def chunk_lens(self, seq_len: int | None = None) -> tuple[int, ...]:
         return self.seq.chunk_lens(seq_len)

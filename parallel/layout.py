@@ -23,6 +23,7 @@ causal, the key chunk is not later). Everything here is pure Python; nothing imp
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 from tokenloom.comm.topology import check_layout, mesh_chunks_of_rank, num_chunks
@@ -36,12 +37,16 @@ class SeqLayout:
     ``ulysses`` > 1 is the inner size of a 2-D ``(ulysses, ring)`` mesh (see
     :func:`~tokenloom.comm.topology.mesh_chunks_of_rank`); 1 for a flat group. ``doc_lens`` are
     document lengths of a packed sequence (None: one dense sequence of any length).
+    ``window`` is a sliding window ``(left, right)`` in tokens (-1: unbounded; causal already folded
+    in as ``right = 0``), None for none; a dense sequence with a window needs ``seq_len``.
     """
 
     world_size: int
     layout: str = "zigzag"
     ulysses: int = 1
     doc_lens: tuple[int, ...] | None = None
+    window: tuple[int, int] | None = None
+    seq_len: int | None = None
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -88,6 +93,7 @@ class SeqLayout:
         if self.varlen:
             return _pieces(self).chunk_lens
         k = self.num_chunks
+        seq_len = self.seq_len if seq_len is None else seq_len
         if seq_len is None or seq_len <= 0 or seq_len % k:
             raise UsageError(f"sequence length {seq_len} must be a positive multiple of {k} "
                              f"(chunks of layout {self.layout!r} over {self.world_size} ranks)")
@@ -115,6 +121,7 @@ class SeqLayout:
         return [(a, n) for a, n in runs]
 
     def _chunk_ranges(self, chunk: int, seq_len: int | None) -> list[tuple[int, int]]:
+        seq_len = self.seq_len if seq_len is None else seq_len
         if not self.varlen:
             c = self.chunk_lens(seq_len)[chunk]
             return [(chunk * c, c)]
@@ -134,7 +141,46 @@ class SeqLayout:
 
     def needed_pairs(self, q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], causal: bool
                      ) -> list[tuple[int, int]]:
+        if self.window is not None:
+            return [(qc, kc) for qc in q_chunks for kc in kv_chunks if self.pair_kind(qc, kc) != "none"]
         return [(qc, kc) for qc in q_chunks for kc in kv_chunks if self.pair_needed(qc, kc, causal)]
+
+    # -------------------------------------------------------------- windows
+    def spans(self, chunk: int) -> dict[int, tuple[int, int]]:
+        """document -> (first, last) global position of ``chunk``'s tokens in it (one run each)."""
+        out = {}
+        for d, (start, length) in zip(self._chunk_docs(chunk), self._chunk_ranges(chunk, None)):
+            out[d] = (start, start + length - 1)
+        return out
+
+    def _chunk_docs(self, chunk: int) -> list[int]:
+        return [d for d, _, _ in _pieces(self).in_chunk[chunk]] if self.varlen else [0]
+
+    def pair_kind(self, q_chunk: int, kv_chunk: int) -> str:
+        """Under the window: "none" (no query of ``q_chunk`` sees a key of ``kv_chunk``), "full"
+        (in every shared document every query sees every key) or "partial"."""
+        assert self.window is not None
+        left, right = self.window
+        qs, ks = self.spans(q_chunk), self.spans(kv_chunk)
+        kinds = set()
+        for d in qs.keys() & ks.keys():
+            lo, hi = ks[d][0] - qs[d][1], ks[d][1] - qs[d][0]  # range of key - query positions
+            if (left >= 0 and hi < -left) or (right >= 0 and lo > right):
+                kinds.add("none")
+            elif (left < 0 or lo >= -left) and (right < 0 or hi <= right):
+                kinds.add("full")
+            else:
+                kinds.add("partial")
+        # a block runs every shared document: unmasked only if the window shows each one whole
+        return "none" if kinds <= {"none"} else ("full" if kinds == {"full"} else "partial")
+
+    def global_pos(self, chunk: int, offset: int) -> int:
+        """Global position of the token ``offset`` rows into ``chunk``."""
+        for start, length in self._chunk_ranges(chunk, None):
+            if offset < length:
+                return start + offset
+            offset -= length
+        raise AssertionError((chunk, offset))
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,3 +244,28 @@ def doc_lens_from_cu_seqlens(cu: list[int] | tuple[int, ...], *, total: int | No
     if total is not None and cu[-1] != total:
         raise UsageError(f"{name} ends at {cu[-1]} but the global sequence has {total} tokens")
     return lens
+
+
+def normalize_window(window_size, causal: bool) -> tuple[int, int] | None:
+    """``window_size=(left, right)`` (flash-attn: -1 unbounded) validated; causal sets ``right = 0``
+    (as flash-attn does). None when nothing is masked beyond ``causal``: None, ``(-1, -1)``, or
+    causal with an unbounded left. UsageError naming ``window_size`` otherwise."""
+    if window_size is None:
+        return None
+    bad = UsageError(f"window_size must be (left, right), two integers >= -1 (-1: unbounded), got "
+                     f"{window_size!r}", field="window_size")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise bad
+    vals = []
+    for w in window_size:
+        if hasattr(w, "item") and getattr(w, "numel", lambda: 0)() == 1 and not w.is_floating_point():
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1:
+            raise bad
+        vals.append(int(w))
+    left, right = vals
+    if causal:
+        right = 0
+    if left < 0 and (right < 0 or causal):
+        return None
+    return (left, right)

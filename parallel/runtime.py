@@ -29,7 +29,7 @@ import torch
 from tokenloom.comm.health import set_step as report_step  # the launcher's watchdog (heartbeat)
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
-from tokenloom.kernels.masks import poison_dead_rows
+from tokenloom.kernels.masks import PositionMask, poison_dead_rows
 from tokenloom.kernels.reference import acc_dtype
 from tokenloom.parallel.layout import SeqLayout
 from tokenloom.parallel.schedule import (
@@ -306,19 +306,29 @@ class Runner:
                 q_rows, kv_rows = seg_ranges(lens, qs.chunks, q_segs), seg_ranges(lens, kvs.chunks, kv_segs)
                 q = take(qs.fields["q"], 1, q_rows)
                 k, v = take(kvs.fields["k"], 1, kv_rows), take(kvs.fields["v"], 1, kv_rows)
+                mask = self._position_mask(q_segs, kv_segs) if blk.masked else None
                 if op.q_src.kind == "q":
                     out, lse = block_forward(q, k, v, causal=blk.causal, softmax_scale=self.scale,
-                                             impl=self.impl)
+                                             impl=self.impl, mask=mask)
                     self._fold(dst, q_segs, {"out": out, "lse": lse})
                     continue
                 dout = take(qs.fields["dout"], 1, q_rows)
                 lse = take(qs.fields["lse"], 2, q_rows)
                 delta = take(qs.fields["delta"], 2, q_rows)
                 dq, dk, dv = block_backward(dout, q, k, v, lse, delta, causal=blk.causal,
-                                            softmax_scale=self.scale, impl=self.impl)
+                                            softmax_scale=self.scale, impl=self.impl, mask=mask)
                 self._fold(dst, q_segs, {"dq": dq.to(d.acc)})
                 assert dst_kv is not None
                 self._fold(dst_kv, kv_segs, {"dk": dk.to(d.acc), "dv": dv.to(d.acc)})
+
+    def _position_mask(self, q_segs: list[Segment], kv_segs: list[Segment]) -> PositionMask:
+        """A masked block (sliding window) is one run of query positions against one run of key
+        positions: their starts and the schedule's window."""
+        assert len(q_segs) == 1 and len(kv_segs) == 1, (q_segs, kv_segs)
+        seq = self.schedule.seq_layout
+        assert seq.window is not None, "a masked block in a schedule without a window"
+        (qc, qo, _), (kc, ko, _) = q_segs[0], kv_segs[0]
+        return PositionMask(seq.global_pos(qc, qo), seq.global_pos(kc, ko), *seq.window)
 
     def _pack(self, store: dict, op: Pack) -> None:
         by_kind = {b.kind: self._get(store, b) for b in op.srcs}

@@ -192,12 +192,15 @@ class Block:
     """One kernel call: query chunks against key chunks (each list contiguous in its buffer).
 
     ``causal`` means the bottom-right-aligned causal mask over the concatenated chunks; the
-    builder only emits it when that equals the per-pair chunk mask.
+    builder only emits it when that equals the per-pair chunk mask. ``masked`` (sliding windows):
+    one query chunk against one key chunk that the window shows only in part; the runtime masks it
+    by token position (printed ``w``).
     """
 
     q_chunks: tuple[int, ...]
     kv_chunks: tuple[int, ...]
     causal: bool
+    masked: bool = False
 
     def pairs(self) -> list[tuple[int, int]]:
         from tokenloom.comm.topology import causal_pair_kind
@@ -207,7 +210,7 @@ class Block:
 
     def __str__(self) -> str:
         q, kv = _chunk_list(self.q_chunks), _chunk_list(self.kv_chunks)
-        return f"{q}x{kv}{'c' if self.causal else ''}"
+        return f"{q}x{kv}{'c' if self.causal else ''}{'w' if self.masked else ''}"
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,8 @@ class Schedule:
             head += f" ulysses={self.seq.ulysses}"
             if self.seq.varlen:
                 head += f" docs={len(self.seq.doc_lens or ())}"
+        if self.seq is not None and self.seq.window is not None:
+            head += f" window={self.seq.window}"
         lines = [head]
         for r, steps in enumerate(self.ranks):
             if ranks is not None and r not in ranks:
