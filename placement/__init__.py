@@ -3,7 +3,8 @@ and cut the messages the serving system sends: distinct remote nodes per token a
 tokens return to their DP rank (DeepEP; ``token_home="dp"``), or tokens crossing nodes between
 consecutive layers when they stay where they were combined (MoETuner; ``token_home="expert"``).
 
-Data flow: trace -> problem -> planner (contiguous / round_robin / greedy / ilp) -> plan -> metrics.
+Data flow: trace -> problem -> planner (contiguous / round_robin / greedy / ilp) -> plan -> metrics;
+docs/placement.md ("Code layout") lists the files, data at the bottom, algorithms above.
 Names are imported on first use, so ``import tokenloom.placement`` is free.
 
     from tokenloom.placement import load_trace, plan_placement, evaluate_plan
@@ -19,16 +20,19 @@ hand_back(__name__, __file__)  # imported by its bare name from the checkout: th
 from tokenloom._lazy import lazy_exports
 
 _LAZY = {
-    "METHODS": "tokenloom.placement.planner",
+    "METHODS": "tokenloom.placement.options",
+    "PlacementProblem": "tokenloom.placement.problem",
     "Plan": "tokenloom.placement.plan",
     "PlanMetrics": "tokenloom.placement.metrics",
-    "PlacementProblem": "tokenloom.placement.problem",
-    "SynthConfig": "tokenloom.placement.synth",
+    "PlanOptions": "tokenloom.placement.options",
     "RouterConfig": "tokenloom.placement.router",
+    "SynthConfig": "tokenloom.placement.synth",
     "Trace": "tokenloom.placement.trace",
-    "baseline_metrics": "tokenloom.placement.planner",
-    "evaluate_messages": "tokenloom.placement.planner",
-    "evaluate_plan": "tokenloom.placement.planner",
+    "baseline_messages": "tokenloom.placement.evaluate",
+    "baseline_metrics": "tokenloom.placement.evaluate",
+    "coactivation": "tokenloom.placement.trace",
+    "evaluate_messages": "tokenloom.placement.evaluate",
+    "evaluate_plan": "tokenloom.placement.evaluate",
     "load_plan": "tokenloom.placement.plan",
     "load_trace": "tokenloom.placement.trace",
     "message_metrics": "tokenloom.placement.dispatch",

@@ -50,6 +50,15 @@ def load_lower_bound(loads: np.ndarray, counts: np.ndarray, num_gpus: int) -> fl
     return float(max((loads / counts).max(), loads.sum() / num_gpus))
 
 
+def layer_bounds(loads: np.ndarray, rows: np.ndarray, problem: PlacementProblem) -> list[float]:
+    """Per layer of ``loads`` (L, E), the lower bound on the busiest GPU's load for the replica
+    counts of ``rows`` (L, num_slots)."""
+    return [
+        load_lower_bound(loads[l], np.bincount(rows[l], minlength=problem.num_experts), problem.num_gpus)
+        for l in range(loads.shape[0])
+    ]
+
+
 def balance_layer(
     loads: np.ndarray, counts: np.ndarray, warm_row: np.ndarray, problem: PlacementProblem, time_limit: float
 ) -> LayerBalance:

@@ -1,4 +1,5 @@
-"""The ``expert`` planner's node-level stage: block-coordinate descent on the exact message metric.
+"""The ``expert`` planner's node-level stage (expert_planner.py, stage 3): block-coordinate
+descent on the exact message metric.
 
 Execution model (dispatch.py, ``token_home="expert"``): at MoE layer l a token sits on the node
 ``h`` where layer l-1 combined it (the node of its top-1 replica; uniform before the first
@@ -13,7 +14,7 @@ shares, ``w`` (N,) the token's home distribution (``P_{l-1}[top1_{l-1}]``), ``q_
 Layer l's placement enters only D_l, Cm_l and D_{l+1} (through the home it leaves behind), so
 with its neighbours fixed the layer's cost is :func:`layer_cost`, exact, and it is linear in any
 single expert's shares (:func:`layer_affinity`), which is what the node-level swap descent of
-:func:`tokenloom.placement.colocate.exact_polish` needs. Each sweep visits every layer with both
+:func:`tokenloom.placement.exact.exact_polish` needs. Each sweep visits every layer with both
 neighbours fixed: the layer's replicas are re-placed at node level under the layer's node cap (a
 start from ``scipy.optimize.linear_sum_assignment`` on the linearised costs, repaired to the cap,
 competes with the current placement; the one with the lower exact cost is polished by exact
@@ -26,7 +27,9 @@ import time
 
 import numpy as np
 
-from tokenloom.placement.colocate import NodeState, exact_polish, excluding, gpu_repair, pack_gpus, prod_k, repair, scatter_rows
+from tokenloom.placement.exact import exact_polish, excluding, prod_k, scatter_rows
+from tokenloom.placement.gpu_pack import gpu_repair, pack_gpus
+from tokenloom.placement.node_search import NodeState, repair
 from tokenloom.placement.problem import PlacementProblem
 
 _EPS = 1e-9

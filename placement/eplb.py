@@ -12,7 +12,8 @@ included (it may put two replicas of one expert on one GPU in the global policy)
 
 ``rebalance_experts(weight (L, E), num_replicas, num_groups, num_nodes, num_gpus)`` returns
 ``phy2log (L, num_replicas)``, ``log2phy (L, E, max_rep)`` (-1 padded) and ``logcnt (L, E)``,
-the shapes of the original.
+the shapes of the original. :func:`eplb_policy_rows` picks the policy a deployment would run for
+a cluster (hierarchical when the model's routing groups are a multiple of the nodes, else global).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from tokenloom.errors import UsageError
+from tokenloom.placement.problem import PlacementProblem
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +128,20 @@ def eplb_rows(loads: np.ndarray, num_slots: int, num_gpus: int, gpus_per_node: i
     if loads.shape[1] % groups or groups % num_nodes:
         raise UsageError(f"num_groups: {groups} groups need to divide {loads.shape[1]} experts and be a multiple of {num_nodes} nodes")
     return rebalance_experts(loads, num_slots, groups, num_nodes, num_gpus)[0]
+
+
+def eplb_policy_rows(loads: np.ndarray, problem: PlacementProblem, expert_groups: int | None = None) -> tuple[np.ndarray, str]:
+    """EPLB's own choice for this shape: hierarchical when its routing groups (default 1: a model
+    without group-limited routing) are a multiple of the nodes, else global."""
+    groups = 1 if expert_groups is None else expert_groups
+    if problem.num_nodes > 1 and problem.num_experts % groups == 0 and groups % problem.num_nodes == 0:
+        return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "hierarchical", groups), "hierarchical"
+    return eplb_rows(loads, problem.num_slots, problem.num_gpus, problem.gpus_per_node, "global"), "global"
+
+
+def check_groups(problem: PlacementProblem, expert_groups: int | None) -> None:
+    """The model's routing groups as EPLB takes them: dividing the experts, 1 or a multiple of the nodes."""
+    if expert_groups is not None and (problem.num_experts % expert_groups or
+                                      (expert_groups > 1 and expert_groups % problem.num_nodes)):
+        raise UsageError(f"expert_groups: {expert_groups} must divide num_experts={problem.num_experts} and be 1 or a "
+                         f"multiple of the {problem.num_nodes} nodes")

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenloom.placement.balance import assignment_matrix
+from tokenloom.errors import UsageError
+from tokenloom.placement.balance import assignment_matrix, layer_bounds
+from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import PlacementProblem
+from tokenloom.placement.trace import Trace
 
 
 def count_moves(old_row: np.ndarray, new_row: np.ndarray, num_experts: int, num_gpus: int) -> int:
@@ -67,3 +70,24 @@ def _best_replacement(loads: np.ndarray, row: np.ndarray, num_experts: int, num_
         return None
     slot, expert = np.unravel_index(np.argmin(sumsq), sumsq.shape)
     return int(slot), int(expert)
+
+
+def replan(trace: Trace, problem: PlacementProblem, previous: Plan, max_moves: object) -> tuple[np.ndarray, dict]:
+    """(rows, solver record): every layer of ``previous`` re-planned on ``trace`` with <= ``max_moves`` moves."""
+    if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves < 0:
+        raise UsageError(f"max_moves: must be an integer >= 0, got {max_moves!r}")
+    for name, want, got in (
+        ("num_layers", trace.num_layers, previous.num_layers),
+        ("num_experts", trace.num_experts, previous.num_experts),
+        ("num_gpus", problem.num_gpus, previous.num_gpus),
+        ("num_slots", problem.num_slots, previous.num_slots),
+    ):
+        if want != got:
+            raise UsageError(f"previous: plan has {name}={got} but this request has {want}")
+    rows = np.stack([
+        migrate_layer(trace.loads[l], previous.phy2log[l], problem, int(max_moves)) for l in range(trace.num_layers)
+    ])
+    moves = [count_moves(previous.phy2log[l], rows[l], problem.num_experts, problem.num_gpus) for l in range(trace.num_layers)]
+    solver = {"name": "none", "status": "heuristic", "gap": None, "bound": layer_bounds(trace.loads, rows, problem),
+              "max_moves": int(max_moves), "moves": moves}
+    return rows, solver

@@ -5,7 +5,8 @@ Two on-disk formats (DESIGN.md "Files"):
 - raw: ``topk_ids`` int ``(num_layers, num_tokens, top_k)`` and scalar ``num_experts`` (``.npz``,
   or ``.json`` with the same keys as nested lists);
 - aggregated: ``loads`` ``(num_layers, num_experts)`` and optional ``transitions``
-  ``(num_layers - 1, num_experts, num_experts)`` (``.npz`` or ``.json``).
+  ``(num_layers - 1, num_experts, num_experts)`` and ``coactivation``
+  ``(num_layers, num_experts, num_experts)`` (``.npz`` or ``.json``).
 
 How pairs are counted when ``top_k > 1``: a token routed to experts ``{a_1..a_K}`` in layer ``l``
 and ``{b_1..b_K}`` in layer ``l+1`` contributes ``1/K`` to ``transitions[l, a_i, b_j]`` for each of
@@ -94,8 +95,6 @@ class Trace:
     def coactivation(self, layer: int) -> np.ndarray | None:
         """(E, E) tokens routed to both e and f in ``layer`` (zero diagonal); None if unknown."""
         if self.topk_ids is not None:
-            from tokenloom.placement.colocate import coactivation
-
             return coactivation(self.topk_ids[layer], self.num_experts)
         return None if self.coactivations is None else self.coactivations[layer]
 
@@ -111,6 +110,14 @@ class Trace:
         test, train = np.sort(order[:held]), np.sort(order[held:])
         return (trace_from_topk(self.topk_ids[:, train], self.num_experts, self.source),
                 trace_from_topk(self.topk_ids[:, test], self.num_experts, self.source))
+
+
+def coactivation(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(E, E) float64: tokens routed to both e and f in one layer (ids (T, K)); zero diagonal."""
+    pairs = (ids[:, :, None] * num_experts + ids[:, None, :]).ravel()
+    out = np.bincount(pairs, minlength=num_experts * num_experts).astype(np.float64).reshape(num_experts, num_experts)
+    np.fill_diagonal(out, 0.0)
+    return out
 
 
 def _as_counts(value: object, field: str, ndim: int) -> np.ndarray:

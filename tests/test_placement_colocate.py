@@ -8,12 +8,14 @@ import pytest
 
 from tokenloom.cli import main
 from tokenloom.placement import PlacementProblem, plan_placement, trace_from_topk
-from tokenloom.placement.colocate import NodeState, coactivation, plan_layer
+from tokenloom.placement.colocate import plan_layer
 from tokenloom.placement.dispatch import message_metrics
+from tokenloom.placement.eplb import eplb_policy_rows
 from tokenloom.placement.greedy import eplb_replica_counts, greedy_layer
 from tokenloom.placement.metrics import gpu_loads
-from tokenloom.placement.planner import eplb_policy_rows
+from tokenloom.placement.node_search import NodeState
 from tokenloom.placement.router import RouterConfig, router_topk
+from tokenloom.placement.trace import coactivation
 
 
 def _router_trace(strength, layers=3, experts=64, tokens=3000, seed=0):
@@ -172,7 +174,7 @@ def test_aggregated_trace_with_coactivation_plans_like_the_raw_one(capsys, tmp_p
 
 
 def test_group_start_pairs_the_groups_tokens_choose_together():
-    from tokenloom.placement.colocate import group_start
+    from tokenloom.placement.starts import group_start
 
     rng = np.random.default_rng(0)
     pairs = [(0, 7), (1, 6), (2, 5), (3, 4)]  # 8 groups of 4 experts; tokens use one pair of groups

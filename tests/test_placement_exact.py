@@ -8,13 +8,15 @@ import pytest
 
 from tokenloom.placement import PlacementProblem, plan_placement, trace_from_topk
 from tokenloom.placement.chain import chain_polish, layer_affinity, layer_context, layer_cost, node_shares
-from tokenloom.placement.colocate import (NodeState, _exact_affinity, _exact_cost, _row_state, _tokens_cost, coactivation,
-                                          exact_polish, exact_polish_row)
+from tokenloom.placement.colocate import exact_polish_row
 from tokenloom.placement.dispatch import message_metrics
+from tokenloom.placement.eplb import eplb_policy_rows
+from tokenloom.placement.exact import exact_affinity, exact_cost, exact_polish, tokens_cost
 from tokenloom.placement.greedy import eplb_replica_counts, greedy_layer
 from tokenloom.placement.metrics import gpu_loads
-from tokenloom.placement.planner import eplb_policy_rows
+from tokenloom.placement.node_search import NodeState, row_state
 from tokenloom.placement.router import RouterConfig, router_topk
+from tokenloom.placement.trace import coactivation
 
 
 def _random_ids(rng, layers, experts, k, tokens):
@@ -33,12 +35,12 @@ def test_dp_exact_cost_and_affinity_against_brute_force():
     X = np.array([[1, 1, 0], [0, 2, 0], [1, 0, 1], [0, 0, 1], [1, 1, 1], [2, 0, 0]], dtype=float)
     P = X / X.sum(1, keepdims=True)
     ids = _random_ids(rng, 1, 6, 3, 20)[0]
-    assert _tokens_cost(P, ids) == pytest.approx(sum(_brute_distinct_nodes(X, t) for t in ids))
-    B = _exact_affinity(P, ids)
+    assert tokens_cost(P, ids) == pytest.approx(sum(_brute_distinct_nodes(X, t) for t in ids))
+    B = exact_affinity(P, ids)
     for e in range(6):  # the metric is linear in one expert's shares, with slope B[e]
         Q = P.copy()
         Q[e] = rng.dirichlet(np.ones(3))
-        assert _tokens_cost(Q, ids) - _tokens_cost(P, ids) == pytest.approx(((Q[e] - P[e]) * B[e]).sum())
+        assert tokens_cost(Q, ids) - tokens_cost(P, ids) == pytest.approx(((Q[e] - P[e]) * B[e]).sum())
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -54,17 +56,17 @@ def test_dp_exact_polish_keeps_invariants_and_lowers_the_exact_metric(seed):
     cap = 1.1 * gpu_loads(loads, start, 8).max()
     coact = coactivation(ids, 24)
     node = np.arange(problem.num_slots) // 8
-    state = _row_state(start, node, coact, loads, problem)
-    before = _tokens_cost(state.X / state.counts[:, None], ids)
+    state = row_state(start, node, coact, loads, problem)
+    before = tokens_cost(state.X / state.counts[:, None], ids)
     node_cap = max(cap * 2, float(state.load.max()))
     applied = exact_polish(state, ids, 2, node_cap, deadline=float("inf"))
-    after = _tokens_cost(state.X / state.counts[:, None], ids)
+    after = tokens_cost(state.X / state.counts[:, None], ids)
     assert applied > 0 and after < before
     assert np.array_equal(state.counts, counts) and state.X.max() <= 2 and state.load.max() <= node_cap * (1 + 1e-9)
     fresh = NodeState(state.expert, state.node, coact, loads / counts, 4)  # incremental state == rebuilt state
     assert np.allclose(fresh.X, state.X) and np.allclose(fresh.load, state.load)
-    row = exact_polish_row(start, _exact_cost(start, ids, problem), ids, coact, loads, cap, problem, float("inf"))
-    assert _exact_cost(row, ids, problem) < _exact_cost(start, ids, problem)
+    row = exact_polish_row(start, exact_cost(start, ids, problem), ids, coact, loads, cap, problem, float("inf"))
+    assert exact_cost(row, ids, problem) < exact_cost(start, ids, problem)
     assert np.array_equal(np.bincount(row, minlength=24), counts)
     assert all(len(set(row[g * 4:(g + 1) * 4])) == 4 for g in range(8))
     assert gpu_loads(loads, row, 8).max() <= cap * (1 + 1e-9)

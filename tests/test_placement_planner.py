@@ -8,8 +8,8 @@ import pytest
 from tokenloom.placement import (
     METHODS, PlacementProblem, SynthConfig, Trace, evaluate_plan, load_plan, plan_placement, synth_topk, trace_from_topk,
 )
+from tokenloom.placement.evaluate import traffic_cost
 from tokenloom.placement.greedy import eplb_replica_counts
-from tokenloom.placement.planner import traffic_cost
 
 
 def _trace(num_layers, num_experts, top_k=2, seed=0, **kw):
@@ -209,7 +209,7 @@ def test_evaluate_rejects_a_trace_of_another_shape():
 
 
 def test_expert_default_cap_is_eplbs_balance():
-    from tokenloom.placement.planner import eplb_policy_rows
+    from tokenloom.placement.eplb import eplb_policy_rows
 
     trace = _trace(4, 32, top_k=4, num_domains=4)
     kw = dict(gpus_per_node=4, num_redundant=8, time_limit=2.0, token_home="expert")

@@ -5,9 +5,9 @@ import pulp
 import pytest
 
 from tokenloom.placement import PlacementProblem
-from tokenloom.placement.affinity import relaxed_descent
 from tokenloom.placement.balance import assignment_matrix, improve_by_swaps
 from tokenloom.placement.greedy import eplb_replica_counts, greedy_layer
+from tokenloom.placement.gpu_swaps import relaxed_descent
 from tokenloom.placement.metrics import gpu_loads
 from tokenloom.placement.migrate import count_moves
 from tokenloom.placement.solver import _status, solve
