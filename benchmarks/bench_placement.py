@@ -12,11 +12,19 @@ EPLB itself picks for the model (hierarchical for DeepSeek-V3's 8 routing groups
 Qwen3, which has none; the planner's default balance cap follows the same choice), the same held-out under `local` replica choice,
 the busiest NIC's messages per token (held-out), and the worst in-sample max/mean GPU load.
 Prints one markdown table and a PASS/FAIL line per goal. Not a test: timings depend on the machine.
+
+    python benchmarks/bench_placement.py --check-time-limit [--time-limit 2]
+
+instead checks that ``--time-limit`` bounds the whole ``tokenloom plan`` command (in-process, imports
+warm), for both token homes on a small router trace: PASS when it ends within the limit plus
+``TIME_LIMIT_SLACK`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -124,12 +132,43 @@ def _goals(rows: list[dict], time_limit: float) -> list[str]:
     return out
 
 
+TIME_LIMIT_SLACK = 1.5  # seconds over --time-limit allowed to the whole command (a loaded 2-core machine)
+
+
+def check_time_limit(time_limit: float, workdir: str) -> list[str]:
+    """PASS/FAIL lines: ``tokenloom plan --time-limit`` bounds the whole command, per token home."""
+    from tokenloom.cli import main as cli
+
+    trace = os.path.join(workdir, "time_limit.npz")
+    ids = router_topk(RouterConfig(num_layers=8, num_experts=64, top_k=4, num_tokens=2000, num_groups=4, topk_group=2))
+    np.savez(trace, topk_ids=ids.astype(np.int16), num_experts=np.int64(64))
+    out = []
+    for home in ("dp", "expert"):
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # the command's own summary is not part of this table
+            code = cli(["plan", "--trace", trace, "--gpus", "16", "--gpus-per-node", "4", "--token-home", home,
+                        "--time-limit", str(time_limit), "--out", os.path.join(workdir, f"{home}.json")])
+        seconds = time.perf_counter() - start
+        ok = code == 0 and seconds < time_limit + TIME_LIMIT_SLACK
+        out.append(f"{'PASS' if ok else 'FAIL'} time limit, {home} token home: plan took {seconds:.2f} s "
+                   f"(--time-limit {time_limit:g}, goal < {time_limit + TIME_LIMIT_SLACK:g} s, exit {code})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--time-limit", type=float, default=55.0, help="tokenloom plan --time-limit (default 55)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="tokenloom plan --time-limit (default 55; 2 with --check-time-limit)")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per trace (default 8192)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument("--check-time-limit", action="store_true",
+                        help="only check that --time-limit (default here 2) bounds the whole plan command")
     args = parser.parse_args()
+    if args.check_time_limit:
+        with tempfile.TemporaryDirectory() as workdir:
+            print("\n".join(check_time_limit(2.0 if args.time_limit is None else args.time_limit, workdir)))
+        return
+    args.time_limit = 55.0 if args.time_limit is None else args.time_limit
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     with tempfile.TemporaryDirectory() as workdir:
         rows = []

@@ -1,10 +1,10 @@
-"""Hostile inputs to trace/plan/evaluate (issue 9): exit 2, one stderr line naming the field, no traceback,
-inputs untouched, no output (nor temp file) left. Run in-process through tokenloom.cli.main."""
+"""Bad inputs to trace/plan/evaluate (issue 9): exit 2, one stderr line naming the field, no traceback,
+inputs untouched, no output (nor temp file) left, refused before any work. Run in-process through
+tokenloom.cli.main."""
 
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -107,6 +107,23 @@ def _cases(f):
     ]
 
 
+def _work_raises(monkeypatch):
+    """Every piece of real work (generating a trace, a planning method, scoring a plan) raises, so an
+    input refused up front is refused before any of it."""
+    import tokenloom.placement.evaluate as evaluate
+    import tokenloom.placement.planner as planner
+    import tokenloom.placement.router as router
+    import tokenloom.placement.synth as synth
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work started before the input was refused")
+
+    for module, name in ((synth, "synth_topk"), (router, "router_topk"), (planner, "plan_dp"), (planner, "plan_expert"),
+                         (planner, "replan"), (planner, "baseline_plan"), (evaluate, "evaluate_layers"),
+                         (evaluate, "message_metrics")):
+        monkeypatch.setattr(module, name, work)
+
+
 def _snapshot(directory):
     out = {}
     for name in sorted(os.listdir(directory)):
@@ -118,17 +135,16 @@ def _snapshot(directory):
     return out
 
 
-def test_hostile_inputs_exit_2_one_line_nothing_written(capsys, tmp_path, files):
+def test_bad_inputs_exit_2_one_line_nothing_written(capsys, tmp_path, files, monkeypatch):
+    _work_raises(monkeypatch)
     before = _snapshot(files["dir"])
     for argv, field in _cases(files):
         out_file = tmp_path / ("out.npz" if argv[0] == "trace" else "out.json")
         argv = [str(out_file) if a == "OUT" else a for a in argv]
-        start = time.perf_counter()
         code, out, err = _run(capsys, argv)
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and field in err, (field, err)
         assert "Traceback" not in err and out == "", argv
-        assert time.perf_counter() - start < 10, argv  # refused up front, not after the work
         assert not out_file.exists() and not list(tmp_path.iterdir()), argv
         assert _snapshot(files["dir"]) == before, argv  # inputs untouched, no temp left beside them
 
@@ -144,14 +160,16 @@ def test_valid_edge_inputs_work(capsys, tmp_path, files):
     assert json.loads(out)["heldout"]["messages"]["messages_per_token"] == 0.0  # one GPU: nothing is remote
 
 
-def test_plan_time_limit_bounds_the_command(capsys, tmp_path, files):
+def test_plan_hands_the_planner_what_is_left_of_the_time_limit(capsys, tmp_path, files):
     trace = tmp_path / "t.npz"
     assert main(["trace", "synth", "--model", "router", "--layers", "8", "--experts", "64", "--top-k", "4",
                  "--tokens", "2000", "--groups", "4", "--topk-group", "2", "--out", str(trace)]) == 0
     capsys.readouterr()
     for home in ("dp", "expert"):
-        start = time.perf_counter()
+        out = tmp_path / f"{home}.json"
         code, _, err = _run(capsys, ["plan", "--trace", str(trace), "--gpus", "16", "--gpus-per-node", "4",
-                                     "--token-home", home, "--time-limit", "2", "--out", str(tmp_path / f"{home}.json")])
+                                     "--token-home", home, "--time-limit", "2", "--out", str(out)])
         assert code == 0, err
-        assert time.perf_counter() - start < 2 + 1.5, home  # whole command; slack for a loaded 2-core machine
+        # the planner gets what is left of the command's limit after loading, less the writing reserve
+        # (the wall-clock bound itself is measured by benchmarks/bench_placement.py --check-time-limit)
+        assert 0 < json.loads(out.read_text())["solver"]["time_limit"] <= 2 * 0.9, home
