@@ -1,0 +1,155 @@
+"""Walks a decode schedule (:mod:`tokenloom.parallel.decode_schedule`) with a Communicator and the
+block kernels. It decides nothing: chunk lengths come from the agreed sizes, the schedule says what
+to send, attend and merge. Step semantics as in :mod:`tokenloom.parallel.schedule`: post every comm
+of the step, run the computes, wait, run the merges. Partials travel in the accumulation dtype
+(fp32, fp64 for fp64 inputs) so that merging on another rank loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenloom import kernels
+from tokenloom.comm.communicator import P2P, Communicator
+from tokenloom.kernels.reference import acc_dtype
+from tokenloom.parallel.schedule import Buf, Compute, Recv, Schedule, Send
+
+Key = tuple
+
+
+@dataclass
+class Held:
+    """A buffer on this rank: its chunks (in buffer order) and its tensors."""
+
+    chunks: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class Shape:
+    """Sizes every rank agreed on: chunk lengths and the tensor dims."""
+
+    lens: dict[int, int]
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    impl: str | None
+
+    def offsets(self, chunks: tuple[int, ...]) -> dict[int, tuple[int, int]]:
+        out, at = {}, 0
+        for c in chunks:
+            out[c] = (at, at + self.lens[c])
+            at += self.lens[c]
+        return out
+
+    def length(self, chunks: tuple[int, ...]) -> int:
+        return sum(self.lens[c] for c in chunks)
+
+
+@dataclass
+class Timing:
+    """Seconds this rank spent attending (computes and merges) and waiting for transfers."""
+
+    attention_s: float = 0.0
+    comm_s: float = 0.0
+    steps: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _alloc(buf: Buf, sh: Shape) -> dict[str, torch.Tensor]:
+    n = sh.length(buf.chunks)
+    acc = acc_dtype(sh.dtype)
+    if buf.kind == "q":
+        return {"q": torch.empty(sh.batch, n, sh.heads, sh.head_dim, dtype=sh.dtype, device=sh.device)}
+    if buf.kind == "kv":
+        shape = (sh.batch, n, sh.kv_heads, sh.head_dim)
+        return {"k": torch.empty(shape, dtype=sh.dtype, device=sh.device),
+                "v": torch.empty(shape, dtype=sh.dtype, device=sh.device)}
+    assert buf.kind == "out", buf
+    return {"out": torch.zeros(sh.batch, n, sh.heads, sh.head_dim, dtype=acc, device=sh.device),
+            "lse": torch.full((sh.batch, sh.heads, n), float("-inf"), dtype=acc, device=sh.device)}
+
+
+def _rows(t: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
+    return t[:, :, a:b] if name == "lse" else t[:, a:b]
+
+
+class DecodeRunner:
+    """Runs ``schedule`` for this rank. ``store`` maps buffer keys to :class:`Held` inputs."""
+
+    def __init__(self, schedule: Schedule, comm: Communicator, shape: Shape) -> None:
+        self.sched, self.comm, self.shape = schedule, comm, shape
+        self.timing = Timing()
+
+    def run(self, store: dict[Key, Held]) -> dict[Key, Held]:
+        rank = self.comm.rank
+        for s, step in enumerate(self.sched.ranks[rank]):
+            t0 = time.perf_counter()
+            ops, landing = self._post(store, step.comms)
+            handle = self.comm.batch_p2p(ops, what=f"{self.sched.strategy} step {s}") if ops else None
+            t1 = time.perf_counter()
+            for op in step.computes:
+                assert isinstance(op, Compute), op
+                self._compute(store, op)
+            t2 = time.perf_counter()
+            if handle is not None:
+                handle.wait()
+            t3 = time.perf_counter()
+            store.update(landing)
+            for m in step.merges:
+                self._fold(store, m.dst, store[m.src.key].chunks, store[m.src.key].tensors)
+            t4 = time.perf_counter()
+            att, com = (t2 - t1) + (t4 - t3), (t1 - t0) + (t3 - t2)
+            self.timing.attention_s += att
+            self.timing.comm_s += com
+            self.timing.steps.append((att, com))
+        return store
+
+    def _post(self, store: dict, comms) -> tuple[list[P2P], dict[Key, Held]]:
+        ops: list[P2P] = []
+        landing: dict[Key, Held] = {}
+        for op in comms:
+            if isinstance(op, Send):
+                held = store[op.buf.key]
+                for name, t in self._slice(held, op.buf.chunks).items():
+                    if t.numel():
+                        ops.append(P2P("send", op.peer, t.contiguous()))
+            else:
+                assert isinstance(op, Recv), op
+                tensors = _alloc(op.buf, self.shape)
+                landing[op.buf.key] = Held(op.buf.chunks, tensors)
+                ops.extend(P2P("recv", op.peer, t) for t in tensors.values() if t.numel())
+        return ops, landing
+
+    def _slice(self, held: Held, chunks: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        offs = self.shape.offsets(held.chunks)
+        a, b = offs[chunks[0]][0], offs[chunks[-1]][1]
+        return {name: _rows(t, name, a, b) for name, t in held.tensors.items()}
+
+    def _compute(self, store: dict, op: Compute) -> None:
+        q_held, kv_held = store[op.q_src.key], store[op.kv_src.key]
+        sh = self.shape
+        if op.dst.key not in store:  # exists (empty) even when every block is empty
+            store[op.dst.key] = Held(op.dst.chunks, _alloc(op.dst, sh))
+        for blk in op.blocks:
+            q = self._slice(q_held, blk.q_chunks)["q"]
+            kv = self._slice(kv_held, blk.kv_chunks)
+            if q.shape[1] == 0 or kv["k"].shape[1] == 0:
+                continue
+            out, lse = kernels.block_forward(q, kv["k"], kv["v"], causal=blk.causal,
+                                             softmax_scale=sh.scale, impl=sh.impl)
+            self._fold(store, op.dst, blk.q_chunks, {"out": out, "lse": lse})
+
+    def _fold(self, store: dict, dst: Buf, chunks: tuple[int, ...], part: dict[str, torch.Tensor]) -> None:
+        """LSE-merge a partial over ``chunks`` into ``dst`` (created empty on first use)."""
+        if dst.key not in store:
+            store[dst.key] = Held(dst.chunks, _alloc(dst, self.shape))
+        acc = self._slice(store[dst.key], chunks)
+        if acc["out"].shape[1]:
+            kernels.merge_into_(acc["out"], acc["lse"], part["out"], part["lse"])

@@ -1,0 +1,75 @@
+"""Attention of new queries over a sharded KV cache, on 1-4 gloo ranks, against fp64 single-process
+attention over the whole sequence (decode and chunked prefill, every strategy, GQA)."""
+
+import pytest
+import torch
+
+from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.kernels.reference import attention_with_lse
+from tokenloom.parallel.decode import cached_attention, gather_cache, new_token_part
+from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache, prefill_positions
+
+B, H, HKV, D = 2, 4, 2, 8
+
+
+def _seq(total, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, total, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, total, HKV, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, total, HKV, D, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _cache(rank, n, dtype, layers=1, layout="appended", max_tokens=4096):
+    return ShardedKVCache(CacheSpec(layers, B, HKV, D, dtype, n, rank, layout=layout), max_tokens)
+
+
+def _decode_run(rank, n, strategy, queries, prompt, steps, dtype, fill):
+    """Prompt by zigzag prefill fill (fill=True) or one chunked prefill; then decode chunks."""
+    total = prompt + sum(steps)
+    q, k, v = _seq(total, seed=prompt + 7 * n)
+    ql, kl, vl = (t.to(dtype) for t in (q, k, v))
+    cache = _cache(rank, n, dtype, layout="zigzag" if fill else "appended")
+    errs = []
+    if fill:
+        pos = prefill_positions(rank, n, prompt, layout="zigzag")
+        cache.fill(0, kl[:, pos], vl[:, pos], pos, prompt)
+        at = prompt
+    else:
+        at = 0
+        steps = [prompt] + list(steps)
+    for t in steps:
+        if queries == "sharded":
+            lo, hi = new_token_part(rank, n, at, t)
+            sl = slice(at + lo, at + hi)
+        else:
+            sl = slice(at, at + t)
+        out = cached_attention(ql[:, sl], kl[:, sl], vl[:, sl], cache, 0, strategy=strategy,
+                               queries=queries)
+        ref, _ = attention_with_lse(q[:, sl], k[:, :sl.stop], v[:, :sl.stop], causal=True)
+        assert out.shape == ref.shape, (out.shape, ref.shape)
+        errs.append(float((out.double() - ref).abs().max()) if ref.numel() else 0.0)
+        at += t
+    kf, vf = gather_cache(cache, 0)
+    assert kf.shape[1] == total
+    errs.append(float((kf.double() - k).abs().max()) + float((vf.double() - v).abs().max()))
+    return errs
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("strategy,queries", [("gather", "replicated"), ("gather", "sharded"),
+                                              ("ring", "sharded"), ("passkv", "sharded"),
+                                              ("ring", "replicated"), ("auto", "replicated")])
+def test_decode_matches_fp64_single_process(world_size, strategy, queries):
+    for fill in (True, False):
+        prompt = 8 * world_size if fill else 13
+        per_rank = spawn_ranks(world_size, _decode_run, strategy, queries, prompt, [1, 1, 3, 1, 17],
+                               torch.float32, fill, timeout=60)
+        for errs in per_rank:
+            assert max(errs[:-1]) < 2e-5, errs
+            assert errs[-1] < 1e-6, errs  # the filled cache is the single-process one (fp32 copy)
+
+
+def test_fp64_is_exact_to_rounding():
+    for errs in spawn_ranks(3, _decode_run, "ring", "sharded", 10, [1, 2, 40], torch.float64, False):
+        assert max(errs) < 1e-12, errs
