@@ -119,20 +119,22 @@ def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return _norm.residual_rmsnorm(x, residual, weight, eps)
 
 
-def _route(q: torch.Tensor, impl: str | None, scale: float, mask) -> str:
+def _route(q: torch.Tensor, impl: str | None, scale: float, mask, softcap) -> str:
     """The impl that runs a block with finite inputs: softmax_scale == 0 runs the reference (the
     fused ops multiply the masked -inf scores by 0 and return nan, where the exact answer is
-    uniform attention over the visible keys); Triton has no position masks."""
+    uniform attention over the visible keys), and so does ``softcap`` (neither torch's fused ops
+    nor our Triton kernels can soft-cap scores); Triton has no position masks."""
     chosen = select_impl(q.device, impl)
     if chosen == "triton" and mask is not None:
         raise UsageError("impl='triton' does not support window_size yet; use impl='sdpa' or 'torch'",
                          field="impl")
-    return "torch" if scale == 0.0 else chosen
+    return "torch" if scale == 0.0 or softcap is not None else chosen
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                   softmax_scale: float | None, impl: str | None = None,
-                  mask: PositionMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mask: PositionMask | None = None, softcap: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention block, not differentiable: ``out`` in the accumulation dtype, ``lse``.
 
     ``mask``: query/key positions and a window (then ``causal`` is ignored: the window holds it).
@@ -144,14 +146,14 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         causal = False
     if not all_finite(q, k, v):
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
-        return exact_forward(q, k, v, vis, scale)
-    chosen = _route(q, impl, scale, mask)
+        return exact_forward(q, k, v, vis, scale, softcap)
+    chosen = _route(q, impl, scale, mask, softcap)
     if mask is not None:
-        return windowed.forward(lambda *a: _forward(chosen, *a, False, scale), q, k, v, mask)
-    return _forward(chosen, q, k, v, None, causal, scale)
+        return windowed.forward(lambda *a: _forward(chosen, *a, False, scale, softcap), q, k, v, mask)
+    return _forward(chosen, q, k, v, None, causal, scale, softcap)
 
 
-def _forward(chosen: str, q, k, v, vis, causal: bool, scale: float):
+def _forward(chosen: str, q, k, v, vis, causal: bool, scale: float, softcap: float | None = None):
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
@@ -161,13 +163,15 @@ def _forward(chosen: str, q, k, v, vis, causal: bool, scale: float):
 
         return sdpa.forward(q, k, v, causal=causal, softmax_scale=scale, mask=vis)
     acc = reference.acc_dtype(q.dtype)
-    return attention_with_lse(q, k, v, causal=causal, softmax_scale=scale, out_dtype=acc, mask=vis)
+    return attention_with_lse(q, k, v, causal=causal, softmax_scale=scale, out_dtype=acc, mask=vis,
+                              softcap=softcap)
 
 
 def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    lse: torch.Tensor, delta: torch.Tensor, *, causal: bool,
                    softmax_scale: float | None, impl: str | None = None,
-                   mask: PositionMask | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   mask: PositionMask | None = None, softcap: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the global ``lse`` and ``delta``; fp32 results (exact
     visible-pairs path when an input holds a nan or inf, as :func:`block_forward`)."""
     scale = reference._scale(softmax_scale, q.shape[-1])
@@ -175,15 +179,16 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         causal = False
     if not (all_finite(dout, q, k, v, delta) and lse_ok(lse)):
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
-        return exact_backward(dout, q, k, v, lse, delta, vis, scale)
-    chosen = _route(q, impl, scale, mask)
+        return exact_backward(dout, q, k, v, lse, delta, vis, scale, softcap)
+    chosen = _route(q, impl, scale, mask, softcap)
     if mask is not None:
-        return windowed.backward(lambda *a: _backward(chosen, *a, False, scale), dout, q, k, v, lse,
-                                 delta, mask)
-    return _backward(chosen, dout, q, k, v, lse, delta, None, causal, scale)
+        return windowed.backward(lambda *a: _backward(chosen, *a, False, scale, softcap), dout, q, k, v,
+                                 lse, delta, mask)
+    return _backward(chosen, dout, q, k, v, lse, delta, None, causal, scale, softcap)
 
 
-def _backward(chosen: str, dout, q, k, v, lse, delta, vis, causal: bool, scale: float):
+def _backward(chosen: str, dout, q, k, v, lse, delta, vis, causal: bool, scale: float,
+              softcap: float | None = None):
     if chosen == "triton":
         from tokenloom.kernels import triton_attention
 
@@ -192,7 +197,8 @@ def _backward(chosen: str, dout, q, k, v, lse, delta, vis, causal: bool, scale: 
         from tokenloom.kernels import sdpa
 
         return sdpa.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale, mask=vis)
-    return attention_backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale, mask=vis)
+    return attention_backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale, mask=vis,
+                              softcap=softcap)
 
 
 class _BlockAttention(torch.autograd.Function):

@@ -71,15 +71,19 @@ def _heads_first(x: torch.Tensor, heads_kv: int, acc: torch.dtype) -> torch.Tens
 
 
 def _scores(q_t: torch.Tensor, k_t: torch.Tensor, scale: float, row0: int, causal: bool,
-            offset: int, inplace: bool = True, vis: torch.Tensor | None = None) -> torch.Tensor:
+            offset: int, inplace: bool = True, vis: torch.Tensor | None = None,
+            softcap: float | None = None) -> torch.Tensor:
     """Scaled, masked scores of a query tile: ``(batch, heads_kv, group, tile, keys)``.
 
     ``q_t`` is ``(b, hkv, g, tile, d)``, ``k_t`` the transposed key prefix ``(b, hkv, 1, d, keys)``;
     ``offset = seq_k - seq_q`` of the whole block (bottom-right alignment). ``vis``: an explicit
     ``(seq_q, seq_k)`` visibility (position masks, :mod:`tokenloom.kernels.masks`) instead.
+    ``softcap``: scores ``c * tanh(s / c)`` (Gemma 2), applied after scaling, before masking.
     """
     s = torch.matmul(q_t, k_t)
     s = s.mul_(scale) if inplace else s * scale
+    if softcap is not None:
+        s = s.div_(softcap).tanh_().mul_(softcap) if inplace else torch.tanh(s / softcap) * softcap
     if vis is not None:
         hide = ~vis[row0:row0 + q_t.shape[-2], :k_t.shape[-1]]
         return s.masked_fill_(hide, float("-inf")) if inplace else s.masked_fill(hide, float("-inf"))
@@ -93,7 +97,8 @@ def _scores(q_t: torch.Tensor, k_t: torch.Tensor, scale: float, row0: int, causa
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        softmax_scale: float | None = None, out_dtype: torch.dtype | None = None,
-                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask: torch.Tensor | None = None, softcap: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its log-sum-exp; the oracle and the CPU block kernel.
 
     Args:
@@ -121,7 +126,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
             out_h[..., r0:r1, :] = 0
             lse_h[..., r0:r1] = float("-inf")
             continue
-        p = _scores(qh[..., r0:r1, :], k_t[..., :kend], scale, r0, causal, sk - sq, inplace, mask)
+        p = _scores(qh[..., r0:r1, :], k_t[..., :kend], scale, r0, causal, sk - sq, inplace, mask,
+                    softcap)
         m = p.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked rows
         p = p.sub_(m).exp_() if inplace else torch.exp(p - m)
@@ -169,8 +175,8 @@ def attention_delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, delta: torch.Tensor, *, causal: bool = False,
-                       softmax_scale: float | None = None, mask: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       softmax_scale: float | None = None, mask: torch.Tensor | None = None,
+                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one attention block given the *global* row statistics.
 
     ``lse`` and ``delta`` (``(batch, heads_q, seq_q)``) are those of the full attention the block
@@ -200,12 +206,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             continue
         t = r1 - r0
         q_t, do_t = qh[..., r0:r1, :], doh[..., r0:r1, :]
-        p = _scores(q_t, k_t[..., :kend], scale, r0, causal, sk - sq, vis=mask)
+        p = _scores(q_t, k_t[..., :kend], scale, r0, causal, sk - sq, vis=mask, softcap=softcap)
+        # d(c tanh(x / c))/dx = 1 - tanh^2 (masked entries: -inf -> factor 1, their p is 0)
+        cap = None if softcap is None else 1 - (p / softcap).masked_fill(torch.isneginf(p), 0.0) ** 2
         p.sub_(lse_h[..., r0:r1].unsqueeze(-1)).exp_()
         # the (group, tile) rows of one kv head fold together for dK and dV
         dv[:, :, :kend] += torch.matmul(p.reshape(b, hkv, g * t, kend).transpose(-1, -2),
                                         do_t.reshape(b, hkv, g * t, d))
         ds = torch.matmul(do_t, v_t[..., :kend]).sub_(delta_h[..., r0:r1].unsqueeze(-1)).mul_(p)
+        if cap is not None:
+            ds.mul_(cap)
         dq[..., r0:r1, :] = torch.matmul(ds, kh[..., :kend, :]).mul_(scale)
         dk[:, :, :kend] += torch.matmul(ds.reshape(b, hkv, g * t, kend).transpose(-1, -2),
                                         q_t.reshape(b, hkv, g * t, d)).mul_(scale)

@@ -31,7 +31,7 @@ from tokenloom.errors import UsageError
 
 FIELDS = ("arguments", "strategy", "layout", "causal", "softmax_scale", "impl", "dtype", "batch",
           "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "shape", "call",
-          "window_size")
+          "window_size", "softcap", "sinks")
 
 
 def code_of(text: str) -> int:
@@ -86,6 +86,18 @@ def check_scale(value: Any, head_dim: int) -> float:
     if not math.isfinite(value):
         raise UsageError(f"softmax_scale must be finite, got {value}", field="softmax_scale")
     return value
+
+
+def check_softcap(value: Any) -> float | None:
+    """``softcap`` (scores -> c * tanh(s / c)): None, or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise UsageError(f"softcap must be a finite number > 0 or None, got {value!r}", field="softcap")
+    return float(value)
 
 
 def agree(name: str, mine: Agreed, gather: Callable[[torch.Tensor], torch.Tensor] | None,

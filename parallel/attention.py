@@ -29,7 +29,8 @@ import torch
 from tokenloom.errors import UsageError
 from tokenloom.kernels.masks import poison_dead_rows
 from tokenloom.kernels.reference import attention_delta, check_qkv
-from tokenloom.parallel.agree import Agreed, agree, check_scale
+from tokenloom.parallel.agree import Agreed, agree, check_scale, check_softcap
+from tokenloom.parallel.sinks import apply_sinks, sink_grad, with_sinks
 from tokenloom.parallel.builders import schedule_for
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims
 from tokenloom.parallel.groups import agreement_gather, resolve_sp_group
@@ -78,6 +79,7 @@ class _Args:
     impl: Any
     cu_seqlens: tuple[int, ...] | None
     window_size: Any
+    softcap: Any
     hardware: str | None
     backward: bool
     q_shape: tuple
@@ -118,6 +120,7 @@ class _Plan:
                              f"cu_seqlens=...)", field="cu_seqlens")
         self.scale = check_scale(a.softmax_scale, d)
         self.impl = _resolve_impl(a.impl, a.device)
+        self.softcap = check_softcap(a.softcap)
         window = normalize_window(a.window_size, a.causal)
         if window is not None and self.impl == "triton":
             raise UsageError(f"{name}: impl='triton' has no sliding window yet (window_size="
@@ -135,10 +138,11 @@ class _Plan:
             "softmax_scale": self.scale, "impl": self.impl, "dtype": str(a.dtypes[0]), "batch": b,
             "seq": seq_len if doc_lens is not None else s_local, "heads": h, "kv_heads": hkv,
             "head_dim": d, "cu_seqlens": doc_lens, "mesh": f"{u}x{n // u}", "backward": a.backward,
-            "call": "attention", "window_size": window})
+            "call": "attention", "window_size": window, "softcap": self.softcap})
 
     def runner(self, sched: Schedule, keep=()) -> Runner:
-        return Runner(sched, self.groups, self.dims, softmax_scale=self.scale, impl=self.impl, keep=keep)
+        return Runner(sched, self.groups, self.dims, softmax_scale=self.scale, impl=self.impl, keep=keep,
+                      softcap=self.softcap)
 
     # ------------------------------------------------------------------ buffers
     def _local(self, buf: Buf) -> bool:
@@ -154,7 +158,7 @@ class _Plan:
                 fields[name] = tensors[name].contiguous()
         return Held(tuple(buf.chunks), fields)
 
-    def forward(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor, list, dict]:
+    def forward(self, q, k, v, sinks=None) -> tuple[torch.Tensor, torch.Tensor, list, dict]:
         r = self.rank
         tensors = {"q": q, "k": k, "v": v}
         store = {b.key: self._bind(b, tensors) for b in self.fwd.inputs[r]}
@@ -162,12 +166,23 @@ class _Plan:
         keep = [b.key for b in bwd_inputs if not self._local(b)]
         runner = self.runner(self.fwd, keep)
         runner.run(store)
-        out = runner.output(store, "out", "out").to(q.dtype)
+        out = runner.output(store, "out", "out")
         lse = runner.output(store, "out", "lse").contiguous()  # fp32 (fp64 for fp64), as the reference
-        out, lse = poison_dead_rows(out, lse)  # rows whose every score was -inf (infinite inputs)
+        if sinks is None:
+            out, lse = poison_dead_rows(out, lse)  # rows whose every score was -inf (infinite inputs)
+        else:  # once per query, after every partial merged; the kept head shards too (Ulysses)
+            out, lse = apply_sinks(out, lse, sinks)
+            for key in keep:
+                held = store[key]
+                if key[0] == "out":
+                    h = held.fields["lse"].shape[1]
+                    held.fields["out"], held.fields["lse"] = apply_sinks(
+                        held.fields["out"], held.fields["lse"], sinks, max(key[3], 0) * h)
+        out = out.to(q.dtype)
         tensors.update(out=out, lse=lse)
         need = {f for b in bwd_inputs if self._local(b) for f, *_ in WIRE_FIELDS[b.kind]}
         need |= {"q", "out", "lse"} if "delta" in need else set()
+        need |= {"out", "lse"} if sinks is not None else set()
         saved, meta = [], {"local": [], "held": []}
         for name in _LOCAL_FIELDS:
             if name in need:
@@ -179,7 +194,7 @@ class _Plan:
             saved.extend(held.fields.values())
         return out, lse, saved, meta
 
-    def backward(self, dout: torch.Tensor, saved, meta) -> tuple[torch.Tensor, ...]:
+    def backward(self, dout: torch.Tensor, saved, meta, sinks=None) -> tuple[torch.Tensor, ...]:
         assert self.bwd is not None, "backward of a call agreed without backward"
         it = iter(saved)
         tensors = {name: next(it) for name in meta["local"]}
@@ -190,8 +205,11 @@ class _Plan:
         runner = self.runner(self.bwd)
         runner.run(store)
         io = self.dims.dtype
-        return tuple(runner.output(store, kind, name).to(io)
-                     for kind, name in (("dq", "dq"), ("dkv", "dk"), ("dkv", "dv")))
+        grads = tuple(runner.output(store, kind, name).to(io)
+                      for kind, name in (("dq", "dq"), ("dkv", "dk"), ("dkv", "dv")))
+        if sinks is None:
+            return grads + (None,)
+        return grads + (sink_grad(tensors["out"], tensors["lse"], dout, sinks),)
 
 
 def _resolve_impl(impl: Any, device: torch.device) -> str:
@@ -207,17 +225,17 @@ def _resolve_impl(impl: Any, device: torch.device) -> str:
 
 class _SequenceParallelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan):
-        out, lse, saved, meta = plan.forward(q, k, v)
-        ctx.plan, ctx.meta = plan, meta
+    def forward(ctx, q, k, v, sinks, plan: _Plan):
+        out, lse, saved, meta = plan.forward(q, k, v, sinks)
+        ctx.plan, ctx.meta, ctx.sinks = plan, meta, sinks
         ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        dq, dk, dv = ctx.plan.backward(dout.contiguous(), ctx.saved_tensors, ctx.meta)
-        return dq, dk, dv, None
+        dq, dk, dv, dsinks = ctx.plan.backward(dout.contiguous(), ctx.saved_tensors, ctx.meta, ctx.sinks)
+        return dq, dk, dv, dsinks, None
 
 
 # ---------------------------------------------------------------------- validation + agreement
@@ -247,7 +265,8 @@ _MAX_PLANS = 256
 
 
 def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causal, layout,
-              softmax_scale, impl, cu_seqlens, hardware, window_size=None) -> tuple[Agreed, _Plan | None]:
+              softmax_scale, impl, cu_seqlens, hardware, window_size=None, softcap=None
+              ) -> tuple[Agreed, _Plan | None]:
     """This rank's encoded arguments and plan, or its own argument error (cached by arguments)."""
     from tokenloom.parallel.agree import FIELDS
 
@@ -257,7 +276,7 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
         cu = host_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
         if isinstance(window_size, list):
             window_size = tuple(window_size)
-        args = _Args(strategy, layout, causal, softmax_scale, impl, cu, window_size, hardware, backward,
+        args = _Args(strategy, layout, causal, softmax_scale, impl, cu, window_size, softcap, hardware, backward,
                      tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype),
                      q.device)
         # the process and the group's shape too: a forked child must not reuse its parent's plans
@@ -281,15 +300,19 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
 
 
 def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, softmax_scale,
-               return_lse, impl, cu_seqlens=None, hardware=None, timeout=None, window_size=None):
+               return_lse, impl, cu_seqlens=None, hardware=None, timeout=None, window_size=None,
+               softcap=None, sinks=None):
     groups = resolve_sp_group(group, timeout=timeout)
     mine, plan = _plan_for(name, groups, group, q, k, v, strategy=strategy, causal=causal,
                            layout=layout, softmax_scale=softmax_scale, impl=impl,
-                           cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size)
+                           cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size,
+                           softcap=softcap)
+    if sinks is not None:
+        mine = with_sinks(mine, sinks, q.shape[2], q, name)
     gather, device = agreement_gather(groups, f"{name} argument agreement")
     agree(name, mine, gather, device)  # before any P2P: raises on every rank or none
     assert plan is not None
-    out, lse = _SequenceParallelAttention.apply(q, k, v, plan)
+    out, lse = _SequenceParallelAttention.apply(q, k, v, sinks, plan)
     return (out, lse) if return_lse else out
 
 
@@ -297,7 +320,8 @@ def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, soft
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                          causal: bool = False, layout: str = "zigzag",
                          softmax_scale: float | None = None, return_lse: bool = False,
-                         impl: str | None = None, cu_seqlens: Any = None, window_size: Any = None):
+                         impl: str | None = None, cu_seqlens: Any = None, window_size: Any = None,
+                         softcap: float | None = None, sinks: torch.Tensor | None = None):
     """TokenRing attention (arXiv 2412.20501): queries travel, partial outputs come back.
 
     K/V stay on their rank. At every step a rank sends the query block it holds one way around
@@ -323,18 +347,22 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
         window_size: sliding window ``(left, right)`` (flash-attn's convention, -1 unbounded):
             query at global position i sees keys i - left .. i + right (causal: right = 0), inside
             its document. Blocks the window hides are never computed nor sent.
+        softcap: logit soft-capping, scores -> ``softcap * tanh(scores / softcap)`` (Gemma 2).
+        sinks: ``(heads,)`` one learnable logit per query head in every row's softmax denominator
+            (GPT-OSS ``s_aux``); differentiable (a rank's gradient covers its own tokens).
     Returns:
         ``out`` like q (or ``(out, lse)``).
     """
     return _attention("token_ring_attention", "tokenring", q, k, v, group=group, causal=causal,
                       layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens, window_size=window_size)
+                      cu_seqlens=cu_seqlens, window_size=window_size, softcap=softcap, sinks=sinks)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                    causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
                    return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
-                   window_size: Any = None):
+                   window_size: Any = None, softcap: float | None = None,
+                   sinks: torch.Tensor | None = None):
     """Ring attention: K/V blocks rotate around the ring, outputs accumulate where queries live.
 
     Backward rotates K/V again with an fp32 dk/dv accumulator one step behind them. Arguments as
@@ -342,13 +370,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     """
     return _attention("ring_attention", "ring", q, k, v, group=group, causal=causal, layout=layout,
                       softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens, window_size=window_size)
+                      cu_seqlens=cu_seqlens, window_size=window_size, softcap=softcap, sinks=sinks)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: Any = None,
                       causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
                       return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
-                      window_size: Any = None):
+                      window_size: Any = None, softcap: float | None = None,
+                      sinks: torch.Tensor | None = None):
     """DeepSpeed-Ulysses: all-to-all from sequence shards to head shards and back.
 
     Needs ``heads % world_size == 0``; kv heads that do not divide the world size are replicated
@@ -356,14 +385,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
     """
     return _attention("ulysses_attention", "ulysses", q, k, v, group=group, causal=causal,
                       layout=layout, softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens, window_size=window_size)
+                      cu_seqlens=cu_seqlens, window_size=window_size, softcap=softcap, sinks=sinks)
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str = "auto",
                  group: Any = None, causal: bool = False, layout: str = "zigzag",
                  softmax_scale: float | None = None, return_lse: bool = False,
                  impl: str | None = None, hardware: str | None = None, cu_seqlens: Any = None,
-                 window_size: Any = None):
+                 window_size: Any = None, softcap: float | None = None,
+                 sinks: torch.Tensor | None = None):
     """Sequence-parallel attention with ``strategy`` "tokenring" | "ring" | "ulysses" | "auto".
 
     ``"auto"`` asks the simulator's advisor (:func:`tokenloom.simulator.choose_strategy`) which
@@ -375,7 +405,8 @@ def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy:
     """
     return _attention("sp_attention", strategy, q, k, v, group=group, causal=causal, layout=layout,
                       softmax_scale=softmax_scale, return_lse=return_lse, impl=impl,
-                      cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size)
+                      cu_seqlens=cu_seqlens, hardware=hardware, window_size=window_size,
+                      softcap=softcap, sinks=sinks)
 
 
 __all__ = [

@@ -232,13 +232,14 @@ class Runner:
     """Executes one schedule on one rank; reusable across calls with the same geometry."""
 
     def __init__(self, schedule: Schedule, comm: Communicator | Groups, dims: Dims, *,
-                 softmax_scale: float | None, impl: str | None = None, keep: Iterable[Key] = ()) -> None:
+                 softmax_scale: float | None, impl: str | None = None, keep: Iterable[Key] = (),
+                 softcap: float | None = None) -> None:
         groups = comm if isinstance(comm, Groups) else Groups.flat(comm)
         assert schedule.world_size == groups.world_size, (schedule.world_size, groups.world_size)
         self.schedule, self.groups, self.dims = schedule, groups, dims
         self.comm = groups.p2p
         self.rank = groups.rank
-        self.scale, self.impl = softmax_scale, impl
+        self.scale, self.impl, self.softcap = softmax_scale, impl, softcap
         self.steps = schedule.ranks[self.rank]
         self.outputs = schedule.outputs[self.rank] if schedule.outputs else {}
         self.keep = set(keep) | {b.key for b in self.outputs.values()}
@@ -309,14 +310,15 @@ class Runner:
                 mask = self._position_mask(q_segs, kv_segs) if blk.masked else None
                 if op.q_src.kind == "q":
                     out, lse = block_forward(q, k, v, causal=blk.causal, softmax_scale=self.scale,
-                                             impl=self.impl, mask=mask)
+                                             impl=self.impl, mask=mask, softcap=self.softcap)
                     self._fold(dst, q_segs, {"out": out, "lse": lse})
                     continue
                 dout = take(qs.fields["dout"], 1, q_rows)
                 lse = take(qs.fields["lse"], 2, q_rows)
                 delta = take(qs.fields["delta"], 2, q_rows)
                 dq, dk, dv = block_backward(dout, q, k, v, lse, delta, causal=blk.causal,
-                                            softmax_scale=self.scale, impl=self.impl, mask=mask)
+                                            softmax_scale=self.scale, impl=self.impl, mask=mask,
+                                            softcap=self.softcap)
                 self._fold(dst, q_segs, {"dq": dq.to(d.acc)})
                 assert dst_kv is not None
                 self._fold(dst_kv, kv_segs, {"dk": dk.to(d.acc), "dv": dv.to(d.acc)})

@@ -80,22 +80,26 @@ def _mesh(rank, n):
     total = 48
     g = torch.Generator().manual_seed(1)
     q, k, v, dout = (torch.randn(1, total, h, D, generator=g, dtype=torch.float64) for h in (H, HKV, HKV, H))
+    sinks = torch.randn(H, generator=g, dtype=torch.float64)
     errs = []
     for strategy in ("tokenring", "ring"):
-        for causal, window in CASES[:3]:
+        for causal, window, extra in [(c, w, {}) for c, w in CASES[:3]] + [
+                (True, (5, -1), {"softcap": 0.8, "sinks": sinks})]:
             qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-            ref, _ = plain_attention(qr, kr, vr, dense_visible(total, causal=causal, window=window), D ** -0.5)
+            ref, _ = plain_attention(qr, kr, vr, dense_visible(total, causal=causal, window=window),
+                                     D ** -0.5, **extra)
             ref.backward(dout)
             sh = [shard_sequence(t, group=mesh) for t in (q, k, v, dout)]
             ql, kl, vl = (t.requires_grad_() for t in sh[:3])
-            out = sp_attention(ql, kl, vl, group=mesh, strategy=strategy, causal=causal, window_size=window)
+            out = sp_attention(ql, kl, vl, group=mesh, strategy=strategy, causal=causal, window_size=window,
+                               **extra)
             out.backward(sh[3])
             for a, b in zip((out, ql.grad, kl.grad, vl.grad), (ref.detach(), qr.grad, kr.grad, vr.grad)):
                 errs.append((a - shard_sequence(b, group=mesh)).abs().max().item())
     return max(errs)
 
 
-def test_window_on_a_2d_mesh():
+def test_window_softcap_sinks_on_a_2d_mesh():
     assert max(spawn_ranks(4, _mesh, timeout=300)) < 1e-10
 
 
