@@ -80,6 +80,16 @@ def _identity(cache: ShardedKVCache) -> tuple[int, int]:
             code_of(f"{s.model}|{s.num_layers}|{s.batch}|{s.kv_heads}|{s.head_dim}|{s.dtype}"))
 
 
+def _describe(cache: Any, layer: Any) -> str:
+    if not isinstance(cache, ShardedKVCache) or not isinstance(layer, int):
+        return "?"
+    s = cache.spec
+    return (f"layout={s.layout} world_size={s.world_size} model={s.model or '-'} "
+            f"layers={s.num_layers} kv_heads={s.kv_heads} head_dim={s.head_dim} dtype={s.dtype} "
+            f"layer {layer}: {'present' if cache.has_layer(layer) else 'absent'}, "
+            f"{cache.seq_len(layer)} tokens")
+
+
 def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[int, int]:
     """This rank's own checks (raise UsageError); returns ``(start, my new-token count)``."""
     if not isinstance(cache, ShardedKVCache):
@@ -110,7 +120,8 @@ def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[in
     return start, q.shape[1]
 
 
-def _agree(comm: Communicator, mine: list[int], error: UsageError | None) -> list[list[int]]:
+def _agree(comm: Communicator, mine: list[int], error: UsageError | None, local: str = ""
+           ) -> list[list[int]]:
     """ONE all-gather of every rank's vector; raise the same way on every rank."""
     if comm.world_size == 1:
         if error is not None:
@@ -134,8 +145,8 @@ def _agree(comm: Communicator, mine: list[int], error: UsageError | None) -> lis
             what = {"cache": "a cache from another layout, world size or size",
                     "model": "a cache from another model",
                     "layer_present": "a rank whose cache lacks this layer"}.get(name, name)
-            raise UsageError(f"cached_attention: ranks disagree on {name} ({what}): {shown}",
-                             field=name)
+            raise UsageError(f"cached_attention: ranks disagree on {name} ({what}): {shown}; "
+                             f"this rank's cache: {local}", field=name)
     return every
 
 
@@ -170,7 +181,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     else:
         mine = [_FIELDS.index(error.field if error.field in _FIELDS else "arguments") + 1] \
             + [0] * len(_FIELDS)
-    every = _agree(comm, mine, error)
+    every = _agree(comm, mine, error, _describe(cache, layer))
     n = comm.world_size
     old = [row[-1] for row in every]
     total = sum(row[7] for row in every) if queries == "sharded" else count
