@@ -223,6 +223,17 @@ class ShardedKVCache:
                              f"one per local token", field="positions")
         self.append(layer, k, v, positions, seq_len)
 
+    def fill_shard(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq_len: int, *,
+                   layout: str = "zigzag", ulysses: int = 1) -> None:
+        """This rank's K/V shard of a sequence-parallel prefill of ``seq_len`` tokens (as given to
+        ``sp_attention`` with ``layout``; ``ulysses`` > 1 for a 2-D mesh) into an empty layer."""
+        if layout != self.spec.layout:
+            raise UsageError(f"fill_shard: the prefill's layout {layout!r} is not this cache's "
+                             f"{self.spec.layout!r}", field="layout")
+        pos = prefill_positions(self.spec.rank, self.spec.world_size, seq_len, layout=layout,
+                                ulysses=ulysses)
+        self.fill(layer, k, v, pos, seq_len)
+
 
 def prefill_positions(rank: int, world_size: int, seq_len: int, *, layout: str = "zigzag",
                       ulysses: int = 1) -> torch.Tensor:
