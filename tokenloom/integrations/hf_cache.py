@@ -1,0 +1,185 @@
+"""Hugging Face generation over a sharded KV cache: ``model.generate(...)`` on N ranks.
+
+::
+
+    cache = TokenloomCache(model.config, max_tokens=prompt + new, group=g)   # every rank
+    with cache.attached(model):                                               # our attention backend
+        ids = model.generate(input_ids, cache=cache, max_new_tokens=new, do_sample=False)
+        # (transformers before the rename: past_key_values=cache)
+
+Every rank runs the whole model on the same tokens (the prompt, then one token per step); only the
+KV cache is sharded: :class:`TokenloomCache` is a ``transformers.Cache`` whose layers keep nothing
+themselves: ``update`` hands the new keys/values straight back, and the attention function that
+:meth:`TokenloomCache.attached` installs appends them to this rank's shard and attends the new
+queries over the whole cache with :func:`tokenloom.parallel.decode.cached_attention` (replicated
+queries; the prompt is a chunked prefill over an empty cache). Each rank then holds ~1/N of the
+cache and reads ~1/N of it per token, and gets the same logits as one process.
+
+Limits (refused, on every rank, with a UsageError naming the argument): padding masks (a batch
+must be unpadded: pass no ``attention_mask`` or an all-ones one), sliding windows, soft-capping and
+attention sinks. Beam search and cropping are not supported (greedy and sampling are).
+
+transformers is imported only when a function here is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator
+
+import torch
+
+from tokenloom.errors import UsageError
+from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
+
+_REFUSED = {"softcap": "logit soft-capping", "s_aux": "attention sinks",
+            "sliding_window": "sliding windows"}
+
+
+def _base_classes() -> tuple[type, type]:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    return Cache, CacheLayerMixin
+
+
+@functools.lru_cache(maxsize=1)
+def _layer_class() -> type:
+    _, mixin = _base_classes()
+
+    class ShardedLayer(mixin):
+        """One layer's view of the sharded cache: ``update`` returns the new states unchanged
+        (the attention function appends them); lengths are the whole sequence's."""
+
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, owner: "ShardedKVCache", layer: int) -> None:
+            super().__init__()
+            self.owner, self.layer = owner, layer
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self.is_initialized = True
+            return key_states, value_states
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.get_seq_length() + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.owner.seq_len(self.layer)
+
+        def get_max_length(self) -> int:
+            return self.owner.max_tokens
+
+        def reset(self) -> None:
+            self.owner.truncate(self.layer, 0, 0)
+
+    return ShardedLayer
+
+
+def _model_code(config: Any) -> str:
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size")
+    return "|".join(str(getattr(config, k, None)) for k in keys)
+
+
+def TokenloomCache(config: Any, *, max_tokens: int, group: Any = None, strategy: str = "auto",
+                   batch: int = 1, dtype: torch.dtype | None = None, device: Any = "cpu",
+                   memory_limit: int | None = None, impl: str | None = None) -> Any:
+    """A ``transformers.Cache`` over this rank's :class:`ShardedKVCache` (see module docstring).
+
+    ``config``: the model's config (layers, heads, head_dim, dtype); ``max_tokens``: prompt plus
+    new tokens (memory is estimated for it before anything is allocated); ``strategy``: "auto",
+    "gather", "ring" or "passkv" (:func:`~tokenloom.parallel.decode.cached_attention`).
+    """
+    from tokenloom.comm.communicator import Communicator
+
+    cls = _cache_class()
+    comm = group if isinstance(group, Communicator) else Communicator(group)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = dtype or getattr(config, "dtype", None) or torch.get_default_dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    spec = CacheSpec(config.num_hidden_layers, batch, kv_heads, head_dim, dtype, comm.world_size,
+                     comm.rank, layout="appended", model=_model_code(config))
+    return cls(ShardedKVCache(spec, max_tokens, device=device, memory_limit=memory_limit), comm,
+               strategy, impl)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_class() -> type:
+    cache_base, _ = _base_classes()
+    layer_cls = _layer_class()
+
+    class _TokenloomCache(cache_base):
+        """See :func:`TokenloomCache`."""
+
+        def __init__(self, sharded: ShardedKVCache, comm: Any, strategy: str, impl: str | None) -> None:
+            layers = [layer_cls(sharded, i) for i in range(sharded.spec.num_layers)]
+            super().__init__(layers=layers)
+            self.sharded, self.comm, self.strategy, self.impl = sharded, comm, strategy, impl
+            self.name = f"tokenloom_kv_{id(self):x}"
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(self.name, self._attention)
+
+        def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
+            return self.sharded.seq_len(layer_idx)
+
+        @contextlib.contextmanager
+        def attached(self, model: Any) -> Iterator[None]:
+            """Run ``model`` with this cache's attention function, restoring the old one after."""
+            before = model.config._attn_implementation
+            model.set_attn_implementation(self.name)
+            try:
+                yield
+            finally:
+                model.set_attn_implementation(before)
+
+        def _attention(self, module: Any, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: Any, *, scaling: float | None = None,
+                       dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            from tokenloom.parallel.decode import cached_attention
+
+            for name, what in _REFUSED.items():
+                if kwargs.get(name) is not None:
+                    raise UsageError(f"TokenloomCache: {what} ({name}) are not supported",
+                                     field=name)
+            if dropout:
+                raise UsageError("TokenloomCache: attention dropout is not supported (call "
+                                 "model.eval())", field="dropout")
+            out = cached_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   self.sharded, module.layer_idx, group=self.comm,
+                                   strategy=self.strategy, softmax_scale=scaling, impl=self.impl)
+            return out, None
+
+    return _TokenloomCache
+
+
+def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy: str = "auto",
+             max_new_tokens: int = 16, memory_limit: int | None = None, **kwargs: Any) -> torch.Tensor:
+    """``model.generate`` with a fresh :func:`TokenloomCache` (the same tokens on every rank)."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise UsageError("generate: a padding attention_mask cannot be honoured over a sharded "
+                         "cache; pass unpadded prompts", field="attention_mask")
+    if input_ids.dim() != 2:
+        raise UsageError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}",
+                         field="input_ids")
+    dtype = next(model.parameters()).dtype
+    cache = TokenloomCache(model.config, max_tokens=input_ids.shape[1] + max_new_tokens, group=group,
+                           strategy=strategy, batch=input_ids.shape[0], dtype=dtype,
+                           device=input_ids.device, memory_limit=memory_limit)
+    import inspect
+
+    # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with cache.attached(model):
+        return model.generate(input_ids, max_new_tokens=max_new_tokens, **{name: cache}, **kwargs)
