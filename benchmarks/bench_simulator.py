@@ -3,13 +3,17 @@
     python benchmarks/bench_simulator.py            # speed, scaling, and the strategy table
     pytest benchmarks/bench_simulator.py            # the speed target under pytest-benchmark
 
-Speed target (issue #3): TokenRing, causal, forward+backward, 64 ranks x 1M tokens in <= 2 s on the
-2-core CI machine (schedule building included: that is what a user of the advisor waits for).
+Speed targets: TokenRing, causal, forward+backward, 64 ranks x 1M tokens in <= 2 s on the 2-core CI
+machine (issue #3); through the CLI, 256 ranks in <= 2 s and 1024 ranks (and the 2-D hybrid on 128
+nodes x 8) in <= 10 s (issue 20). Measured here, never asserted in tests/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -25,17 +29,17 @@ CLUSTERS = (("h100-sxm x8", "h100-sxm", 8, 1), ("a10-pcie x4", "a10-pcie", 4, 1)
             ("mi300x x8", "mi300x", 8, 1), ("4 nodes x 8 h100-sxm", "h100-sxm", 32, 4))
 
 
-def time_tokenring(ranks: int, seq: int, cold: bool = True) -> tuple[float, int]:
-    """Wall seconds to build and simulate TokenRing causal fwd+bwd; and ranks x steps simulated.
+def time_tokenring(ranks: int, seq: int, cold: bool = True, engine: str = "auto") -> tuple[float, float]:
+    """Wall seconds to build and simulate TokenRing causal fwd+bwd; and the simulated seconds.
 
     ``cold``: build the schedules too (the simulator caches them across calls)."""
     cluster = make_cluster("h100-sxm", ranks, max(1, ranks // 8))
     if cold:
         scenario._schedule.cache_clear()
     t0 = time.perf_counter()
-    res = simulate_attention("tokenring", cluster, AttentionShape(seq, HEADS, HEAD_DIM), causal=True, backward=True)
-    elapsed = time.perf_counter() - t0
-    return elapsed, sum(ranks * p.schedule.num_steps for p in res.passes)
+    res = simulate_attention("tokenring", cluster, AttentionShape(seq, HEADS, HEAD_DIM), causal=True, backward=True,
+                             engine=engine, max_transfers=2_000_000)
+    return time.perf_counter() - t0, res.total_s
 
 
 def test_speed_tokenring_64_ranks_1m_tokens(benchmark):
@@ -43,16 +47,36 @@ def test_speed_tokenring_64_ranks_1m_tokens(benchmark):
     assert elapsed <= 2.0
 
 
+def time_cli(ranks: int, strategy: str = "tokenring") -> float:
+    """Wall seconds of ``tokenloom simulate attention`` (a fresh process: imports included)."""
+    exe = shutil.which("tokenloom")
+    cmd = [exe] if exe else [sys.executable, "-m", "tokenloom"]
+    cmd += ["simulate", "attention", "--hardware", "h100-sxm", "--gpus", str(ranks), "--nodes", str(max(1, ranks // 8)),
+            "--seq", "1M", "--heads", "32", "--head-dim", "128", "--causal", "--backward", "--strategy", strategy,
+            "--json"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def speed_and_scaling() -> None:
-    best = min(time_tokenring(64, 1 << 20)[0] for _ in range(3))
-    warm = min(time_tokenring(64, 1 << 20, cold=False)[0] for _ in range(3))
-    print(f"TokenRing causal fwd+bwd, 64 ranks x 1M tokens: {best:.3f} s with schedule building "
-          f"(target <= 2 s), {warm:.3f} s with the schedules cached\n")
-    print("| ranks | ranks x steps | seconds | us per rank-step |")
-    print("|---|---|---|---|")
-    for ranks in (8, 16, 32, 64, 128):
-        elapsed, work = min(time_tokenring(ranks, 1 << 20) for _ in range(2))
-        print(f"| {ranks} | {work} | {elapsed:.3f} | {elapsed / work * 1e6:.1f} |")
+    """Issue 20's scale table: lockstep (the default on NVSwitch/mesh nodes) against the event engine."""
+    print(f"TokenRing causal fwd+bwd, 1M tokens, h100-sxm nodes of 8 (machine load {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores); CLI = a fresh 'tokenloom simulate attention' process\n")
+    print("| ranks | lockstep s (in process) | CLI s | event engine s | simulated ms lockstep | event | rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for ranks in (8, 16, 32, 64, 128, 256, 512, 1024):
+        fast, total = min(time_tokenring(ranks, 1 << 20) for _ in range(2 if ranks <= 256 else 1))
+        cli = time_cli(ranks)
+        if ranks <= 128:
+            slow, want = time_tokenring(ranks, 1 << 20, engine="event")
+            event = f"{slow:.3f} | {want * 1e3:.2f} | {abs(total / want - 1):.1e}"
+        else:
+            event = "refused (over 2M transfers) or minutes | - | -"
+        print(f"| {ranks} | {fast:.3f} | {cli:.3f} | {event.split(' | ')[0]} | {total * 1e3:.2f} | "
+              f"{' | '.join(event.split(' | ')[1:])} |")
+        sys.stdout.flush()
+    print(f"| 1024 (ulysses8+tokenring, 128 nodes x 8) | - | {time_cli(1024, 'ulysses8+tokenring'):.3f} | - | - | - | - |")
     print()
 
 

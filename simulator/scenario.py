@@ -18,6 +18,8 @@ from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import no_gc, simulate
 from tokenloom.simulator.hardware import Cluster
+from tokenloom.simulator.lockstep import lockstep_supported, simulate_plan
+from tokenloom.simulator.ringfast import compile_ring
 from tokenloom.simulator.timeline import Timeline
 from tokenloom.validate import check_choice, check_int
 
@@ -93,19 +95,24 @@ def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
 MAX_SIM_TRANSFERS_CEILING = 2_000_000  # ~8 GB and ~5 min: the most ``max_transfers`` may ask for
 
 
-def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus", *, limit: int | None = None) -> int:
+def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus", *, limit: int | None = None,
+               weight: int = 1) -> int:
     """Refuse (UsageError naming ``field``) simulations of ``(strategy, world_size, backward)``
-    that together exceed ``limit`` (default :data:`MAX_SIM_TRANSFERS`); return the estimate."""
+    that together exceed ``limit`` (default :data:`MAX_SIM_TRANSFERS`); return the estimate.
+    ``weight``: transfers that cost one event-engine transfer (:data:`LOCKSTEP_WEIGHT` on the
+    lockstep path)."""
     limit = MAX_SIM_TRANSFERS if limit is None else check_int(limit, "max_transfers", lo=1,
                                                                hi=MAX_SIM_TRANSFERS_CEILING)
-    total = sum(estimated_transfers(*run) for run in runs)
+    total = -(-sum(estimated_transfers(*run) for run in runs) // weight)
     if total > limit:
         n = max(run[1] for run in runs)
         what = f"{len(runs)} simulations" if len(runs) > 1 else "the simulation"
         raise_it = (f", or raise --max-transfers (at most {MAX_SIM_TRANSFERS_CEILING:,})"
                     if total <= MAX_SIM_TRANSFERS_CEILING else "")
+        per = ("~0.1-0.2 ms and ~4 KB each" if weight == 1 else
+               f"the lockstep path counts 1/{weight} of each")
         raise UsageError(f"{field}: {n} ranks need ~{total:,} simulated transfers for {what} (~2-3 x "
-                         f"gpus^2 per pass, ~0.1-0.2 ms and ~4 KB each); the limit is {limit:,}: use fewer "
+                         f"gpus^2 per pass, {per}); the limit is {limit:,}: use fewer "
                          f"gpus or passes{raise_it}", field=field)
     return total
 
@@ -126,18 +133,48 @@ def check_feasible(strategy: str, world_size: int, shape: AttentionShape) -> Non
                          field="heads")
 
 
+ENGINES = ("auto", "event", "lockstep")
+# The lockstep path (compile_ring + simulate_plan) spends ~1-2 us per transfer instead of ~0.1 ms
+# (benchmarks/bench_simulator.py): it counts 1/64 of a transfer against the same work limit.
+LOCKSTEP_WEIGHT = 64
+
+
+def uses_lockstep(cluster: Cluster, engine: str = "auto") -> bool:
+    """Whether :func:`simulate_attention` prices on the step-by-step path (same semantics,
+    :mod:`.lockstep`): every route rank-owned, and no per-transfer record asked for."""
+    check_choice(engine, "engine", ENGINES)
+    ok = lockstep_supported(cluster)
+    if engine == "lockstep" and not ok:
+        raise UsageError(f"engine: lockstep needs rank-owned links (fabric switch or mesh, or PCIe without "
+                         f"shared switch uplinks); {cluster.node.name} has {cluster.node.fabric}", field="engine")
+    return ok and engine != "event"
+
+
 def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *, causal: bool,
                        backward: bool = False, layout: str = "zigzag",
-                       max_transfers: int | None = None) -> AttentionResult:
+                       max_transfers: int | None = None, engine: str = "auto") -> AttentionResult:
     """Simulate ``strategy`` on ``cluster``; UsageError for shapes the schedule cannot take or
-    sizes over the work limit (:func:`check_work`, ``max_transfers``)."""
+    sizes over the work limit (:func:`check_work`, ``max_transfers``).
+
+    ``engine``: ``"event"`` walks the built schedule event by event and records every transfer
+    (traces and Gantt charts need it); ``"lockstep"`` compiles the ring schedule to arrays
+    (:mod:`.ringfast`) and prices it step by step (:mod:`.lockstep`): the same times, for 1024
+    ranks in seconds, without per-transfer records; ``"auto"`` takes lockstep where it applies.
+    """
     check_feasible(strategy, cluster.num_gpus, shape)
     ulysses = parse_strategy(strategy)[1]
     cost = CostModel(shape, cluster, layout, head_shards=ulysses if ulysses > 1 else None)  # validates seq
-    check_work([(strategy, cluster.num_gpus, backward)], limit=max_transfers)
+    fast = uses_lockstep(cluster, engine)
+    check_work([(strategy, cluster.num_gpus, backward)], limit=max_transfers,
+               weight=LOCKSTEP_WEIGHT if fast else 1)
     passes = []
     for bwd in ((False, True) if backward else (False,)):
         with no_gc():  # building a large schedule suffers the same collector rescans as simulating it
+            if fast:
+                plan = compile_ring(strategy, cluster.num_gpus, cost, layout=layout, causal=causal, backward=bwd,
+                                    num_heads=shape.num_heads, num_kv_heads=shape.kv_heads)
+                passes.append(simulate_plan(plan, cluster, cost))
+                continue
             sched = _schedule(strategy, cluster.num_gpus, layout, causal, bwd, shape.num_heads, shape.kv_heads)
         passes.append(simulate(sched, cost))
     return AttentionResult(strategy, layout, shape, passes)

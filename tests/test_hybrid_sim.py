@@ -24,7 +24,7 @@ def test_hybrid_names():
 def test_hybrid_all_to_all_stays_inside_the_node_and_the_ring_crosses():
     cluster = make_cluster("h100-sxm", 8, 2)  # 2 nodes x 4
     shape = AttentionShape(8192, 8, 64, 2, 1, 2)
-    res = simulate_attention("ulysses4+tokenring", cluster, shape, causal=True, backward=True)
+    res = simulate_attention("ulysses4+tokenring", cluster, shape, causal=True, backward=True, engine="event")
     for timeline in res.passes:
         a2a = [t for t in timeline.transfers if t.channel.startswith("a2a")]
         p2p = [t for t in timeline.transfers if not t.channel.startswith("a2a")]
@@ -74,7 +74,7 @@ def test_hybrid_work_estimate_never_undercounts():
         for strategy, layout, causal in (("tokenring", "zigzag", True), ("ring", "contiguous", False)):
             name = f"ulysses{u}+{strategy}"
             res = simulate_attention(name, cluster, AttentionShape(64 * n, 8, 32, 2), causal=causal,
-                                     backward=True, layout=layout)
+                                     backward=True, layout=layout, engine="event")
             assert sum(len(p.transfers) for p in res.passes) <= estimated_transfers(name, n, True)
 
 

@@ -144,9 +144,13 @@ def test_work_limit_refuses_before_building(monkeypatch):
     from tokenloom.simulator import scenario
 
     monkeypatch.setattr(scenario, "_schedule", lambda *a: pytest.fail("built a schedule it should refuse"))
-    cluster = make_cluster("h100-sxm", 1024, 128)
-    with pytest.raises(UsageError, match="limit"):
-        simulate_attention("tokenring", cluster, AttentionShape(1 << 20, 32, 128), causal=True)
+    monkeypatch.setattr(scenario, "compile_ring", lambda *a, **k: pytest.fail("compiled a schedule it should refuse"))
+    with pytest.raises(UsageError, match="limit"):  # the event engine: 1024 ranks are ~2M transfers
+        simulate_attention("tokenring", make_cluster("h100-sxm", 1024, 128), AttentionShape(1 << 20, 32, 128),
+                           causal=True, engine="event")
+    with pytest.raises(UsageError, match="limit"):  # the lockstep path counts 1/64 of each: 4096 ranks
+        simulate_attention("tokenring", make_cluster("h100-sxm", 4096, 512), AttentionShape(1 << 24, 32, 128),
+                           causal=True)
     assert check_work([("ring", 64, True)]) <= MAX_SIM_TRANSFERS
 
 
@@ -203,9 +207,13 @@ def test_max_transfers_raises_and_lowers_the_limit(capsys):
 
     argv = ["simulate", "attention", "--hardware", "h100-sxm", "--gpus", "16", "--nodes", "2", "--seq", "16K",
             "--heads", "16", "--head-dim", "64", "--json"]
-    assert main(argv + ["--max-transfers", "100"]) == 2  # 16 ranks: ~512 transfers
+    assert main(argv + ["--max-transfers", "100", "--engine", "event"]) == 2  # 16 ranks: ~512 transfers
     assert "--max-transfers" in capsys.readouterr().err
-    assert main(argv + ["--max-transfers", "600"]) == 0
+    assert main(argv + ["--max-transfers", "600", "--engine", "event"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--max-transfers", "100"]) == 0  # lockstep: 512 / 64 = 8 units
+    capsys.readouterr()
+    assert main(argv + ["--max-transfers", "7"]) == 2
     capsys.readouterr()
     assert main(["advise"] + argv[1:] + ["--max-transfers", "600"]) == 2  # advise: several simulations
     capsys.readouterr()

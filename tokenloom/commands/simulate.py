@@ -117,8 +117,9 @@ def _attention(args: argparse.Namespace) -> int:
         out.claim("--chrome-trace", args.chrome_trace)  # before any work: exit 2 if unusable
         out.claim("--png", args.png)
         cluster, shape = problem_from_args(args)
+        engine = "event" if (args.chrome_trace or args.png) and args.engine == "auto" else args.engine
         result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
-                                    layout=args.layout, max_transfers=args.max_transfers)
+                                    layout=args.layout, max_transfers=args.max_transfers, engine=engine)
         out.write("--chrome-trace", lambda path: write_chrome_trace(result, path))
         out.write("--png", lambda path: write_gantt(result, path))
         out.commit()  # both files appear only now, after everything succeeded
@@ -197,6 +198,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           f"Ulysses inside groups of N ranks, the ring across); default tokenring")
     att.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
                      help="sequence layout over ranks (default zigzag: balanced causal work)")
+    att.add_argument("--engine", choices=("auto", "event", "lockstep"), default="auto",
+                     help="auto (default): price step by step across all ranks where every link is owned by "
+                          "one rank (same times, 1024 ranks in seconds), else event by event; event: always "
+                          "event by event (what --chrome-trace/--png use)")
     out = att.add_argument_group("output")
     out.add_argument("--chrome-trace", metavar="FILE", help="write a Chrome/Perfetto trace (one track per "
                      "rank and stream)")
