@@ -223,3 +223,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenloom.commands.simulate_sweep import add_sweep  # the sweep form (serial or --ray)
 
     add_sweep(sub)
+    from tokenloom.commands.simulate_check import add_check  # accepted predictions, for CI
+
+    add_check(sub)
