@@ -259,10 +259,14 @@ def test_refusals_without_ranks():
     q = torch.zeros(1, 4, 8, 16, dtype=torch.float64)
     kv = torch.zeros(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(UsageError, match="softcap"):
-        fn(layer, q, kv, kv, None, softcap=30.0)
+        fn(layer, q, kv, kv, None, softcap=-30.0)
     with pytest.raises(UsageError, match="sliding_window"):
-        fn(layer, q, kv, kv, None, sliding_window=4)
+        fn(layer, q, kv, kv, None, sliding_window=0)
+    with pytest.raises(UsageError, match="sinks"):
+        fn(layer, q, kv, kv, None, s_aux=torch.zeros(3, dtype=torch.float64))
     assert fn(layer, q, kv, kv, None, sliding_window=8)[0].shape == (1, 8, 4, 16)  # masks nothing
+    assert fn(layer, q, kv, kv, None, sliding_window=3, softcap=30.0,
+              s_aux=torch.zeros(4, dtype=torch.float64))[0].shape == (1, 8, 4, 16)
     with pytest.raises(UsageError, match="use_cache"):
         fn(layer, q[:, :, :1], kv, kv, None)
     with pytest.raises(UsageError, match="attention_mask"):

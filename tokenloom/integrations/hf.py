@@ -31,11 +31,13 @@ Three things a user must get right, which the helpers here do:
 * **Gradients.** Each rank's parameter gradients are its share; :func:`sum_gradients` sums them
   over the sequence-parallel group (or fold that group into your data-parallel reduction).
 
-Masks: the attention is causal (``module.is_causal``) or full over the global sequence. A padding
-mask cannot be honoured across ranks, so a 2-D ``attention_mask`` is accepted only when it masks
-nothing; anything else raises :class:`~tokenloom.errors.UsageError` on every rank (the ranks agree
-first, so a mask on one rank is an error everywhere, not a hang). Dropout, logit soft-capping,
-sliding windows, attention sinks and KV caches are refused the same way.
+Masks: the attention is causal (``module.is_causal``) or full over the global sequence, with the
+layer's ``sliding_window`` (per layer: models with ``layer_types`` pass None on their global
+layers), logit ``softcap`` (Gemma 2) and attention sinks ``s_aux`` (GPT-OSS) when the model passes
+them. A padding mask cannot be honoured across ranks, so a 2-D ``attention_mask`` is accepted only
+when it masks nothing; anything else raises :class:`~tokenloom.errors.UsageError` on every rank
+(the ranks agree first, so a mask on one rank is an error everywhere, not a hang). Dropout, an
+additive position bias and KV caches are refused the same way.
 
 transformers is imported only in this module, and only when a function here is called.
 """
@@ -57,8 +59,6 @@ IGNORE_INDEX = -100
 
 # kwargs some transformers models pass that change the attention math in ways SP does not do
 _UNSUPPORTED = {
-    "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
     "position_bias": "an additive position bias",
 }
 
@@ -212,8 +212,7 @@ class _SPAttention:
         groups = _groups(self.group)
         packed = _cu_seqlens_of(kwargs)  # global boundaries: local lengths may differ by rank
         cu_seqlens = None if packed is None else _check_cu_seqlens(packed, None)
-        _refuse_sliding_window(kwargs.get("sliding_window"), query.shape[2] * groups.world_size
-                               if cu_seqlens is None else int(cu_seqlens[-1]))
+        window = window_size_of(kwargs.get("sliding_window"), causal)
         code = self._local_problem(attention_mask, kwargs.get("position_ids"), groups, cu_seqlens)
         _agree(groups, code)
         from tokenloom.parallel import sp_attention
@@ -221,7 +220,8 @@ class _SPAttention:
         out = sp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                            strategy=self.strategy, group=self.group, causal=causal,
                            layout=self.layout, softmax_scale=scaling, impl=self.impl,
-                           hardware=self.hardware, cu_seqlens=packed)
+                           hardware=self.hardware, cu_seqlens=packed, window_size=window,
+                           softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
         return out, None
 
     @staticmethod
@@ -267,12 +267,17 @@ class _SPAttention:
         return self._positions[1]
 
 
-def _refuse_sliding_window(window: Any, seq_len: int) -> None:
-    """A window as long as the sequence masks nothing (Mistral-style configs default to 4096)."""
-    if window is not None and seq_len > window:
-        raise UsageError(f"sliding_window: tokenloom attention has no sliding window; a window of "
-                         f"{window} tokens changes attention over a {seq_len}-token sequence",
+def window_size_of(sliding_window: Any, causal: bool) -> tuple[int, int] | None:
+    """transformers' ``sliding_window`` W as tokenloom's ``window_size``: its causal overlay is
+    ``kv_idx > q_idx - W`` (``masking_utils.sliding_window_overlay``), so query i sees keys
+    i-W+1 .. i, i.e. ``(W - 1, 0)``; the bidirectional one (Gemma 3) is ``|q_idx - kv_idx| < W``,
+    ``(W - 1, W - 1)``. None (a full-attention layer of a model with ``layer_types``): no window."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise UsageError(f"sliding_window must be a positive integer, got {sliding_window!r}",
                          field="sliding_window")
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
 def _cu_seqlens_of(kwargs: dict[str, Any]) -> torch.Tensor | None:
