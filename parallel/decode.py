@@ -22,6 +22,7 @@ If the attention itself fails, the append is undone.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
@@ -181,7 +182,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     else:
         mine = [_FIELDS.index(error.field if error.field in _FIELDS else "arguments") + 1] \
             + [0] * len(_FIELDS)
+    t0 = time.perf_counter()
     every = _agree(comm, mine, error, _describe(cache, layer))
+    if timing is not None:
+        timing.agree_s += time.perf_counter() - t0
+        timing.comm_s += time.perf_counter() - t0
     n = comm.world_size
     old = [row[-1] for row in every]
     total = sum(row[7] for row in every) if queries == "sharded" else count
@@ -213,7 +218,10 @@ def _run(q, k, v, cache, layer, comm, strategy, queries, start, total, old, scal
         out, lse = _attend(q_in, cache, layer, comm, strategy, native, start, total, old, scale, impl,
                            timing)
         if replicated and not native:
+            t0 = time.perf_counter()
             out, lse = _gather_parts(out, lse, comm, start, total)
+            if timing is not None:
+                timing.comm_s += time.perf_counter() - t0
     except BaseException:
         cache.truncate(layer, *before)
         raise
@@ -232,7 +240,8 @@ def _attend(q, cache, layer, comm, strategy, replicated, start, total, old, scal
     store = {}
     for buf in sched.inputs[rank]:
         if buf.kind == "kv":
-            store[buf.key] = Held(buf.chunks, {"k": cache.keys(layer), "v": cache.values(layer)})
+            store[buf.key] = Held(buf.chunks, {"k": cache.keys_heads_first(layer),
+                                               "v": cache.values_heads_first(layer)})
         else:
             store[buf.key] = Held(buf.chunks, {"q": q})
     runner = DecodeRunner(sched, comm, sh)

@@ -2,7 +2,9 @@
 block kernels. It decides nothing: chunk lengths come from the agreed sizes, the schedule says what
 to send, attend and merge. Step semantics as in :mod:`tokenloom.parallel.schedule`: post every comm
 of the step, run the computes, wait, run the merges. Partials travel in the accumulation dtype
-(fp32, fp64 for fp64 inputs) so that merging on another rank loses nothing.
+(fp32, fp64 for fp64 inputs) so that merging on another rank loses nothing. Keys and values are
+heads-first ``(batch, kv_heads, seq, head_dim)`` here, as the cache stores them; queries and
+outputs BSHD, lse ``(batch, heads, seq)``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom import kernels
+from tokenloom.kernels.decode import cache_block
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels.reference import acc_dtype
 from tokenloom.parallel.schedule import Buf, Compute, Recv, Schedule, Send
@@ -58,7 +61,8 @@ class Timing:
     """Seconds this rank spent attending (computes and merges) and waiting for transfers."""
 
     attention_s: float = 0.0
-    comm_s: float = 0.0
+    comm_s: float = 0.0  # the schedule's transfers plus the argument all-gather and output gather
+    agree_s: float = 0.0  # of comm_s: the one all-gather that agrees the arguments
     steps: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -68,7 +72,7 @@ def _alloc(buf: Buf, sh: Shape) -> dict[str, torch.Tensor]:
     if buf.kind == "q":
         return {"q": torch.empty(sh.batch, n, sh.heads, sh.head_dim, dtype=sh.dtype, device=sh.device)}
     if buf.kind == "kv":
-        shape = (sh.batch, n, sh.kv_heads, sh.head_dim)
+        shape = (sh.batch, sh.kv_heads, n, sh.head_dim)
         return {"k": torch.empty(shape, dtype=sh.dtype, device=sh.device),
                 "v": torch.empty(shape, dtype=sh.dtype, device=sh.device)}
     assert buf.kind == "out", buf
@@ -77,7 +81,7 @@ def _alloc(buf: Buf, sh: Shape) -> dict[str, torch.Tensor]:
 
 
 def _rows(t: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
-    return t[:, :, a:b] if name == "lse" else t[:, a:b]
+    return t[:, :, a:b] if name in ("lse", "k", "v") else t[:, a:b]
 
 
 class DecodeRunner:
@@ -140,10 +144,10 @@ class DecodeRunner:
         for blk in op.blocks:
             q = self._slice(q_held, blk.q_chunks)["q"]
             kv = self._slice(kv_held, blk.kv_chunks)
-            if q.shape[1] == 0 or kv["k"].shape[1] == 0:
+            if q.shape[1] == 0 or kv["k"].shape[2] == 0:
                 continue
-            out, lse = kernels.block_forward(q, kv["k"], kv["v"], causal=blk.causal,
-                                             softmax_scale=sh.scale, impl=sh.impl)
+            out, lse = cache_block(q, kv["k"], kv["v"], causal=blk.causal, scale=sh.scale,
+                                   impl=sh.impl)
             self._fold(store, op.dst, blk.q_chunks, {"out": out, "lse": lse})
 
     def _fold(self, store: dict, dst: Buf, chunks: tuple[int, ...], part: dict[str, torch.Tensor]) -> None:

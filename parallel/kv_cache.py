@@ -1,6 +1,8 @@
 """A sharded KV cache: each rank holds its share of every layer's keys and values.
 
-Per layer, rank r holds ``keys``/``values`` ``(batch, local_len, kv_heads, head_dim)`` and the global
+Per layer, rank r holds ``keys``/``values`` ``(batch, local_len, kv_heads, head_dim)`` (stored
+heads-first, ``(batch, kv_heads, capacity, head_dim)``: a decode step reads each head's keys as one
+contiguous run, see :mod:`tokenloom.kernels.decode`) and the global
 position of each local token (``positions``, int64, in local order). The cache knows the whole
 sequence length of each layer (``seq_len``): the next token's position. Tokens come in two ways:
 
@@ -130,10 +132,18 @@ class ShardedKVCache:
         return self._seq.get(layer, 0)
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self._k[layer][:, :self._len[layer]]
+        """``(batch, local_len, kv_heads, head_dim)`` view."""
+        return self.keys_heads_first(layer).transpose(1, 2)
 
     def values(self, layer: int) -> torch.Tensor:
-        return self._v[layer][:, :self._len[layer]]
+        return self.values_heads_first(layer).transpose(1, 2)
+
+    def keys_heads_first(self, layer: int) -> torch.Tensor:
+        """``(batch, kv_heads, local_len, head_dim)`` view of the storage."""
+        return self._k[layer][:, :, :self._len[layer]]
+
+    def values_heads_first(self, layer: int) -> torch.Tensor:
+        return self._v[layer][:, :, :self._len[layer]]
 
     def positions(self, layer: int) -> torch.Tensor:
         return self._pos[layer][:self._len[layer]]
@@ -145,7 +155,7 @@ class ShardedKVCache:
     # ------------------------------------------------------------------ writing
     def _reserve(self, layer: int, extra: int) -> None:
         have = self._len.get(layer, 0)
-        cap = self._k[layer].shape[1] if layer in self._k else 0
+        cap = self._k[layer].shape[2] if layer in self._k else 0
         if have + extra <= cap:
             return
         spec = self.spec
@@ -155,13 +165,13 @@ class ShardedKVCache:
             raise UsageError(f"KV cache layer {layer}: growing to {new_cap} local tokens needs "
                              f"{_gib(self._allocated + grow)}, more than the limit of "
                              f"{_gib(self.memory_limit)}", field="max_tokens")
-        shape = (spec.batch, new_cap, spec.kv_heads, spec.head_dim)
+        shape = (spec.batch, spec.kv_heads, new_cap, spec.head_dim)
         k = torch.empty(shape, dtype=spec.dtype, device=self.device)
         v = torch.empty(shape, dtype=spec.dtype, device=self.device)
         pos = torch.empty(new_cap, dtype=torch.int64, device=self.device)
         if layer in self._k:
-            k[:, :have] = self._k[layer][:, :have]
-            v[:, :have] = self._v[layer][:, :have]
+            k[:, :, :have] = self._k[layer][:, :, :have]
+            v[:, :, :have] = self._v[layer][:, :, :have]
             pos[:have] = self._pos[layer][:have]
         self._k[layer], self._v[layer], self._pos[layer] = k, v, pos
         self._allocated += grow
@@ -193,8 +203,8 @@ class ShardedKVCache:
                              f"max_tokens={self.max_tokens}", field="max_tokens")
         self._reserve(layer, n)
         have = self._len.get(layer, 0)
-        self._k[layer][:, have:have + n] = k
-        self._v[layer][:, have:have + n] = v
+        self._k[layer][:, :, have:have + n] = k.transpose(1, 2)
+        self._v[layer][:, :, have:have + n] = v.transpose(1, 2)
         self._pos[layer][have:have + n] = positions.to(self.device, torch.int64)
         self._len[layer] = have + n
         self._seq[layer] = seq_len

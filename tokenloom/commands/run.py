@@ -22,6 +22,7 @@ JOBS = {
     "attention": ("tokenloom.jobs.attention", "sequence-parallel attention (TokenRing, Ring, Ulysses)"),
     "tokenweave": ("tokenloom.jobs.tokenweave", "TokenWeave tensor-parallel layer (split + overlap)"),
     "drill": ("tokenloom.jobs.drill", "fault drill: kill/stop/skip one rank and see who is named"),
+    "decode": ("tokenloom.jobs.decode", "decode steps over a sharded KV cache (pass-Q, pass-KV)"),
 }
 
 _DESCRIPTIONS = {

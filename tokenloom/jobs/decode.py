@@ -1,0 +1,223 @@
+"""``tokenloom run decode``: decode steps over a sharded KV cache on real ranks, timed and checked.
+
+Every rank builds the same random context K/V (one seed), keeps its share of it in a
+:class:`~tokenloom.parallel.kv_cache.ShardedKVCache` (the append rule's split of one long chunk),
+then runs ``--new-tokens`` decode steps of ``--step-tokens`` new tokens each (1: decode; more:
+chunked prefill) through :func:`~tokenloom.parallel.decode.cached_attention`, timing each step and
+its split between attention and communication. With ``--check`` rank 0 compares every step's output
+(all ranks hold it: the queries are replicated) and the gathered cache with fp64 single-process
+attention. Any context length works, divisible by the world size or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tokenloom.errors import UsageError
+from tokenloom.jobs import emit_report
+from tokenloom.validate import arg_int
+
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
+STRATEGIES = ("auto", "gather", "ring", "passkv")
+
+
+def parse_tokens(text: str) -> int:
+    """``"64K"`` -> 65536, ``"1M"`` -> 1048576, ``"1000"`` -> 1000 (argparse type)."""
+    s = str(text).strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1:], 1)
+    digits = s[:-1] if mult > 1 else s
+    if not digits.isdigit() or int(digits) * mult < 1:
+        raise argparse.ArgumentTypeError(f"expected a token count like 4096, 64K or 1M, got {text!r}")
+    return int(digits) * mult
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    context: int = 65536
+    new_tokens: int = 32
+    step_tokens: int = 1
+    strategy: str = "auto"
+    heads: int = 8
+    kv_heads: int | None = None
+    head_dim: int = 64
+    batch: int = 1
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    check: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        hkv = self.heads if self.kv_heads is None else self.kv_heads
+        if hkv < 1 or self.heads % hkv:
+            raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+        total = self.context + self.new_tokens * self.step_tokens
+        elements = self.batch * total * (self.heads + 2 * hkv) * self.head_dim
+        if elements > 2**33:  # the full context is built on every rank (same seed everywhere)
+            raise UsageError(f"--context/--new-tokens/--heads/--head-dim/--batch: {elements:.3g} "
+                             f"elements exceed the limit of 2^33 (every rank builds them all)",
+                             field="context")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "fp64": torch.float64}[name]
+
+
+def job(comm, cfg: DecodeRun) -> dict:
+    """One rank's part: per-step ms and split; rank 0's check against fp64."""
+    import time
+
+    import torch
+
+    from tokenloom.comm import health
+    from tokenloom.parallel.decode import cached_attention, gather_cache, new_token_part
+    from tokenloom.parallel.decode_runtime import Timing
+    from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
+
+    rank, n, device = comm.rank, comm.world_size, comm.device
+    dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = _torch_dtype(dtype_name)
+    hkv = cfg.kv_heads or cfg.heads
+    total = cfg.context + cfg.new_tokens * cfg.step_tokens
+    gen = torch.Generator().manual_seed(cfg.seed)
+    k = torch.randn(cfg.batch, total, hkv, cfg.head_dim, generator=gen)
+    v = torch.randn(cfg.batch, total, hkv, cfg.head_dim, generator=gen)
+    q = torch.randn(cfg.batch, total - cfg.context, cfg.heads, cfg.head_dim, generator=gen)
+    spec = CacheSpec(1, cfg.batch, hkv, cfg.head_dim, dtype, n, rank)
+    cache = ShardedKVCache(spec, total, device=device)
+    lo, hi = new_token_part(rank, n, 0, cfg.context)  # the context as one appended chunk
+    cache.append(0, k[:, lo:hi].to(device, dtype), v[:, lo:hi].to(device, dtype),
+                 torch.arange(lo, hi), cfg.context)
+    steps, outs, strategy = [], [], cfg.strategy
+    for s in range(cfg.new_tokens):
+        a, b = s * cfg.step_tokens, (s + 1) * cfg.step_tokens  # offsets among the new tokens
+        c = cfg.context
+        args = [t.to(device, dtype) for t in (q[:, a:b], k[:, c + a:c + b], v[:, c + a:c + b])]
+        timing = Timing()
+        health.set_step(f"decode step {s}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = cached_attention(*args, cache, 0, group=comm, strategy=cfg.strategy, timing=timing)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        steps.append(((time.perf_counter() - t0) * 1e3, timing.attention_s * 1e3, timing.comm_s * 1e3))
+        outs.append(out.cpu())
+    if cfg.strategy == "auto":
+        from tokenloom.parallel.decode import choose_strategy
+
+        strategy = choose_strategy(world_size=n, cached=cfg.context, new_tokens=cfg.step_tokens,
+                                   heads=cfg.heads, kv_heads=hkv, queries="replicated")
+    timed = steps[1:] or steps  # the first step warms up
+    result: dict[str, Any] = {
+        "rank": rank, "strategy": strategy, "device": str(device), "backend": comm.backend,
+        "dtype": dtype_name, "local_tokens": cache.local_len(0),
+        "step_ms": statistics.median(t[0] for t in timed),
+        "attention_ms": statistics.median(t[1] for t in timed),
+        "comm_ms": statistics.median(t[2] for t in timed)}
+    if cfg.check:
+        health.set_step("decode check: gather the cache")
+        kf, vf = gather_cache(cache, 0, group=comm)
+        if rank == 0:
+            result["check"] = _check(torch.cat(outs, dim=1), q, k, v, kf, vf, cfg, dtype)
+    return result
+
+
+def _plain_sdpa(q, k, v):
+    """torch's SDPA in the input dtype with the bottom-right causal mask (new queries at the end)."""
+    import torch
+    import torch.nn.functional as F
+
+    t, s = q.shape[1], k.shape[1]
+    mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)
+    rep = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(rep, dim=2).transpose(1, 2) for x in (k, v))
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
+
+
+def _check(out, q, k, v, kf, vf, cfg: DecodeRun, dtype) -> dict:
+    """Every step's output and the gathered cache against fp64 single-process attention."""
+    import torch
+
+    from tokenloom.kernels.reference import attention_with_lse, tolerance
+
+    qd, kd, vd = q.double(), k.double(), v.double()
+    ref, _ = attention_with_lse(qd, kd, vd, causal=True)  # bottom-right: the new tokens at the end
+    plain = _plain_sdpa(q.to(dtype), k.to(dtype), v.to(dtype)).double()
+    plain_err = float((plain - ref).abs().max())
+    err = float((out.double() - ref).abs().max())
+    tol = tolerance(dtype, plain_err, float(ref.abs().max()))
+    exact = k.to(dtype).double()
+    cache_err = float((kf.double() - exact).abs().max() + (vf.double() - v.to(dtype).double()).abs().max())
+    return {"out": {"max_abs_err": err, "plain_torch_err": plain_err, "tolerance": tol, "ok": err <= tol},
+            "cache": {"max_abs_err": cache_err, "plain_torch_err": None, "tolerance": 0.0,
+                      "ok": cache_err == 0.0 and kf.shape == k.shape}}
+
+
+# ---------------------------------------------------------------------------- the CLI side
+def add_flags(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--context", type=parse_tokens, default=65536,
+                   help="cached tokens before the first step (4096, 64K, 1M; any count)")
+    a.add_argument("--new-tokens", type=arg_int(1, 1_000_000), default=32, help="decode steps")
+    a.add_argument("--step-tokens", type=arg_int(1, 1_000_000), default=1,
+                   help="new tokens per step (1: decode; more: chunked prefill)")
+    a.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="gather: pass-Q gather/scatter; ring: pass-Q ring (TokenRing); passkv: the "
+                        "cache travels; auto: chosen from the shape")
+    a.add_argument("--heads", type=arg_int(1), default=8, help="query heads")
+    a.add_argument("--kv-heads", type=arg_int(1), default=None, help="key/value heads (GQA); default: --heads")
+    a.add_argument("--head-dim", type=arg_int(1), default=64, help="head dimension")
+    a.add_argument("--batch", type=arg_int(1), default=1, help="batch size")
+    a.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="input dtype (default: bf16 on CUDA, fp32 on CPU); accumulation is fp32")
+    a.add_argument("--check", action="store_true", help="compare with the fp64 reference")
+    a.add_argument("--seed", type=arg_int(0), default=0, help="random seed of the inputs")
+    a.add_argument("--json", action="store_true", help="print one JSON object (rank 0 only)")
+
+
+def config_from_args(args: argparse.Namespace) -> DecodeRun:
+    cfg = DecodeRun(context=args.context, new_tokens=args.new_tokens, step_tokens=args.step_tokens,
+                    strategy=args.strategy, heads=args.heads, kv_heads=args.kv_heads,
+                    head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, check=args.check,
+                    seed=args.seed)
+    cfg.validate()
+    return cfg
+
+
+def combine(results: list[dict], cfg: DecodeRun) -> dict:
+    first = results[0]
+    rep = {"strategy": first["strategy"], "world_size": len(results), "device": first["device"],
+           "backend": first["backend"], "config": {**asdict(cfg), "dtype": first["dtype"]},
+           **{key: [r[key] for r in results] for key in
+              ("local_tokens", "step_ms", "attention_ms", "comm_ms")}}
+    if "check" in first:
+        rep["check"] = first["check"]
+    return rep
+
+
+def report(results: list[dict], args: argparse.Namespace) -> int:
+    return emit_report(combine(results, config_from_args(args)), args.json, _print_report)
+
+
+def _print_report(rep: dict, out=None) -> None:
+    out = out or sys.stdout
+    cfg = rep["config"]
+    print(f"{rep['strategy']} decode on {rep['world_size']} rank(s) ({rep['backend']}, "
+          f"{rep['device']}): context {cfg['context']}, {cfg['new_tokens']} steps of "
+          f"{cfg['step_tokens']} token(s), heads {cfg['heads']}/{cfg['kv_heads'] or cfg['heads']}, "
+          f"head_dim {cfg['head_dim']}, batch {cfg['batch']}, {cfg['dtype']}", file=out)
+    print(f"{'rank':>4}  {'cached':>9}  {'step ms':>8}  {'attention':>9}  {'comm':>7}", file=out)
+    for r in range(rep["world_size"]):
+        print(f"{r:>4}  {rep['local_tokens'][r]:>9}  {rep['step_ms'][r]:8.2f}  "
+              f"{rep['attention_ms'][r]:9.2f}  {rep['comm_ms'][r]:7.2f}", file=out)
+    for name, c in rep.get("check", {}).items():
+        plain = f"{c['plain_torch_err']:.2e}" if c["plain_torch_err"] is not None else "-"
+        print(f"  check {name:<5} max|err| {c['max_abs_err']:.2e}  plain torch {plain:>8}  "
+              f"tolerance {c['tolerance']:.2e}  {'ok' if c['ok'] else 'FAILED'}", file=out)
