@@ -75,8 +75,9 @@ class CostModel:
     """Prices schedule ops for one shape on one cluster with a given layout (results cached)."""
 
     def __init__(self, shape: AttentionShape, cluster: Cluster, layout: str,
-                 head_shards: int | None = None) -> None:
+                 head_shards: int | None = None, window: tuple[int, int] | None = None) -> None:
         self.shape = shape
+        self.window = window  # sliding window (left, right) of the schedules priced: masked blocks
         self.cluster = cluster
         self.world_size = cluster.num_gpus
         # all-to-all group size: world for Ulysses, the inner dim for a 2-D hybrid
@@ -129,6 +130,8 @@ class CostModel:
             q = np.asarray(block.q_chunks)[:, None]
             k = np.asarray(block.kv_chunks)[None, :]
             n_full, n_diag = int((k < q).sum()), int((k == q).sum())
+        elif block.masked and self.window is not None:  # a window pair: priced by its visible share
+            n_full, n_diag = window_share(block.kv_chunks[0] - block.q_chunks[0], self.chunk, self.window), 0
         else:
             n_full, n_diag = len(block.q_chunks) * len(block.kv_chunks), 0
         s = self.shape
@@ -173,3 +176,20 @@ class CostModel:
             moved = 3 * self.buf_bytes(op.src)
             self._cache[key] = (self.device.launch_s + moved / self.device.hbm_bw) * self.slowdown
         return self._cache[key]
+
+
+def window_share(chunk_offset: int, chunk: int, window: tuple[int, int]) -> float:
+    """Visible share of a (query chunk, key chunk) pair of dense ``chunk``-token chunks whose key
+    chunk starts ``chunk_offset`` chunks after the query chunk, under ``window = (left, right)``
+    (-1 unbounded): pairs with key - query offset t in [-left, right]; offset t occurs
+    ``chunk - |t - chunk_offset * chunk|`` times."""
+    left, right = window
+    shift = chunk_offset * chunk
+    lo = -(chunk - 1) if left < 0 else max(-(chunk - 1), -left - shift)
+    hi = chunk - 1 if right < 0 else min(chunk - 1, right - shift)
+
+    def ramp(a: int, b: int) -> int:  # sum of (chunk - u) for u in [a, b], 0 <= a
+        return 0 if b < a else (b - a + 1) * chunk - (a + b) * (b - a + 1) // 2
+
+    count = ramp(max(lo, 0), hi) + ramp(max(-hi, 1), -lo)  # u >= 0, then u < 0 mirrored
+    return count / chunk ** 2
