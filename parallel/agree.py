@@ -1,7 +1,8 @@
 """Cross-rank agreement of every argument that changes an attention result (issue 9, class 1).
 
 Before any transfer, every rank contributes one fixed-length int64 vector — strategy, layout,
-causal, softmax_scale, kernel impl, dtype, shapes, packed-document boundaries, mesh, whether a
+causal, softmax_scale, kernel impl, dtype, shapes, packed-document boundaries, mesh, the masks
+(window_size, softcap, a checksum of the sinks), whether a
 backward will follow — and a code for a local argument error, in ONE small all-gather. Then every
 rank sees every rank's values and all of them raise the same way: a rank's own bad argument raises
 its own message, the others say which ranks refused which argument; a disagreement names the
@@ -13,7 +14,7 @@ cannot know, without communicating, that another rank changed its arguments: if 
 cache and skips while rank 1 misses and enters the all-gather, rank 0 goes on to the P2P transfers
 and both wait forever. So the one collective is unconditional, and what is cached (by shape and
 arguments, see :mod:`tokenloom.parallel.attention`) is everything else: the encoded vector, the
-validation, the schedules and the plan. Repeated calls cost that one 17-int all-gather and nothing
+validation, the schedules and the plan. Repeated calls cost that one 20-int all-gather and nothing
 more; the backward pass costs none (it was agreed with its forward: ``backward`` is a field).
 """
 
