@@ -122,6 +122,8 @@ class _Plan:
         self.impl = _resolve_impl(a.impl, a.device)
         self.softcap = check_softcap(a.softcap)
         window = normalize_window(a.window_size, a.causal)
+        if window is not None:  # a side reaching past the sequence masks nothing: unbounded
+            window = normalize_window(tuple(-1 if w >= seq_len - 1 else w for w in window), a.causal)
         if window is not None and self.impl == "triton":
             raise UsageError(f"{name}: impl='triton' has no sliding window yet (window_size="
                              f"{a.window_size!r}); use impl='sdpa' or 'torch'", field="window_size")

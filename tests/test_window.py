@@ -169,3 +169,24 @@ def _disagree(rank, n):
 def test_ranks_that_disagree_on_the_window_all_raise():
     msgs = spawn_ranks(2, _disagree, timeout=60)
     assert all("disagree on window_size" in m for m in msgs), msgs
+
+
+def test_a_window_as_long_as_the_sequence_is_the_plain_mask():
+    """Mistral-style configs pass a 4096-token window over shorter sequences: the plain causal
+    schedule (one causal kernel call per diagonal), not masked tiles."""
+    from tokenloom.parallel.attention import _Args, _Plan
+    from tokenloom.parallel.runtime import Groups
+
+    class One:
+        rank, world_size = 0, 1
+
+    args = dict(strategy="ring", layout="zigzag", causal=True, softmax_scale=None, impl="torch",
+                cu_seqlens=None, softcap=None, hardware=None, backward=False, q_shape=(1, 16, 2, 4),
+                k_shape=(1, 16, 2, 4), v_shape=(1, 16, 2, 4), dtypes=(torch.float32,) * 3,
+                device=torch.device("cpu"))
+    groups = Groups(0, 1, One(), One())
+    long = _Plan("x", groups, _Args(window_size=(4095, 0), **args))
+    plain = _Plan("x", groups, _Args(window_size=None, **args))
+    assert long.fwd == plain.fwd and long.agreed.shown["window_size"] is None
+    short = _Plan("x", groups, _Args(window_size=(5, 0), **args))
+    assert short.fwd != plain.fwd
