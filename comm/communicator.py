@@ -264,11 +264,13 @@ class Communicator:
         peers = sorted({o.peer for o in remote})
         desc = f"{what} on rank {self.rank} with peers {peers}"
         health.set_comm(desc)
+        global_peers = [self._global(p) for p in peers]
         try:
             works = dist.batch_isend_irecv(p2p_ops)
-        except Exception as exc:
-            raise CommError(f"{desc} failed to post: {exc}") from exc
-        return self._handle(works, desc, [self._global(p) for p in peers])
+        except Exception as exc:  # a peer already gone: explained like a failed wait (who is lost)
+            handle = self._handle([], f"{desc} (posting)", global_peers)
+            raise handle._explain(exc, health.active()) from exc
+        return self._handle(works, desc, global_peers)
 
     # ---------------------------------------------------------------- collectives
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, what: str = "all_to_all") -> Handle:

@@ -35,15 +35,22 @@ def _rank(rank: int, port: int, mode: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     if rank == LOST:
-        if mode == "exit":
+        if mode in ("exit", "exit, then p2p"):
             os._exit(0)
         time.sleep(PG_TIMEOUT_S + 12)  # "skips the call": busy elsewhere, never enters it
         os._exit(0)
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, 16, 2, 8, generator=g) for _ in range(3))
+    if mode == "exit, then p2p":
+        time.sleep(1.5)  # rank 2 is long gone: posting a transfer to it fails at once
     t0 = time.monotonic()
     try:
-        token_ring_attention(q, k, v, causal=True)
+        if mode == "exit, then p2p":
+            from tokenloom.comm.communicator import P2P, Communicator
+
+            Communicator().batch_p2p([P2P("send", LOST, q), P2P("recv", LOST, torch.empty_like(q))]).wait()
+        else:
+            token_ring_attention(q, k, v, causal=True)
         message = "no error"
     except Exception as exc:  # noqa: BLE001 -- the test reads the message
         message = f"{type(exc).__name__}: {exc}"
@@ -74,7 +81,7 @@ def _run(mode: str, tmp_path: Path) -> dict[int, tuple[float, str]]:
     return results
 
 
-@pytest.mark.parametrize("mode", ["exit", "skip"])
+@pytest.mark.parametrize("mode", ["exit", "skip", "exit, then p2p"])
 def test_every_survivor_names_the_lost_rank(mode, tmp_path):
     results = _run(mode, tmp_path)
     survivors = [r for r in range(WORLD) if r != LOST]
