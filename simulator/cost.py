@@ -138,11 +138,24 @@ class CostModel:
         flops = s.batch * heads * s.head_dim * self.chunk ** 2 * (4 * n_full + 2 * n_diag)
         return flops * (BWD_FLOP_FACTOR if backward else 1.0)
 
-    def _kernel_s(self, flops: float, num_bytes: float, q_tokens: int, heads: float, backward: bool) -> float:
+    def shape_efficiency(self, kv_tokens: int, causal: bool, backward: bool) -> float:
+        """Share of the device's long-sequence attention efficiency a kernel over ``kv_tokens``
+        keys reaches: ``kv / (kv + half)`` (a fixed per-tile cost amortised over the key loop),
+        times ``attn_causal_eff`` for causal blocks, times :data:`HEAD_DIM_EFF`. Fitted to
+        FlashAttention-2 on H100 (docs/calibration.md); 1.0 for a device without a curve."""
+        dev = self.device
+        if dev.attn_kv_half <= 0:
+            return 1.0
+        half = dev.attn_kv_half_causal if causal else (dev.attn_kv_half_bwd if backward else dev.attn_kv_half)
+        f = kv_tokens / (kv_tokens + half) * (dev.attn_causal_eff if causal else 1.0)
+        return f * head_dim_efficiency(self.shape.head_dim)
+
+    def _kernel_s(self, flops: float, num_bytes: float, q_tokens: int, heads: float, backward: bool,
+                  shape_eff: float = 1.0) -> float:
         dev = self.device
         tiles = math.ceil(q_tokens / TILE_ROWS) * heads * self.shape.batch
         util = tiles / (math.ceil(tiles / dev.sms) * dev.sms) if tiles else 1.0
-        eff = dev.attn_eff_bwd if backward else dev.attn_eff_fwd
+        eff = (dev.attn_eff_bwd if backward else dev.attn_eff_fwd) * shape_eff
         busy = max(flops / (dev.flops * eff * util), num_bytes / dev.hbm_bw)
         return (dev.launch_s + busy) * self.slowdown
 
@@ -167,7 +180,8 @@ class CostModel:
         kv_heads = heads / s.group
         io = (2 * q_tokens * heads + 2 * kv_tokens * kv_heads) * s.head_dim * s.dtype_bytes * s.batch
         moved = io * (BWD_FLOP_FACTOR if backward else 1.0)
-        return self._kernel_s(self.block_flops(block, heads, backward), moved, q_tokens, heads, backward)
+        return self._kernel_s(self.block_flops(block, heads, backward), moved, q_tokens, heads, backward,
+                              self.shape_efficiency(kv_tokens, block.causal, backward))
 
     def merge_s(self, op: Merge) -> float:
         """Seconds to fold a received partial into its accumulator (memory-bound)."""
@@ -176,6 +190,25 @@ class CostModel:
             moved = 3 * self.buf_bytes(op.src)
             self._cache[key] = (self.device.launch_s + moved / self.device.hbm_bw) * self.slowdown
         return self._cache[key]
+
+
+# FlashAttention-2 on H100 reaches ~0.88 of its head-dim-128 rate at head dim 64 and 256 (324 and 326
+# vs 370 TFLOP/s forward, 16K tokens; docs/calibration.md); log-linear between, flat outside.
+HEAD_DIM_EFF = {64: 0.88, 128: 1.0, 256: 0.88}
+
+
+def head_dim_efficiency(head_dim: int) -> float:
+    dims = sorted(HEAD_DIM_EFF)
+    if head_dim <= dims[0]:
+        return HEAD_DIM_EFF[dims[0]]
+    if head_dim >= dims[-1]:
+        return HEAD_DIM_EFF[dims[-1]]
+    lo = max(d for d in dims if d <= head_dim)
+    hi = min(d for d in dims if d >= head_dim)
+    if lo == hi:
+        return HEAD_DIM_EFF[lo]
+    t = (math.log2(head_dim) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return HEAD_DIM_EFF[lo] + t * (HEAD_DIM_EFF[hi] - HEAD_DIM_EFF[lo])
 
 
 def window_share(chunk_offset: int, chunk: int, window: tuple[int, int]) -> float:

@@ -50,7 +50,13 @@ _DEVICE_RANGES = {
     "attn_eff_fwd": (False, 1e-6, False, 100.0),  # a CPU profile stores measured FLOP/s as flops: eff 1
     "attn_eff_bwd": (False, 1e-6, False, 100.0),  # ... and the backward/forward rate ratio here
     "launch_s": (False, 0.0, False, 10.0),
+    # the attention efficiency curve (optional; 0 / 1 = flat): cost.CostModel.shape_efficiency
+    "attn_kv_half": (False, 0.0, False, 1e9),
+    "attn_kv_half_bwd": (False, 0.0, False, 1e9),
+    "attn_kv_half_causal": (False, 0.0, False, 1e9),
+    "attn_causal_eff": (False, 1e-6, False, 1.0),
 }
+_OPTIONAL_DEVICE = ("launch_s", "attn_kv_half", "attn_kv_half_bwd", "attn_kv_half_causal", "attn_causal_eff")
 _LINK_RANGES = {
     "bw": (False, 1e3, False, 1e30),
     "latency_s": (False, 0.0, False, 10.0),
@@ -86,6 +92,12 @@ class Device:
     attn_eff_fwd: float  # achieved fraction of ``flops`` in attention forward
     attn_eff_bwd: float  # ... and backward
     launch_s: float = 5e-6  # fixed cost per kernel call
+    # Efficiency falls for short key lengths: x kv / (kv + half) (per pass; causal blocks use their
+    # own half and x attn_causal_eff). 0 / 1: a flat efficiency. Fitted: docs/calibration.md.
+    attn_kv_half: float = 0.0
+    attn_kv_half_bwd: float = 0.0
+    attn_kv_half_causal: float = 0.0
+    attn_causal_eff: float = 1.0
 
     def __post_init__(self) -> None:
         _check(f"device {self.name}", _DEVICE_RANGES, asdict(self))
@@ -166,16 +178,22 @@ class Cluster:
 
 
 def _nvswitch(name: str, sms: int, tflops: float, hbm_gbs: float, nvlink_gbs: float, nic_gbs: float,
-              eff: tuple[float, float]) -> NodeSpec:
-    return NodeSpec(name, Device(name, sms, tflops * 1e12, hbm_gbs * 1e9, *eff), 8, "switch",
-                    link=Link(nvlink_gbs * 1e9, 6e-6, 0.8), nic=Link(nic_gbs * 1e9, 12e-6, 0.9))
+              eff: tuple[float, float], link_eff: float = 0.8, curve: dict | None = None) -> NodeSpec:
+    return NodeSpec(name, Device(name, sms, tflops * 1e12, hbm_gbs * 1e9, *eff, **(curve or {})), 8, "switch",
+                    link=Link(nvlink_gbs * 1e9, 6e-6, link_eff), nic=Link(nic_gbs * 1e9, 12e-6, 0.9))
+
+
+# Fitted to the calibration set (simulator/data/calibration.json, docs/calibration.md): FlashAttention-2
+# on H100 (forward 0.39 / backward 0.34 of dense peak at long keys, the curve below for short ones and
+# causal masks) and NCCL-tests on 8 x H100 (NVLink 450 GB/s per direction at 0.83: ring busbw ~370).
+HOPPER_FA2 = {"attn_kv_half": 80.0, "attn_kv_half_bwd": 250.0, "attn_kv_half_causal": 300.0, "attn_causal_eff": 0.92}
 
 
 # Datasheet numbers (REFERENCE.md §6; AMD MI300X datasheet). NIC: 400 Gb/s per GPU for H100 and
 # MI300X nodes, 800 Gb/s for H200, 200 Gb/s HDR for A100.
 CATALOG: dict[str, NodeSpec] = {
-    "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.40, 0.30)),
-    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.40, 0.30)),
+    "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.39, 0.34), 0.83, HOPPER_FA2),
+    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.39, 0.34), 0.83, HOPPER_FA2),
     "a100-sxm": _nvswitch("a100-sxm", 108, 312, 2039, 300, 25, (0.55, 0.45)),
     # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen.
     "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.50, 0.40, 8e-6), 4, "pcie",
@@ -226,7 +244,7 @@ def _node_from_dict(name: str, spec: object, where: str | None = None) -> NodeSp
             raise UsageError(f"{where}.{key} is missing (required: device, gpus_per_node, fabric, link, "
                              f"nic)", field=where)
     device = _fields(_object(spec["device"], f"{where}.device"), f"{where}.device", _DEVICE_RANGES,
-                     required=tuple(k for k in _DEVICE_RANGES if k != "launch_s"))
+                     required=tuple(k for k in _DEVICE_RANGES if k not in _OPTIONAL_DEVICE))
     links = {}
     for key in ("link", "nic", "uplink"):
         if spec.get(key) is not None or key != "uplink":

@@ -226,6 +226,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenloom.commands.simulate_check import add_check  # accepted predictions, for CI
 
     add_check(sub)
+    from tokenloom.commands.simulate_validate import add_validate  # calibration set vs published
+
+    add_validate(sub)
     from tokenloom.commands.simulate_decode import add_decode  # sharded-KV-cache decode
 
     add_decode(sub)

@@ -1,0 +1,84 @@
+"""NCCL-style collectives on one node of the catalog, priced with the same links as the engine.
+
+Alpha-beta per message (Hockney 1994) over the node's per-direction link rate
+(:attr:`~tokenloom.simulator.hardware.Link.rate`), the conventions of NCCL-tests
+(``doc/PERFORMANCE.md`` there): ``algbw = bytes / time``; ``busbw`` = algbw times 2(n-1)/n for
+AllReduce, (n-1)/n for AllGather and ReduceScatter (``bytes`` = the full output), 1 for SendRecv.
+
+- Ring AllReduce: 2(n-1) steps, each moving bytes/n over every rank's link and paying one
+  message latency; AllGather/ReduceScatter: n-1 such steps; SendRecv: one message.
+- NVLink SHARP (NVLS, "multimem"): the NVSwitch reduces and multicasts, so every GPU sends and
+  receives its bytes once; the switch's reduction rate bounds it (:data:`NVLS_ALGBW`, fitted to
+  the published 8-GPU H100 figure, docs/calibration.md). NCCL runs whichever of ring and NVLS is
+  faster (its tuner does; forcing NVLS on 2-4 GPUs published ring-like numbers).
+- Point-to-point copies (cudaMemcpyPeer): one direction at the link rate; both directions at
+  once do not interfere (the two directions are separate resources, as in the engine).
+"""
+
+from __future__ import annotations
+
+from tokenloom.errors import UsageError
+from tokenloom.simulator.hardware import NodeSpec
+
+# Achieved NVLS AllReduce algorithm bandwidth (bytes/s) of NVSwitch-3 nodes (sm_90). Fitted to the
+# calibration set: NCCL maintainer, NVIDIA/nccl-tests#212 ("peak busBw ~480GB/s (algbw ~275GB/s)"
+# on 8 x H100) and NVIDIA/nccl#1455 (algbw 258-273 GB/s on 5-8 H100s); H200 shares the switch.
+NVLS_ALGBW = {"h100-sxm": 270e9, "h200-sxm": 270e9}
+OPS = ("allreduce", "allgather", "reducescatter", "sendrecv")
+
+
+def _rate(node: NodeSpec) -> float:
+    if node.fabric != "switch":
+        raise UsageError(f"collective model: only NVSwitch nodes are priced, {node.name} is {node.fabric}",
+                         field="hardware")
+    return node.link.rate
+
+
+def ring_time(node: NodeSpec, op: str, nbytes: float, gpus: int) -> float:
+    """Seconds of a ring ``op`` of ``nbytes`` (the full buffer) over ``gpus`` ranks of ``node``."""
+    if op not in OPS:
+        raise UsageError(f"op must be one of {', '.join(OPS)}, got {op!r}", field="op")
+    rate, lat = _rate(node), node.link.latency_s
+    if op == "sendrecv":
+        return lat + nbytes / rate
+    if gpus < 2:
+        return 0.0
+    steps = 2 * (gpus - 1) if op == "allreduce" else gpus - 1
+    return steps * (lat + nbytes / gpus / rate)
+
+
+def nvls_time(node: NodeSpec, nbytes: float, gpus: int) -> float | None:
+    """Seconds of an NVLS AllReduce, or None where the node has no NVLink SHARP."""
+    bw = NVLS_ALGBW.get(node.name)
+    if bw is None or gpus < 2:
+        return None
+    return node.link.latency_s + nbytes / min(bw, _rate(node))
+
+
+def allreduce_time(node: NodeSpec, nbytes: float, gpus: int) -> float:
+    """What NCCL's tuner gives: the faster of ring and NVLS."""
+    ring = ring_time(node, "allreduce", nbytes, gpus)
+    nvls = nvls_time(node, nbytes, gpus)
+    return ring if nvls is None else min(ring, nvls)
+
+
+def bus_factor(op: str, gpus: int) -> float:
+    if op == "allreduce":
+        return 2 * (gpus - 1) / gpus
+    if op in ("allgather", "reducescatter"):
+        return (gpus - 1) / gpus
+    return 1.0
+
+
+def busbw(node: NodeSpec, op: str, nbytes: float, gpus: int, algo: str = "ring") -> float:
+    """NCCL-tests bus bandwidth (bytes/s) the model predicts; ``algo`` "ring" or "auto"."""
+    t = allreduce_time(node, nbytes, gpus) if (op == "allreduce" and algo == "auto") else \
+        ring_time(node, op, nbytes, gpus)
+    return nbytes / t * bus_factor(op, gpus)
+
+
+def p2p_copy_bw(node: NodeSpec, nbytes: float, both_directions: bool) -> float:
+    """Bytes/s of a peer copy of ``nbytes`` (summed over directions when both run at once)."""
+    rate = _rate(node)
+    one = nbytes / (node.link.latency_s + nbytes / rate)
+    return 2 * one if both_directions else one
