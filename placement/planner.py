@@ -21,8 +21,7 @@ from tokenloom.errors import UsageError
 from tokenloom.placement.balance import layer_bounds
 from tokenloom.placement.dp_planner import plan_dp
 from tokenloom.placement.eplb import check_groups
-from tokenloom.placement.evaluate import (baseline_messages, baseline_metrics, evaluate_messages, evaluate_plan,
-                                          trace_messages, traffic_cost)
+from tokenloom.placement.evaluate import trace_messages
 from tokenloom.placement.expert_planner import plan_expert
 from tokenloom.placement.greedy import baseline_plan
 from tokenloom.placement.metrics import evaluate_layers
@@ -98,6 +97,4 @@ def _metrics(rows: np.ndarray, trace: Trace, heldout: Trace | None, problem: Pla
     return metrics
 
 
-# evaluate_plan and the baselines live in evaluate.py; these names stay importable from here (the CLI).
-__all__ = ["METHODS", "PlanOptions", "plan_placement", "evaluate_plan", "evaluate_messages", "baseline_metrics",
-           "baseline_messages", "traffic_cost"]
+__all__ = ["METHODS", "PlanOptions", "plan_placement"]

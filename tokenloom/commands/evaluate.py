@@ -40,7 +40,7 @@ def _summary(metrics, messages) -> dict:
 def _evaluate(args: argparse.Namespace) -> int:
     from tokenloom.io import OutputFiles
     from tokenloom.placement import load_plan, load_trace
-    from tokenloom.placement.planner import baseline_messages, baseline_metrics, evaluate_messages, evaluate_plan
+    from tokenloom.placement.evaluate import baseline_messages, baseline_metrics, evaluate_messages, evaluate_plan
 
     if args.png and Path(args.png).suffix.lower() != ".png":
         raise UsageError(f"--png: output file must end in .png, got {args.png!r}", field="--png")
