@@ -192,6 +192,8 @@ def _direction(strategy: str, layout: str) -> int:
 def compile_ring(strategy: str, world_size: int, cost, *, layout: str, causal: bool, backward: bool,
                  num_heads: int, num_kv_heads: int) -> StepPlan:
     """The :class:`StepPlan` of ``build_schedule(strategy, world_size, ...)`` (dense sequences)."""
+    if getattr(cost, "window", None) is not None:  # windowed blocks are priced by chunk distance, not pattern
+        raise ValueError("compile_ring prices unwindowed schedules only; use the event engine")
     name, ul = parse_strategy(strategy)
     dims = ParallelDims(name, world_size, layout=layout, ulysses=ul, heads=num_heads, kv_heads=num_kv_heads)
     acc = _Acc()
