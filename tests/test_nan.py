@@ -131,3 +131,22 @@ def test_softmax_scale_zero_is_uniform_attention_over_visible_keys():
     for rows in spawn_ranks(2, _scale_zero, timeout=120):
         for strategy, impl, dtype, err in rows:
             assert err < (1e-5 if "32" in dtype else 1e-12), (strategy, impl, dtype, err)
+
+
+def test_triton_blocks_route_nonfinite_and_scale_zero_away_from_the_kernel(monkeypatch):
+    """Whatever impl is selected (Triton here: it cannot run on this CPU, so any call into it would
+    fail), a non-finite block runs the exact path and a softmax_scale=0 block the reference."""
+    import tokenloom.kernels as kernels
+
+    monkeypatch.setattr(kernels, "select_impl", lambda device, impl=None: "triton")
+    tensors = _inputs(6)
+    tensors[0][0, 7, 1, 2] = float("nan")
+    q, k, v, dout = tensors
+    out, lse = kernels.block_forward(q, k, v, causal=True, softmax_scale=None)
+    assert torch.equal(~torch.isfinite(out), _plain_pattern(tensors, None, D ** -0.5)[0])
+    grads = kernels.block_backward(dout, q, k, v, lse, torch.zeros_like(lse), causal=True, softmax_scale=None)
+    assert all(g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+    ok = _inputs(7)
+    out0, _ = kernels.block_forward(*ok[:3], causal=True, softmax_scale=0.0)
+    ref0, _ = plain_attention(*(t.double() for t in ok[:3]), dense_visible(S, causal=True), 0.0)
+    assert (out0.double() - ref0).abs().max() < 1e-5
