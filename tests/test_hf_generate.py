@@ -91,3 +91,19 @@ def test_cache_too_big_is_refused_before_allocating():
     with pytest.raises(UsageError, match="limit of") as e:
         hf_cache.TokenloomCache(model.config, max_tokens=10**6, memory_limit=10**6)
     assert e.value.field == "max_tokens"
+
+
+def test_torchrun_example_generates_the_single_process_tokens():
+    import os
+    import sys
+    from pathlib import Path
+
+    from procs import run
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = run([torchrun, "--standalone", "--nproc-per-node", "2", "examples/hf_generate.py", "--check",
+                "--prompt-len", "21", "--new-tokens", "6"], cwd=root,
+               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "-> OK" in proc.stdout, proc.stdout[-2000:]
