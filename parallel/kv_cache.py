@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -254,3 +255,29 @@ def prefill_positions(rank: int, world_size: int, seq_len: int, *, layout: str =
     lay = SeqLayout(world_size, layout, ulysses=ulysses)
     runs = lay.global_ranges(rank, seq_len)
     return torch.cat([torch.arange(a, a + n, dtype=torch.int64) for a, n in runs])
+
+
+def fill_packed(caches: "list[ShardedKVCache]", layer: int, k: torch.Tensor, v: torch.Tensor,
+                cu_seqlens: Any, *, layout: str = "zigzag") -> None:
+    """A packed prefill's K/V shard (documents concatenated along the sequence, boundaries
+    ``cu_seqlens`` as given to ``sp_attention``) into one cache per document: document d's local
+    tokens go to ``caches[d]`` at their positions within the document (each document is its own
+    sequence for decoding)."""
+    from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
+    from tokenloom.parallel.sharding import host_cu_seqlens
+
+    cu = host_cu_seqlens(cu_seqlens)
+    lens = doc_lens_from_cu_seqlens(cu, total=int(cu[-1]))
+    if len(caches) != len(lens):
+        raise UsageError(f"fill_packed: {len(lens)} documents but {len(caches)} caches", field="caches")
+    spec = caches[0].spec
+    runs = SeqLayout(spec.world_size, layout, doc_lens=lens).global_ranges(spec.rank, int(cu[-1]))
+    pos = torch.cat([torch.arange(a, a + n, dtype=torch.int64) for a, n in runs])
+    if pos.numel() != k.shape[1]:
+        raise UsageError(f"fill_packed: this rank holds {pos.numel()} tokens of the packed sequence "
+                         f"under layout {layout!r}, but k has {k.shape[1]}", field="k")
+    bounds = torch.tensor(list(cu), dtype=torch.int64)
+    doc = torch.searchsorted(bounds, pos, right=True) - 1
+    for d, cache in enumerate(caches):
+        mine = (doc == d).nonzero().view(-1)
+        cache.fill(layer, k[:, mine], v[:, mine], pos[mine] - bounds[d], lens[d])

@@ -45,3 +45,34 @@ def test_prefill_positions_cover_the_sequence_once():
         assert sorted(got.tolist()) == list(range(24))
     got = torch.cat([prefill_positions(r, 4, 32, layout="zigzag", ulysses=2) for r in range(4)])
     assert sorted(got.tolist()) == list(range(32))
+
+
+def _packed(rank, n, strategy):
+    from tokenloom.parallel.kv_cache import fill_packed
+
+    doc_lens = [5, 11, 8]
+    cu = torch.tensor([0, 5, 16, 24])
+    g = torch.Generator().manual_seed(4)
+    docs = [[torch.randn(B, L + 1, h, D, generator=g, dtype=torch.float64) for h in (H, HKV, HKV)]
+            for L in doc_lens]
+    packed = [torch.cat([d[i][:, :-1] for d in docs], dim=1) for i in range(3)]
+    ql, kl, vl = (shard_sequence(t.float(), rank, n, cu_seqlens=cu) for t in packed)
+    sp_attention(ql, kl, vl, strategy=strategy, causal=True, cu_seqlens=cu)
+    caches = [ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, n, rank, layout="zigzag"), 32)
+              for _ in doc_lens]
+    fill_packed(caches, 0, kl, vl, cu)
+    errs = []
+    for (q, k, v), cache, L in zip(docs, caches, doc_lens):
+        new = cached_attention(q[:, L:].float(), k[:, L:].float(), v[:, L:].float(), cache, 0)
+        ref, _ = attention_with_lse(q[:, L:], k, v, causal=True)
+        errs.append(float((new.double() - ref).abs().max()))
+        kf, vf = gather_cache(cache, 0)
+        errs.append(float((kf.double() - k).abs().max() + (vf.double() - v).abs().max()))
+    return errs
+
+
+@pytest.mark.parametrize("world_size,strategy", [(2, "tokenring"), (3, "tokenring"), (4, "ring"),
+                                                 (2, "ulysses")])
+def test_packed_prompts_fill_one_cache_per_document(world_size, strategy):
+    for errs in spawn_ranks(world_size, _packed, strategy, timeout=60):
+        assert max(errs) < 2e-5, errs
