@@ -16,8 +16,8 @@ from tokenloom.errors import UsageError
 from tokenloom.validate import check_choice, check_int
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.hardware import LOCAL_CPU, MAX_CLUSTER_GPUS, Cluster, make_cluster
-from tokenloom.simulator.scenario import (MAX_SIM_TRANSFERS, AttentionResult, check_feasible, check_work,
-                                          estimated_transfers, simulate_attention)
+from tokenloom.simulator.scenario import (LOCKSTEP_WEIGHT, MAX_SIM_TRANSFERS, AttentionResult, check_feasible,
+                                          check_work, estimated_transfers, simulate_attention, uses_lockstep)
 
 # Substrings of torch.cuda.get_device_name() -> catalog name; first match wins (A100 before A10).
 _DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
@@ -119,6 +119,7 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
     simulations together exceed the work limit (checked before any is run). ``strategies``
     None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`)."""
     auto_hybrids = strategies is None
+    weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster) else 1  # the work limit counts what simulating costs
     if strategies is None:
         strategies = STRATEGIES + hybrid_candidates(cluster)
     feasible, skipped = [], []
@@ -134,13 +135,14 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
     if not feasible:
         raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=_field_of(skipped[0][2]))
     if auto_hybrids:  # the hybrids were added here: drop them rather than refuse the flat ones
-        limit = MAX_SIM_TRANSFERS if max_transfers is None else max_transfers
+        limit = (MAX_SIM_TRANSFERS if max_transfers is None else max_transfers) * weight
         while sum(estimated_transfers(st, cluster.num_gpus, backward) for st, _ in feasible) > limit \
                 and parse_strategy(feasible[-1][0])[1] > 1:
             st, lay = feasible.pop()
             skipped.append((st, lay, "over the simulation work limit together with the others; "
                                      f"try: simulate attention --strategy {st}"))
-    check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible], limit=max_transfers)
+    check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible], limit=max_transfers,
+               weight=weight)
     results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout,
                                   max_transfers=max_transfers) for strategy, layout in feasible]
     order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
@@ -217,13 +219,15 @@ def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, he
     shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
     if ulysses > 1:  # a 2-D mesh: Ulysses is fixed on the inner dim, rank the ring dim's strategies
         hybrids = tuple(hybrid_name(ulysses, ring) for ring in ("tokenring", "ring"))
-        if estimated_transfers(hybrids[0], world_size, backward) * 2 * len(layouts) > MAX_SIM_TRANSFERS:
+        weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster) else 1
+        if estimated_transfers(hybrids[0], world_size, backward) * 2 * len(layouts) > MAX_SIM_TRANSFERS * weight:
             return "tokenring", layouts[0]
         best = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=hybrids,
                                 layouts=layouts).winner
         return parse_strategy(best.strategy)[0], best.layout
     runs = [(s, world_size, backward) for s in STRATEGIES for _ in layouts]
-    if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS:
+    if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS * (LOCKSTEP_WEIGHT if uses_lockstep(cluster)
+                                                                            else 1):
         # Too many ranks to simulate every candidate in a call's time budget: TokenRing is the
         # default (no head divisibility needed, both link directions busy), priced by nothing.
         CostModel(shape, cluster, layouts[0])  # still refuse a sequence the layout cannot split

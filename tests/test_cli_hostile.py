@@ -119,9 +119,10 @@ FLAG_ROWS = [
     (_with(SIM, hardware="tpu-v9"), "hardware"),
     (_with(SIM, hardware="tpu\nv9"), "hardware"),
     # class 4: sizes the engine cannot walk in reasonable time are refused up front
-    (_with(SIM, gpus="1024", nodes="128"), "gpus"),
-    (_with(SIM, gpus="256", nodes="32") + ["--backward"], "gpus"),
-    (_with(ADV, gpus="256", nodes="32"), "gpus"),
+    (_with(SIM, gpus="1024", nodes="128") + ["--engine", "event"], "gpus"),
+    (_with(SIM, gpus="256", nodes="32") + ["--backward", "--engine", "event"], "gpus"),
+    (_with(SIM, gpus="4096", nodes="512"), "gpus"),  # the lockstep path counts 1/64 per transfer
+    (_with(ADV, gpus="4096", nodes="512"), "gpus"),
     (_with(ADV, gpus="0"), "--gpus"),
     (_with(ADV, seq="1001"), "seq"),
     (_with(ADV, heads="12", seq="1001"), "seq"),
@@ -141,7 +142,7 @@ def test_bad_flag_values(argv, field, capsys):
 
 
 def test_work_limit_says_the_limit_and_why(capsys):
-    err = assert_refused(_with(SIM, gpus="1024", nodes="128"), "gpus", capsys)
+    err = assert_refused(_with(SIM, gpus="1024", nodes="128") + ["--engine", "event"], "gpus", capsys)
     assert "limit" in err and "transfers" in err
 
 
@@ -354,7 +355,7 @@ def test_entry_point_nan_hardware_file_does_not_spin(tmp_path):
 def test_entry_point_size_limit_and_device_output(tmp_path):
     res = _cli(*_with(SIM, gpus="1024", nodes="128"), "--chrome-trace", "/dev/null")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "/dev/null" in res.stderr
-    res = _cli(*_with(SIM, gpus="1024", nodes="128"))
+    res = _cli(*_with(SIM, gpus="1024", nodes="128"), "--engine", "event")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "limit" in res.stderr
     res = _cli(*_with(SIM, gpus="nan"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--gpus" in res.stderr

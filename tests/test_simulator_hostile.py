@@ -215,7 +215,7 @@ def test_max_transfers_raises_and_lowers_the_limit(capsys):
     capsys.readouterr()
     assert main(argv + ["--max-transfers", "7"]) == 2
     capsys.readouterr()
-    assert main(["advise"] + argv[1:] + ["--max-transfers", "600"]) == 2  # advise: several simulations
+    assert main(["advise"] + argv[1:] + ["--max-transfers", "20"]) == 2  # advise: several simulations
     capsys.readouterr()
     with pytest.raises(UsageError, match="max_transfers"):
         check_work([("ring", 8, False)], limit=MAX_SIM_TRANSFERS_CEILING + 1)
