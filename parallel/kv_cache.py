@@ -157,7 +157,7 @@ class ShardedKVCache:
     def _reserve(self, layer: int, extra: int) -> None:
         have = self._len.get(layer, 0)
         cap = self._k[layer].shape[2] if layer in self._k else 0
-        if have + extra <= cap:
+        if have + extra <= cap and layer in self._k:
             return
         spec = self.spec
         new_cap = min(max(have + extra, 2 * cap, 64), max(self.max_tokens, have + extra))
