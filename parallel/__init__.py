@@ -26,6 +26,10 @@ _LAZY = {
     "build_schedule": "tokenloom.parallel.builders",
     "check_schedule": "tokenloom.parallel.check",
     "resolve_strategy": _API,
+    "CacheSpec": "tokenloom.parallel.kv_cache",
+    "ShardedKVCache": "tokenloom.parallel.kv_cache",
+    "cached_attention": "tokenloom.parallel.decode",
+    "new_token_part": "tokenloom.parallel.decode",
 }
 
 __all__ = sorted(_LAZY)
