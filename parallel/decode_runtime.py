@@ -141,14 +141,21 @@ class DecodeRunner:
         sh = self.shape
         if op.dst.key not in store:  # exists (empty) even when every block is empty
             store[op.dst.key] = Held(op.dst.chunks, _alloc(op.dst, sh))
-        for blk in op.blocks:
-            q = self._slice(q_held, blk.q_chunks)["q"]
-            kv = self._slice(kv_held, blk.kv_chunks)
-            if q.shape[1] == 0 or kv["k"].shape[2] == 0:
-                continue
-            out, lse = cache_block(q, kv["k"], kv["v"], causal=blk.causal, scale=sh.scale,
+        q_offs, kv_offs = sh.offsets(q_held.chunks), sh.offsets(kv_held.chunks)
+        for (qa, qb), (ka, kb), causal in _calls(op.blocks, q_offs, kv_offs):
+            out, lse = cache_block(q_held.tensors["q"][:, qa:qb], kv_held.tensors["k"][:, :, ka:kb],
+                                   kv_held.tensors["v"][:, :, ka:kb], causal=causal, scale=sh.scale,
                                    impl=sh.impl)
-            self._fold(store, op.dst, blk.q_chunks, {"out": out, "lse": lse})
+            self._fold_rows(store[op.dst.key], op.dst, q_offs, qa, qb, out, lse)
+
+    def _fold_rows(self, dst: Held, buf: Buf, q_offs, qa: int, qb: int, out, lse) -> None:
+        """Merge a partial for rows ``[qa, qb)`` of the query buffer into ``dst`` (same chunks
+        order as the query buffer for the chunks it covers)."""
+        chunks = tuple(c for c, (a, b) in q_offs.items() if a >= qa and b <= qb and b > a)
+        if not chunks:
+            return
+        acc = self._slice(dst, chunks)
+        kernels.merge_into_(acc["out"], acc["lse"], out, lse)
 
     def _fold(self, store: dict, dst: Buf, chunks: tuple[int, ...], part: dict[str, torch.Tensor]) -> None:
         """LSE-merge a partial over ``chunks`` into ``dst`` (created empty on first use)."""
@@ -157,3 +164,22 @@ class DecodeRunner:
         acc = self._slice(store[dst.key], chunks)
         if acc["out"].shape[1]:
             kernels.merge_into_(acc["out"], acc["lse"], part["out"], part["lse"])
+
+
+def _calls(blocks, q_offs: dict, kv_offs: dict) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
+    """Kernel calls for ``blocks`` as row ranges: empty blocks dropped, a one-token causal block is
+    a full one, and full blocks of the same query rows over adjacent keys are one call (a decode
+    step's cached block and its new token: one read of the shard)."""
+    calls: list[list] = []
+    for blk in blocks:
+        qa, qb = q_offs[blk.q_chunks[0]][0], q_offs[blk.q_chunks[-1]][1]
+        ka, kb = kv_offs[blk.kv_chunks[0]][0], kv_offs[blk.kv_chunks[-1]][1]
+        if qa == qb or ka == kb:
+            continue
+        causal = blk.causal and qb - qa > 1
+        last = calls[-1] if calls else None
+        if last and not causal and not last[2] and last[0] == (qa, qb) and last[1][1] == ka:
+            last[1] = (last[1][0], kb)
+        else:
+            calls.append([(qa, qb), (ka, kb), causal])
+    return [(c[0], c[1], c[2]) for c in calls]
