@@ -134,9 +134,41 @@ def _attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_cuda(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from tokenloom.io import OutputFiles
+    from tokenloom.simulator.calibrate_gpu import format_profile, measure_cuda_profile
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    out = Path(args.out) if args.out else Path(cache) / "tokenloom" / "this-gpu.json"
+    if not args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with OutputFiles() as files:
+        files.claim("--out", out)  # checked before the ~1 min of measuring
+        entry = measure_cuda_profile(quick=args.quick)
+
+        def write(path) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"this-gpu": entry}, f, indent=1, allow_nan=False)
+
+        files.write("--out", write)
+        files.commit()
+    if args.json:
+        print(json.dumps({"path": str(out), "this-gpu": entry}, allow_nan=False))
+    else:
+        print(f"wrote {out} (use: --hardware-file {out} --hardware this-gpu)")
+        print(format_profile(entry))
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
+
+    if args.device == "cuda":
+        return _calibrate_cuda(args)
 
     from tokenloom.io import OutputFiles
     from tokenloom.simulator.calibrate import measure_profile, write_profile
@@ -215,6 +247,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--out", metavar="FILE", help="where to write (default: $TOKENLOOM_CPU_PROFILE or "
                      "~/.cache/tokenloom/local-cpu.json, which the catalog reads)")
     cal.add_argument("--quick", action="store_true", help="smaller, faster measurements (tests)")
+    cal.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cpu (default): the local-cpu profile; cuda: this GPU's attention curve, GEMM peak "
+                          "and memory bandwidth into a 'this-gpu' hardware-file entry (~1 min; default "
+                          "~/.cache/tokenloom/this-gpu.json)")
     cal.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     cal.set_defaults(func=_calibrate)
     from tokenloom.commands.simulate_tokenweave import add_tokenweave
