@@ -33,7 +33,7 @@ from tokenloom.parallel.agree import check_scale, code_of, float_code
 from tokenloom.parallel.decode_check import check_decode_schedule
 from tokenloom.parallel.decode_runtime import DecodeRunner, Held, Shape, Timing
 from tokenloom.parallel.decode_schedule import (
-    DECODE_STRATEGIES, REPLICATED_OWNER, build_decode_schedule, part_lens, part_of, part_range,
+    DECODE_STRATEGIES, build_decode_schedule, part_lens, part_of, part_range,
     part_rank)
 from tokenloom.parallel.kv_cache import ShardedKVCache
 

@@ -73,3 +73,13 @@ def test_decode_matches_fp64_single_process(world_size, strategy, queries):
 def test_fp64_is_exact_to_rounding():
     for errs in spawn_ranks(3, _decode_run, "ring", "sharded", 10, [1, 2, 40], torch.float64, False):
         assert max(errs) < 1e-12, errs
+
+
+@pytest.mark.parametrize("strategy,queries", [("gather", "replicated"), ("gather", "sharded"),
+                                              ("ring", "sharded"), ("passkv", "sharded")])
+def test_more_ranks_than_tokens(strategy, queries):
+    """A one-token prompt on 4 ranks: most shards and parts are empty (no message is posted for
+    them) and the result is still exact."""
+    for errs in spawn_ranks(4, _decode_run, strategy, queries, 1, [1, 2, 1], torch.float32, False,
+                            timeout=60):
+        assert max(errs[:-1]) < 2e-5 and errs[-1] < 1e-6, errs

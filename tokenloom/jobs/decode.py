@@ -144,8 +144,6 @@ def _plain_sdpa(q, k, v):
 
 def _check(out, q, k, v, kf, vf, cfg: DecodeRun, dtype) -> dict:
     """Every step's output and the gathered cache against fp64 single-process attention."""
-    import torch
-
     from tokenloom.kernels.reference import attention_with_lse, tolerance
 
     qd, kd, vd = q.double(), k.double(), v.double()
