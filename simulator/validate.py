@@ -7,19 +7,21 @@ Rows live in ``simulator/data/calibration.json`` (one citation each; docs/calibr
 - ``p2p_copy``: a peer-to-peer copy bandwidth, one or both directions (:mod:`.collectives`);
 - ``attention``: a single-GPU attention kernel's TFLOP/s, priced by the engine's own cost model
   (:meth:`CostModel.compute_s` on one whole-sequence block), FLOPs counted the FlashAttention way;
-- ``moe_dispatch``: DeepEP bandwidths; not priced yet (reported as such, outside the summary).
+- ``moe_dispatch``: DeepEP's bottleneck bandwidths against the rate of the bounding link (NVLink
+  inside a node, the NIC across nodes), the rate :mod:`.moe` prices dispatch with.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from tokenloom.parallel.schedule import Block, Buf, Compute
 from tokenloom.simulator import collectives
 from tokenloom.simulator.cost import BWD_FLOP_FACTOR, AttentionShape, CostModel
-from tokenloom.simulator.hardware import CATALOG, make_cluster
+from tokenloom.simulator.hardware import CATALOG, NodeSpec, make_cluster
 
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.json"
 GOAL = 0.15  # issue 20: every calibration row within +-15%
@@ -41,12 +43,28 @@ def attention_tflops(row: dict) -> float:
     return flops / cost.compute_s(op) / 1e12
 
 
+def h800() -> NodeSpec:
+    """H800 SXM: the H100's SMs, HBM and NIC (CX7 400 Gb/s) with NVLink at 400 GB/s both ways (its
+    datasheet), i.e. 200 GB/s per direction at the fitted H100 efficiency."""
+    h100 = CATALOG["h100-sxm"]
+    return replace(h100, name="h800-sxm", link=replace(h100.link, bw=200e9))
+
+
+def moe_bottleneck_gbs(row: dict) -> float:
+    """DeepEP's 'bottleneck bandwidth' at a large batch is the rate of the link that bounds it:
+    NVLink inside a node (EP 8), the NIC across nodes (:mod:`.moe` prices by the busiest NIC)."""
+    node = h800() if row["hardware"] == "h800" else CATALOG[row["hardware"]]
+    return (node.link.rate if row["ep"] <= node.gpus_per_node else node.nic.rate) / 1e9
+
+
 def predict(row: dict) -> float | None:
     """The simulator's number for ``row`` in the row's unit; None where it has no model."""
     kind = row["kind"]
     if kind == "attention":
         return attention_tflops(row)
-    if kind == "moe_dispatch" or row.get("hardware") not in CATALOG:
+    if kind == "moe_dispatch":
+        return moe_bottleneck_gbs(row)
+    if row.get("hardware") not in CATALOG:
         return None
     node = CATALOG[row["hardware"]]
     if kind == "collective":

@@ -265,6 +265,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from tokenloom.commands.simulate_validate import add_validate  # calibration set vs published
 
     add_validate(sub)
+    from tokenloom.commands.simulate_moe import add_moe  # MoE dispatch/combine under a placement plan
+
+    add_moe(sub)
     from tokenloom.commands.simulate_decode import add_decode  # sharded-KV-cache decode
 
     add_decode(sub)
