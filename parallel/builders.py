@@ -168,29 +168,60 @@ class _Ring:
 
     def travel(self, move: str, direction: int) -> dict[int, Buf]:
         """``move`` ("q" or "kv") blocks visit every member; returns member -> its dk/dv home (Ring bwd)."""
-        n = len(self.members)
         q_kind = "qg" if self.backward else "q"
         homes = {}
-        for owner in range(n):
-            holders = [(owner + direction * s) % n for s in range(n)]
-            if move == "q":
-                need = [self.pairs(self.local[owner], self.local[h]) for h in holders]
-                moving = [_ordered({qc for qc, _ in p}, self.local[owner]) for p in need]
-            else:
-                need = [self.pairs(self.local[h], self.local[owner]) for h in holders]
-                moving = [_ordered({kc for _, kc in p}, self.local[owner]) for p in need]
-            kind = q_kind if move == "q" else "kv"
-            for s in range(n - 1):  # forward the block with what later holders still need
-                carry = _ordered(set().union(*moving[s + 1:]), self.local[owner])
-                if not carry:
-                    break
-                self.sched.p2p(self.s0 + s, self.members[holders[s]], self.members[holders[s + 1]],
-                               self.buf(kind, owner, carry), kind)
-            if move == "q":
-                self._q_moving_results(owner, holders, need, moving)
-            else:
-                homes[owner] = self._kv_moving_results(owner, holders, need, moving)
+        for owner in range(len(self.members)):
+            for holders, need in self._legs(owner, move, direction):
+                pick = (lambda p: {qc for qc, _ in p}) if move == "q" else (lambda p: {kc for _, kc in p})
+                moving = [_ordered(pick(p), self.local[owner]) for p in need]
+                kind = q_kind if move == "q" else "kv"
+                for s in range(len(holders) - 1):  # forward the block with what later holders still need
+                    carry = _ordered(set().union(*moving[s + 1:]), self.local[owner])
+                    if not carry:
+                        break
+                    self.sched.p2p(self.s0 + s, self.members[holders[s]], self.members[holders[s + 1]],
+                                   self.buf(kind, owner, carry), kind)
+                if move == "q":
+                    self._q_moving_results(owner, holders, need, moving)
+                else:
+                    homes[owner] = self._kv_moving_results(owner, holders, need, moving)
         return homes
+
+    def _legs(self, owner: int, move: str, direction: int) -> list[tuple[list[int], list]]:
+        """The paths ``owner``'s block takes: ``[(holders, pairs each holder computes)]``, the owner
+        first. Without a window: once round the ring in ``direction``. Under a window (more than two
+        members) each holder that needs the block is reached the shorter way round, so the block
+        travels both ways at once and only as far as its farthest reader on each side (a short
+        window under zigzag needs both neighbours); when the two ways would meet, once round."""
+        n = len(self.members)
+
+        def need_of(h: int) -> list[tuple[int, int]]:
+            if move == "q":
+                return self.pairs(self.local[owner], self.local[h])
+            return self.pairs(self.local[h], self.local[owner])
+
+        one_way = [(owner + direction * s) % n for s in range(n)]
+        if self.seq.window is None or n <= 2:
+            return [(one_way, [need_of(h) for h in one_way])]
+        side: dict[int, int] = {}
+        reach = {1: 0, -1: 0}
+        for h in range(n):
+            if h == owner or not need_of(h):
+                continue
+            ahead, back = (h - owner) % n, (owner - h) % n
+            d = direction if ahead == back else (1 if ahead < back else -1)
+            side[h] = d
+            reach[d] = max(reach[d], ahead if d == 1 else back)
+        if reach[1] + reach[-1] >= n:  # the two ways would meet: go once round
+            return [(one_way, [need_of(h) for h in one_way])]
+        legs = []
+        for d in (direction, -direction):
+            holders = [(owner + d * s) % n for s in range(reach[d] + 1)]
+            need = [need_of(owner) if d == direction else []]
+            need += [need_of(h) if side.get(h) == d else [] for h in holders[1:]]
+            if d == direction or len(holders) > 1:
+                legs.append((holders, need))
+        return legs
 
     def _q_moving_results(self, owner: int, holders: list[int], need, moving) -> None:
         """TokenRing: compute at each holder; send each partial straight back one step later."""
@@ -263,12 +294,7 @@ def _flat(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
     ring = _Ring(sched, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
                  first_step=0)
     move = "q" if dims.strategy == "tokenring" else "kv"
-    direction = _direction(dims.strategy, dims.layout)
-    if seq.window is not None and n > 2:  # a window talks to neighbours: go the shorter way round
-        direction = min((1, -1), key=lambda d: _ring_steps(seq, local, n, move, d, causal, backward))
-        ring = _Ring(sched, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
-                     first_step=0)
-    homes = ring.travel(move, direction)
+    homes = ring.travel(move, _direction(dims.strategy, dims.layout))
     inputs = tuple((Buf(q_kind, r, local[r]), Buf("kv", r, local[r])) for r in range(n))
     outputs = []
     for r in range(n):
@@ -279,15 +305,6 @@ def _flat(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
             outputs.append({"dq": Buf("dq", r, local[r], at=r), "dkv": dkv})
     return Schedule(dims.name, dims.layout, causal, backward, n, sched.freeze(), inputs,
                     tuple(outputs), seq, ())
-
-
-def _ring_steps(seq: SeqLayout, local, n: int, move: str, direction: int, causal: bool,
-                backward: bool) -> int:
-    """Steps a flat ring needs when its blocks travel in ``direction`` (a trial build)."""
-    trial = _Steps(n)
-    _Ring(trial, seq, list(range(n)), local, shard=-1, causal=causal, backward=backward,
-          first_step=0).travel(move, direction)
-    return len(trial.freeze()[0])
 
 
 def _hybrid(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:

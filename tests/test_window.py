@@ -119,21 +119,26 @@ def test_checker_proves_windowed_schedules(strategy):
                             seq_len=None if docs else 6 * chunks))
 
 
-def test_short_window_ring_talks_to_neighbours_only_and_skips_hidden_blocks():
-    n, seq_len = 8, 8 * 64
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_short_window_ring_talks_to_neighbours_only_and_skips_hidden_blocks(layout):
+    """Contiguous: one hop to the next rank. Zigzag: rank r's early chunk needs rank r-1 and its
+    late chunk rank r+1, so blocks travel both ways at once, one hop each."""
+    n, seq_len = 8, 16 * 64
     for strategy in ("ring", "tokenring"):
-        sched = build_schedule(strategy, n, layout="contiguous", causal=True, window_size=(16, -1),
-                               seq_len=seq_len)
-        check_schedule(sched)
-        assert sched.num_steps <= 3, sched  # one hop, plus the partial's way home (TokenRing)
-        peers = {(r, op.peer) for r, steps in enumerate(sched.ranks) for st in steps for op in st.comms
-                 if isinstance(op, Send)}
-        assert all(abs(a - b) == 1 for a, b in peers), peers
-        computes = sum(len(c.blocks) for steps in sched.ranks for st in steps for c in st.computes
-                       if isinstance(c, Compute))
-        assert computes == 2 * n - 1  # the diagonal of every rank and the one before it
-        full = build_schedule(strategy, n, layout="contiguous", causal=True)
-        assert full.num_steps >= n
+        for backward in (False, True):
+            sched = build_schedule(strategy, n, layout=layout, causal=True, window_size=(16, -1),
+                                   seq_len=seq_len, backward=backward)
+            check_schedule(sched)
+            assert sched.num_steps <= 3, sched  # one hop, plus the way home (TokenRing, Ring's dk/dv)
+            peers = {(r, op.peer) for r, steps in enumerate(sched.ranks) for st in steps for op in st.comms
+                     if isinstance(op, Send)}
+            assert all((a - b) % n in (1, n - 1) for a, b in peers), peers
+            full = build_schedule(strategy, n, layout=layout, causal=True, backward=backward)
+            assert full.num_steps >= n
+        computes = sum(len(c.blocks) for steps in build_schedule(
+            strategy, n, layout=layout, causal=True, window_size=(16, -1), seq_len=seq_len).ranks
+                       for st in steps for c in st.computes if isinstance(c, Compute))
+        assert computes == 2 * (2 * n if layout == "zigzag" else n) - 1  # each diagonal + the one before
 
 
 @pytest.mark.parametrize("window", [(-2, 0), (1.5, 0), (float("nan"), 0), (3,), "3", (True, 0), (0, -7)])
