@@ -15,7 +15,8 @@ hidden 8192, and scaled by the catalog's link and memory numbers for other hardw
   at ``attn_eff_fwd`` of peak, with the same wave factor over 128-row query tiles.
 - NCCL AllReduce ``64 us + M / 230 GB/s`` at TP 8 on H100 (``M`` activation bytes), i.e. the ring's
   ``2 (t-1)/t M`` bytes at ``1.75 * 230 GB/s`` of bus bandwidth; reduce-scatter and all-gather
-  each half of it. Fused AllReduce+RMSNorm over multimem (Hopper): ``14 us + M / 276 GB/s``.
+  each half of it. Fused AllReduce+RMSNorm over multimem (Hopper): ``14 us + M / 276 GB/s``; the
+  baseline's plain AllReduce runs over multimem too where the node has it (~ the same cost).
   Latencies scale with the link latency, bandwidths with the link rate relative to H100's.
 - RMSNorm (with the residual add): ``8 us + M / 762 GB/s`` on H100, the bandwidth scaled by HBM.
 - Communication kernels overlapping compute use ``comm_ctas`` CTAs and slow down by the measured
@@ -169,10 +170,15 @@ class Pricer:
         return NORM_LAT + self.act_bytes(rows) / (NORM_BW * self.dev.hbm_bw / REF_HBM)
 
     def allreduce_s(self, rows: int) -> float:
+        """The baseline's AllReduce: over multimem (NVLink SHARP) where the node has it, as the
+        published baseline runs it (REFERENCE.md §4: ~14 us + M / 276 GB/s on 8 x H100, the same
+        ~270 GB/s NVLS algorithm bandwidth as NCCL-tests, docs/calibration.md), else NCCL's ring."""
         if self.tp == 1:
             return 0.0
         lat, bw = self._scales()
         t = self.tp
+        if self.multimem:
+            return MM_LAT * lat + self.act_bytes(rows) * ((t - 1) / t) / (0.875 * MM_BW * bw)
         return AR_LAT * lat + self.act_bytes(rows) * (2 * (t - 1) / t) / (1.75 * AR_BW * bw)
 
     def fused_s(self, rows: int, overlapped: bool) -> float:
