@@ -107,3 +107,13 @@ def test_torchrun_example_generates_the_single_process_tokens():
                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "-> OK" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_padding_mask_through_generate_is_refused_not_ignored():
+    model = tiny_model()
+    mask = torch.ones(1, PROMPT, dtype=torch.long)
+    mask[0, :2] = 0
+    cache = hf_cache.TokenloomCache(model.config, max_tokens=PROMPT + 2, dtype=torch.float64)
+    with cache.attached(model), pytest.raises(UsageError) as e:
+        model.generate(_prompt(), attention_mask=mask, cache=cache, max_new_tokens=2, pad_token_id=0)
+    assert e.value.field == "attention_mask"

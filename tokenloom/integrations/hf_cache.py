@@ -129,6 +129,11 @@ def _cache_class() -> type:
             from transformers import AttentionInterface
 
             AttentionInterface.register(self.name, self._attention)
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            # a mask builder of its own: without one transformers builds no mask at all for a
+            # custom attention, and a padding mask would be silently ignored instead of refused
+            AttentionMaskInterface.register(self.name, sdpa_mask)
 
         def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
             return self.sharded.seq_len(layer_idx)
@@ -152,6 +157,8 @@ def _cache_class() -> type:
                 if kwargs.get(name) is not None:
                     raise UsageError(f"TokenloomCache: {what} ({name}) are not supported",
                                      field=name)
+            _check_causal_mask(attention_mask, query.shape[2], key.shape[2],
+                               self.sharded.seq_len(module.layer_idx))
             if dropout:
                 raise UsageError("TokenloomCache: attention dropout is not supported (call "
                                  "model.eval())", field="dropout")
@@ -161,6 +168,25 @@ def _cache_class() -> type:
             return out, None
 
     return _TokenloomCache
+
+
+def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int) -> None:
+    """Refuse a mask that hides more than the causal mask (padding): it cannot be honoured over a
+    sharded cache. Every rank holds the same mask (replicated queries), so all refuse alike."""
+    if not isinstance(mask, torch.Tensor):
+        return
+    total = cached + num_new
+    if mask.shape[-1] < total or mask.shape[-2] != num_new:
+        raise UsageError(f"TokenloomCache: an attention mask of shape {tuple(mask.shape)} does not "
+                         f"cover {total} keys for {num_new} queries", field="attention_mask")
+    rows = torch.arange(num_new, device=mask.device)[:, None] + cached
+    visible = torch.arange(total, device=mask.device)[None, :] <= rows
+    m = mask[..., :total]
+    seen = m if m.dtype == torch.bool else m == 0
+    if not bool((seen == visible).all()):
+        raise UsageError("TokenloomCache: the attention mask hides more than the causal mask "
+                         "(padding?): a padding mask cannot be honoured over a sharded cache; pass "
+                         "unpadded prompts", field="attention_mask")
 
 
 def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy: str = "auto",
