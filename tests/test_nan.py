@@ -30,9 +30,9 @@ def _cu(docs):
     return torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32) if docs else None
 
 
-def _plain_pattern(tensors, docs, scale):
+def _plain_pattern(tensors, docs, scale, window=(-1, -1)):
     q, k, v, dout = (t.double().requires_grad_(i < 3) for i, t in enumerate(tensors))
-    vis = dense_visible(S, causal=True, doc_lens=docs)
+    vis = dense_visible(S, causal=True, doc_lens=docs, window=window)
     out, _ = plain_attention(q, k, v, vis, scale)
     out.backward(dout)
     return [~torch.isfinite(t) for t in (out, q.grad, k.grad, v.grad)]
@@ -150,3 +150,35 @@ def test_triton_blocks_route_nonfinite_and_scale_zero_away_from_the_kernel(monke
     out0, _ = kernels.block_forward(*ok[:3], causal=True, softmax_scale=0.0)
     ref0, _ = plain_attention(*(t.double() for t in ok[:3]), dense_visible(S, causal=True), 0.0)
     assert (out0.double() - ref0).abs().max() < 1e-5
+
+
+def _windowed_and_mesh(rank, n):
+    """Windows (the masked-tile path) on a flat group, and the 2-D mesh, under nan and inf."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
+    bad = []
+    for which, tok, value in (("q", 11, "nan"), ("k", 9, "inf"), ("v", 26, "nan"), ("dout", 17, "nan")):
+        tensors = _inputs(8)
+        tensors["q k v dout".split().index(which)][0, tok, 0, 3] = float(value)
+        for window in ((5, -1), (-1, -1)):
+            want = _plain_pattern(tensors, None, D ** -0.5, window)
+            runs = [("flat", dict(rank=rank, world_size=n), None, s) for s in ("tokenring", "ring")]
+            runs += [("mesh", dict(group=mesh), mesh, s) for s in ("tokenring", "ring")]
+            for where, where_kw, group, strategy in runs:
+                for impl in ("sdpa", "torch"):
+                    shard = [shard_sequence(t, **where_kw) for t in tensors]
+                    ql, kl, vl = (t.requires_grad_() for t in shard[:3])
+                    out = FN[strategy](ql, kl, vl, causal=True, impl=impl, group=group,
+                                       window_size=None if window == (-1, -1) else window)
+                    out.backward(shard[3])
+                    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), want):
+                        if not torch.equal(~torch.isfinite(got), shard_sequence(ref, **where_kw)):
+                            bad.append(f"{which}[{tok}]={value} window={window} {where} {strategy} {impl} {name}")
+    return bad
+
+
+def test_nonfinite_pattern_under_windows_and_on_a_2d_mesh():
+    per_rank = spawn_ranks(4, _windowed_and_mesh, timeout=240)
+    bad = [f"rank {r}: {m}" for r, rows in enumerate(per_rank) for m in rows]
+    assert not bad, "\n".join(bad[:20])
