@@ -195,3 +195,36 @@ def test_a_window_as_long_as_the_sequence_is_the_plain_mask():
     assert long.fwd == plain.fwd and long.agreed.shown["window_size"] is None
     short = _Plan("x", groups, _Args(window_size=(5, 0), **args))
     assert short.fwd != plain.fwd
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("impl", ["sdpa", "torch"])
+def test_window_block_in_low_precision_within_twice_plain_pytorch(dtype, impl):
+    """A masked block (window straddling the 256-row tiles) against fp64, within 2x the error of
+    torch's own SDPA with the same dense mask in the same dtype, plus the floor (STYLE.md 5)."""
+    import torch.nn.functional as F
+
+    from tokenloom.kernels import PositionMask, attention_delta, block_backward, block_forward
+    from tokenloom.kernels.reference import tolerance
+
+    g = torch.Generator().manual_seed(3)
+    sq, sk = 300, 330
+    q, dout = (torch.randn(1, sq, 4, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, sk, 2, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = PositionMask(40, 10, 37, 3)
+    vis = mask.visible(sq, sk)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = plain_attention(qr, kr, vr, vis, 32 ** -0.5)
+    ref.backward(dout)
+    out, _ = block_forward(q.to(dtype), k.to(dtype), v.to(dtype), causal=False, softmax_scale=None,
+                           impl=impl, mask=mask)
+    grads = block_backward(dout.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), ref_lse.float(),
+                           attention_delta(ref.detach(), dout).float(), causal=False, softmax_scale=None,
+                           impl=impl, mask=mask)
+    qp, kp, vp = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    plain = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.repeat_interleave(2, 2).transpose(1, 2),
+                                           vp.repeat_interleave(2, 2).transpose(1, 2), attn_mask=vis).transpose(1, 2)
+    plain.backward(dout.to(dtype))
+    for got, p, want in zip((out, *grads), (plain, qp.grad, kp.grad, vp.grad), (ref, qr.grad, kr.grad, vr.grad)):
+        plain_err = (p.double() - want).abs().max().item()
+        assert (got.double() - want).abs().max().item() <= tolerance(dtype, plain_err, want.abs().max().item())
