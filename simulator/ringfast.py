@@ -61,7 +61,7 @@ def _ring(acc: _Acc, cost, members: np.ndarray, local: np.ndarray, *, move: str,
     q_kind = "qg" if backward else "q"
     part = "dq" if backward else "out"
     st = _structure(local.tobytes(), R, L, move, direction, causal)
-    hold, need, moving, any_need, count, carry = st.hold, st.need, st.moving, st.any_need, st.count, st.carry
+    hold, moving, any_need, count, carry = st.hold, st.moving, st.any_need, st.count, st.carry
     m = members
     shard_buf = shard
 

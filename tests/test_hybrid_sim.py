@@ -79,10 +79,11 @@ def test_hybrid_work_estimate_never_undercounts():
 
 
 def test_advisor_drops_its_own_hybrids_at_the_work_limit():
-    from tokenloom.simulator.scenario import estimated_transfers
+    from tokenloom.simulator.scenario import LOCKSTEP_WEIGHT, estimated_transfers
 
-    cluster = make_cluster("h100-sxm", 16, 2)
-    flat_only = sum(estimated_transfers(s, 16, False) for s in ("tokenring", "ring", "ulysses"))
+    cluster = make_cluster("h100-sxm", 16, 2)  # NVSwitch: lockstep, whose work counts 1/LOCKSTEP_WEIGHT
+    flat_only = -(-sum(estimated_transfers(s, 16, False) for s in ("tokenring", "ring", "ulysses"))
+                  // LOCKSTEP_WEIGHT)
     advice = advise_attention(cluster, AttentionShape(4096, 16, 64), causal=True, backward=False,
                               layouts=("zigzag",), max_transfers=flat_only)
     assert {r.strategy for r in advice.ranking} == {"tokenring", "ring", "ulysses"}
