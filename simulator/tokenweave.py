@@ -97,6 +97,18 @@ class ModeTimeline:
         return sum(s.end - s.start for s in self.spans if s.stream == stream and s.kind != "wait")
 
 
+def gemm_seconds(dev, m: int, n: int, k: int, *, sms: int | None = None, groups: int = 1, dtype_bytes: int = 2,
+                 tile: tuple[int, int] = (128, 128)) -> float:
+    """One (grouped) ``m x n x k`` GEMM: ``launch + max(2mnk * waves * SMs / (F * GEMM_EFF * tiles),
+    bytes / HBM)`` over ``sms`` SMs (wave quantisation; module docstring)."""
+    tiles = groups * math.ceil(m / tile[0]) * math.ceil(n / tile[1])
+    flops = 2.0 * groups * m * n * k
+    nbytes = groups * (m * k + k * n + m * n) * dtype_bytes
+    waves = math.ceil(tiles / (sms or dev.sms))
+    compute = flops * waves * dev.sms / (dev.flops * GEMM_EFF * tiles) if tiles else 0.0
+    return dev.launch_s + max(compute, nbytes / dev.hbm_bw)
+
+
 class Pricer:
     """Seconds of every step kind for one layer shape, token count and cluster."""
 
@@ -124,11 +136,8 @@ class Pricer:
         out = {}
         for g in self.layer.gemms():
             m = math.ceil(rows * g.rows_scale) if g.groups > 1 else rows
-            tiles = g.groups * math.ceil(m / self.gpu.tile_m) * math.ceil(g.cols / self.gpu.tile_n)
-            flops = 2.0 * g.groups * m * g.cols * g.depth
-            nbytes = g.groups * (m * g.depth + g.depth * g.cols + m * g.cols) * self.b
-            out[g.name] = self.dev.launch_s + max(self._wave_time(flops, tiles, sms, GEMM_EFF),
-                                                  nbytes / self.dev.hbm_bw)
+            out[g.name] = gemm_seconds(self.dev, m, g.cols, g.depth, sms=sms, groups=g.groups, dtype_bytes=self.b,
+                                       tile=(self.gpu.tile_m, self.gpu.tile_n))
         return out
 
     def attention_s(self, start: int, end: int, overlapped: bool) -> float:

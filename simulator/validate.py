@@ -5,6 +5,7 @@ Rows live in ``simulator/data/calibration.json`` (one citation each; docs/calibr
 
 - ``collective``: an NCCL-tests bus bandwidth on one node (:mod:`.collectives`);
 - ``p2p_copy``: a peer-to-peer copy bandwidth, one or both directions (:mod:`.collectives`);
+- ``gemm``: a bf16 GEMM's TFLOP/s, priced as TokenWeave's layers price theirs;
 - ``attention``: a single-GPU attention kernel's TFLOP/s, priced by the engine's own cost model
   (:meth:`CostModel.compute_s` on one whole-sequence block), FLOPs counted the FlashAttention way;
 - ``moe_dispatch``: DeepEP's bottleneck bandwidths against the rate of the bounding link (NVLink
@@ -69,6 +70,10 @@ def predict(row: dict) -> float | None:
     node = CATALOG[row["hardware"]]
     if kind == "collective":
         return collectives.busbw(node, row["op"], row["bytes"], row["gpus"], row["algo"]) / 1e9
+    if kind == "gemm":  # the GEMM model TokenWeave's layers are priced with
+        from tokenloom.simulator.tokenweave import gemm_seconds
+
+        return 2.0 * row["m"] * row["n"] * row["k"] / gemm_seconds(node.device, row["m"], row["n"], row["k"]) / 1e12
     if kind == "p2p_copy":
         return collectives.p2p_copy_bw(node, row["bytes"], row["both_directions"]) / 1e9
     raise ValueError(f"calibration row {row.get('id')}: unknown kind {kind!r}")
