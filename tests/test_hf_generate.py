@@ -117,3 +117,31 @@ def test_padding_mask_through_generate_is_refused_not_ignored():
     with cache.attached(model), pytest.raises(UsageError) as e:
         model.generate(_prompt(), attention_mask=mask, cache=cache, max_new_tokens=2, pad_token_id=0)
     assert e.value.field == "attention_mask"
+
+
+def _sp_prompt(n):
+    """All but the last token split into 2n zigzag chunks of 2 tokens."""
+    return torch.randint(0, VOCAB, (2, 4 * n + 1), generator=torch.Generator().manual_seed(6))
+
+
+def _sp_prefill_then_generate(rank, n, strategy, layout):
+    model = tiny_model()
+    prompt = _sp_prompt(n)
+    cache = hf_cache.TokenloomCache(model.config, max_tokens=prompt.shape[1] + NEW, batch=2,
+                                    dtype=torch.float64, layout=layout)
+    hf_cache.prefill(model, prompt, cache, strategy=strategy, layout=layout)
+    local = cache.sharded.local_len(0)
+    with cache.attached(model):
+        ids = model.generate(prompt, cache=cache, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return ids.tolist(), local
+
+
+@pytest.mark.parametrize("world_size,strategy,layout", [(2, "tokenring", "zigzag"), (3, "ring", "zigzag"),
+                                                        (2, "ulysses", "contiguous")])
+def test_sequence_parallel_prefill_fills_the_cache_then_generates(world_size, strategy, layout):
+    model = tiny_model()
+    prompt = _sp_prompt(world_size)
+    want = model.generate(prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=0).tolist()
+    for ids, local in spawn_ranks(world_size, _sp_prefill_then_generate, strategy, layout, timeout=120):
+        assert ids == want
+        assert local == 4  # each rank prefilled only its shard of the prompt

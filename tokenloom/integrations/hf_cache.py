@@ -90,12 +90,15 @@ def _model_code(config: Any) -> str:
 
 def TokenloomCache(config: Any, *, max_tokens: int, group: Any = None, strategy: str = "auto",
                    batch: int = 1, dtype: torch.dtype | None = None, device: Any = "cpu",
-                   memory_limit: int | None = None, impl: str | None = None) -> Any:
+                   memory_limit: int | None = None, impl: str | None = None,
+                   layout: str = "appended") -> Any:
     """A ``transformers.Cache`` over this rank's :class:`ShardedKVCache` (see module docstring).
 
     ``config``: the model's config (layers, heads, head_dim, dtype); ``max_tokens``: prompt plus
     new tokens (memory is estimated for it before anything is allocated); ``strategy``: "auto",
-    "gather", "ring" or "passkv" (:func:`~tokenloom.parallel.decode.cached_attention`).
+    "gather", "ring" or "passkv" (:func:`~tokenloom.parallel.decode.cached_attention`);
+    ``layout``: "appended" (the prompt goes through ``generate``) or the layout of a
+    sequence-parallel :func:`prefill` ("zigzag", "contiguous").
     """
     from tokenloom.comm.communicator import Communicator
 
@@ -108,7 +111,7 @@ def TokenloomCache(config: Any, *, max_tokens: int, group: Any = None, strategy:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     spec = CacheSpec(config.num_hidden_layers, batch, kv_heads, head_dim, dtype, comm.world_size,
-                     comm.rank, layout="appended", model=_model_code(config))
+                     comm.rank, layout=layout, model=_model_code(config))
     return cls(ShardedKVCache(spec, max_tokens, device=device, memory_limit=memory_limit), comm,
                strategy, impl)
 
@@ -209,3 +212,49 @@ def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with cache.attached(model):
         return model.generate(input_ids, max_new_tokens=max_new_tokens, **{name: cache}, **kwargs)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, group: Any = None,
+            strategy: str = "auto", layout: str = "zigzag") -> None:
+    """Sequence-parallel prefill of the prompt (all but its last token) that fills ``cache``.
+
+    Each rank runs the model on its shard of ``input_ids[:, :-1]`` with tokenloom's SP attention
+    (:mod:`tokenloom.integrations.hf`, ``strategy`` "auto" | "tokenring" | "ring" | "ulysses"), and
+    every layer's K/V shard, as the attention received it, goes into this rank's cache
+    (:meth:`~tokenloom.parallel.kv_cache.ShardedKVCache.fill_shard`; ``cache`` built with the same
+    ``layout``). Then ``model.generate(input_ids, cache=cache, ...)`` starts from the last prompt
+    token: the non-attention layers ran on 1/N of the prompt per rank, not all of it.
+    """
+    from transformers import AttentionInterface
+
+    from tokenloom.integrations import hf
+    from tokenloom.parallel.groups import resolve_sp_group
+
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise UsageError(f"input_ids must be (batch, seq >= 2), got {tuple(input_ids.shape)}",
+                         field="input_ids")
+    seq = input_ids.shape[1] - 1
+    ulysses = getattr(resolve_sp_group(group), "ulysses", 1)
+    sp_name = hf.register(strategy, group, layout=layout, name=f"{cache.name}_sp")
+    sp = AttentionInterface._global_mapping[sp_name]
+
+    def filling(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out = sp(module, query, key, value, attention_mask, **kwargs)  # agrees and checks first
+        cache.sharded.fill_shard(module.layer_idx, key.transpose(1, 2), value.transpose(1, 2), seq,
+                                 layout=layout, ulysses=ulysses)
+        return out
+
+    fill_name = f"{cache.name}_fill"
+    AttentionInterface.register(fill_name, filling)
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register(fill_name, hf._pass_padding_mask)
+    batch = hf.shard_inputs(input_ids[:, :-1], group=group, layout=layout)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(fill_name)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        model.set_attn_implementation(before)
