@@ -38,6 +38,7 @@ class _Acc:
         self.comp, self.merge, self.flows = [], [], []  # (rank, step, seconds) / (step, src, dst, bytes, coll)
         self.coll_step: list[int] = []
         self.coll_members: list[np.ndarray] = []
+        self.ring_secs: dict[tuple, np.ndarray] = {}  # the rings of a hybrid differ only in their shard
 
     def flow(self, step, src, dst, nbytes, coll=-1) -> None:
         step, src, dst, nbytes = np.broadcast_arrays(step, src, dst, nbytes)
@@ -172,15 +173,19 @@ def _ring_computes(acc: _Acc, cost, m, local, st: _Structure, *, move, causal, q
         dst = Buf("dq" if q_kind == "qg" else "out", 0, (0,), at=0, shard=shard)
         return cost.compute_s(Compute(q_src, kv, blocks, dst, None, (max(shard, 0), num_shards)))
 
-    secs = np.zeros((R, R))
-    for o in range(R):  # the diagonal: owner = holder (causal diagonal pairs, joined blocks)
-        if any_need[o, 0]:
-            secs[o, 0] = price(o, 0)
-    if st.patterns is not None:
-        first, inv, nonempty = st.patterns
-        table = np.array([price(int(f) // (R - 1), int(f) % (R - 1) + 1) if ok else 0.0
-                          for f, ok in zip(first, nonempty)])
-        secs[:, 1:] = table[inv].reshape(R, R - 1)
+    # compute_s reads the head-shard count, not the index: every shard's ring costs the same
+    key = (id(st), move, q_kind, shard >= 0, num_shards)
+    secs = acc.ring_secs.get(key)
+    if secs is None:
+        secs = acc.ring_secs[key] = np.zeros((R, R))
+        for o in range(R):  # the diagonal: owner = holder (causal diagonal pairs, joined blocks)
+            if any_need[o, 0]:
+                secs[o, 0] = price(o, 0)
+        if st.patterns is not None:
+            first, inv, nonempty = st.patterns
+            table = np.array([price(int(f) // (R - 1), int(f) % (R - 1) + 1) if ok else 0.0
+                              for f, ok in zip(first, nonempty)])
+            secs[:, 1:] = table[inv].reshape(R, R - 1)
     o_i, s_i = np.nonzero(any_need)
     acc.comp.append((m[hold[o_i, s_i]], s0 + s_i, secs[o_i, s_i]))
 
