@@ -2,12 +2,16 @@
 
     torchrun --nproc-per-node 2 examples/hf_generate.py                  # tiny random Llama, CPU/gloo
     torchrun --nproc-per-node 4 examples/hf_generate.py --check          # also compare with 1 process
-    torchrun --nproc-per-node 8 examples/hf_generate.py --model PATH --prompt-len 100000 --dtype bfloat16
+    torchrun --nproc-per-node 2 examples/hf_generate.py --sp-prefill tokenring --check  # prompt run SP
+    torchrun --nproc-per-node 8 examples/hf_generate.py --model PATH --prompt-len 100001 --dtype bfloat16 \
+        --sp-prefill auto
 
 Every rank runs the whole model on the same tokens (the prompt, then one token per step); only the
 KV cache is sharded: each rank keeps ~1/N of every layer's keys and values and reads only those
 per token, and the (out, lse) partials of the ranks are merged (pass-Q gather, see
-docs/inference.md). With ``--check`` the tokens are compared with the same model generating in one
+docs/inference.md). With ``--sp-prefill STRATEGY`` the prompt (all but its last token; its length
+a multiple of 2N for the zigzag layout) runs sequence-parallel first, each rank on its shard, and
+fills the cache from the K/V its attention received. With ``--check`` the tokens are compared with the same model generating in one
 process with transformers' own cache and attention (fp64 by default, so they must be identical).
 """
 
@@ -35,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="prompts generated together (same length)")
     p.add_argument("--dtype", default="float64", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sp-prefill", default=None, choices=("auto", "tokenring", "ring", "ulysses"),
+                   help="run the prompt sequence-parallel with this strategy (default: through generate)")
     p.add_argument("--check", action="store_true", help="compare with single-process generation")
     return p.parse_args(argv)
 
@@ -62,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(device)
     reference = copy.deepcopy(model) if args.check else None
     with torch.no_grad():
-        ids = hf_cache.generate(model, prompt, group=None, strategy=args.strategy,
-                                max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        if args.sp_prefill is None:
+            ids = hf_cache.generate(model, prompt, group=None, strategy=args.strategy,
+                                    max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        else:
+            cache = hf_cache.TokenloomCache(model.config, max_tokens=args.prompt_len + args.new_tokens,
+                                            strategy=args.strategy, batch=args.batch,
+                                            dtype=DTYPES[args.dtype], device=device, layout="zigzag")
+            hf_cache.prefill(model, prompt, cache, strategy=args.sp_prefill, layout="zigzag")
+            with cache.attached(model):
+                ids = model.generate(prompt, cache=cache, max_new_tokens=args.new_tokens,
+                                     do_sample=False, pad_token_id=0)
     new = ids[:, args.prompt_len:]
     ok = True
     if reference is not None:

@@ -102,11 +102,12 @@ def test_torchrun_example_generates_the_single_process_tokens():
 
     root = Path(__file__).resolve().parents[1]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = run([torchrun, "--standalone", "--nproc-per-node", "2", "examples/hf_generate.py", "--check",
-                "--prompt-len", "21", "--new-tokens", "6"], cwd=root,
-               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "-> OK" in proc.stdout, proc.stdout[-2000:]
+    for extra in ([], ["--sp-prefill", "tokenring"]):
+        proc = run([torchrun, "--standalone", "--nproc-per-node", "2", "examples/hf_generate.py",
+                    "--check", "--prompt-len", "21", "--new-tokens", "6", *extra], cwd=root,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "-> OK" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_padding_mask_through_generate_is_refused_not_ignored():

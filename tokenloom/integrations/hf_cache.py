@@ -15,6 +15,10 @@ queries over the whole cache with :func:`tokenloom.parallel.decode.cached_attent
 queries; the prompt is a chunked prefill over an empty cache). Each rank then holds ~1/N of the
 cache and reads ~1/N of it per token, and gets the same logits as one process.
 
+For long prompts, :func:`prefill` runs the prompt sequence-parallel first (each rank its shard,
+TokenRing/Ring/Ulysses attention) and fills the cache from the K/V each attention call received;
+``generate`` then starts from the last prompt token.
+
 Limits (refused, on every rank, with a UsageError naming the argument): padding masks (a batch
 must be unpadded: pass no ``attention_mask`` or an all-ones one), sliding windows, soft-capping and
 attention sinks. Beam search and cropping are not supported (greedy and sampling are).
