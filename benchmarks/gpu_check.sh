@@ -7,7 +7,7 @@
 #   1. pytest -m gpu  over tests/ (every GPU-marked test)                    <= 270 s
 #   2. benchmarks/bench_kernels.py at 8K and 16K tokens                       <=  80 s
 #   3. tokenloom simulate calibrate --device cuda (curve, GEMM, HBM)          <=  80 s
-#   4. tokenloom simulate validate with this GPU's profile beside the catalog <=  20 s
+#   4. tokenloom simulate validate (the calibration set vs the catalog)       <=  20 s
 # Each stage's log goes to OUT_DIR/<stage>.log; the summary table to OUT_DIR/summary.txt and stdout.
 # Exit status: 0 when every stage passed, 1 otherwise. Needs the project's environment (python with
 # torch+CUDA and tokenloom installed) on PATH or in ./.venv.
