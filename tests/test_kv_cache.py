@@ -76,3 +76,29 @@ def _packed(rank, n, strategy):
 def test_packed_prompts_fill_one_cache_per_document(world_size, strategy):
     for errs in spawn_ranks(world_size, _packed, strategy, timeout=60):
         assert max(errs) < 2e-5, errs
+
+
+def _mesh_prefill(rank, n):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tokenloom.parallel.groups import resolve_sp_group
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
+    sp = resolve_sp_group(mesh)
+    assert sp.rank == rank  # SP rank order = global order here, so decode runs on the default group
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, S + 1, h, D, generator=g, dtype=torch.float64) for h in (H, HKV, HKV))
+    ql, kl, vl = (shard_sequence(t[:, :S].float(), group=mesh) for t in (q, k, v))
+    sp_attention(ql, kl, vl, strategy="tokenring", group=mesh, causal=True)
+    cache = ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, n, sp.rank, layout="zigzag"), 64)
+    cache.fill_shard(0, kl, vl, S, layout="zigzag", ulysses=sp.ulysses)
+    new = cached_attention(q[:, S:].float(), k[:, S:].float(), v[:, S:].float(), cache, 0)
+    ref, _ = attention_with_lse(q[:, S:], k, v, causal=True)
+    kf, vf = gather_cache(cache, 0)
+    return [float((new.double() - ref).abs().max()),
+            float((kf.double() - k).abs().max() + (vf.double() - v).abs().max())]
+
+
+def test_a_2d_mesh_prefill_fills_the_cache():
+    for errs in spawn_ranks(4, _mesh_prefill, timeout=60):
+        assert max(errs) < 2e-5, errs
