@@ -87,3 +87,10 @@ def test_bad_flags_exit_2(capsys, args, field):
         rc = e.code
     assert rc == 2
     assert field in capsys.readouterr().err
+
+
+def test_memory_is_estimated_before_anything_is_allocated(capsys):
+    rc = main(["run", "decode", "--launcher", "local", "--world-size", "64", "--context", "2M",
+               "--heads", "8", "--head-dim", "128"])  # ~1.6 TB of host memory
+    assert rc == 2
+    assert "GiB of host memory" in capsys.readouterr().err

@@ -49,7 +49,7 @@ class DecodeRun:
     check: bool = False
     seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, world_size: int = 1) -> None:
         hkv = self.heads if self.kv_heads is None else self.kv_heads
         if hkv < 1 or self.heads % hkv:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
@@ -60,6 +60,22 @@ class DecodeRun:
         if elements > 2**33:  # the full context is built on every rank (same seed everywhere)
             raise UsageError(f"--context/--new-tokens/--heads/--head-dim/--batch: {elements:.3g} "
                              f"elements exceed the limit of 2^33 (every rank builds them all)",
+                             field="context")
+        import os
+
+        from tokenloom.parallel.kv_cache import free_memory
+
+        # estimated before anything is allocated: every rank on this host builds the full inputs
+        # (fp32) and keeps its cache share
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        need = local * (elements * 4 + 2 * self.batch * total * hkv * self.head_dim * 8 // world_size)
+        import torch
+
+        have = free_memory(torch.device("cpu"))
+        if need > have:
+            raise UsageError(f"--context {self.context}: {local} rank(s) on this host need about "
+                             f"{need / 2**30:.1f} GiB of host memory (full inputs on every rank plus "
+                             f"its cache share), more than the {have / 2**30:.1f} GiB available",
                              field="context")
 
 
@@ -185,7 +201,7 @@ def config_from_args(args: argparse.Namespace) -> DecodeRun:
                     strategy=args.strategy, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, check=args.check,
                     seed=args.seed)
-    cfg.validate()
+    cfg.validate(args.world_size)
     return cfg
 
 
