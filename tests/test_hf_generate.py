@@ -55,7 +55,7 @@ def _generate(rank, n, arch, strategy):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("strategy", ["gather", "ring"])
+@pytest.mark.parametrize("strategy", ["gather", "ring", "passkv"])
 def test_greedy_tokens_match_single_process(reference, world_size, strategy):
     ids, logits = reference["LlamaConfig"]
     for got_ids, got_logits in spawn_ranks(world_size, _generate, "LlamaConfig", strategy, timeout=120):
