@@ -167,6 +167,12 @@ def fluid_ends(start: np.ndarray, nbytes: np.ndarray, routes: np.ndarray, capaci
     return end
 
 
+def _segments(comp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start index of each run of equal (sorted) group labels, and each element's run number."""
+    new = np.r_[True, comp[1:] != comp[:-1]]
+    return np.flatnonzero(new), np.cumsum(new) - 1
+
+
 def _shared_ends(start: np.ndarray, nbytes: np.ndarray, routes: np.ndarray, capacity: np.ndarray,
                  comp: np.ndarray) -> np.ndarray:
     """The engine's fluid loop on transfers that share resources; one clock per group ``comp``."""
@@ -177,15 +183,15 @@ def _shared_ends(start: np.ndarray, nbytes: np.ndarray, routes: np.ndarray, capa
     ids, inv = np.unique(keyed, return_inverse=True)
     routes = inv.reshape(routes.shape) + (0 if ids[0] == -1 else 1)
     capacity = np.r_[np.inf, capacity[ids[ids >= 0] % len(capacity)]]
-    seg = np.flatnonzero(np.r_[True, comp[1:] != comp[:-1]])
-    seg_of = np.cumsum(np.r_[True, comp[1:] != comp[:-1]]) - 1
+    seg, seg_of = _segments(comp)
     clock = np.minimum.reduceat(start, seg)
     rem = nbytes.astype(np.float64).copy()
     end = np.full(len(start), np.nan)
+    where = np.arange(len(start))  # position of each working transfer in ``end``
     started = start <= clock[seg_of]
     done = np.zeros(len(start), dtype=bool)
     rate = np.zeros(len(start))
-    for _ in range(4 * len(start) + 4):
+    for _ in range(4 * len(end) + 4):
         act = started & ~done
         if act.any():
             rate[act] = max_min_rates(routes[act], capacity)
@@ -200,13 +206,21 @@ def _shared_ends(start: np.ndarray, nbytes: np.ndarray, routes: np.ndarray, capa
         dt = step_to[seg_of] - t
         rem[act] -= rate[act] * dt[act]
         finished = act & ((due <= step_to[seg_of]) | (rem <= 1e-9 * np.maximum(rate, 1.0)))
-        end[finished] = step_to[seg_of][finished]
+        end[where[finished]] = step_to[seg_of][finished]
         done |= finished
         started |= ~started & (start <= step_to[seg_of])
         clock = step_to
+        busy = ~np.logical_and.reduceat(done, seg)  # groups with a transfer left
+        if not busy.any():
+            break
+        if busy.sum() * 2 < len(seg):  # most groups are done: keep working on the rest only
+            keep = busy[seg_of]
+            start, routes, rem, rate, where = start[keep], routes[keep], rem[keep], rate[keep], where[keep]
+            started, done, comp, clock = started[keep], done[keep], comp[keep], clock[busy]
+            seg, seg_of = _segments(comp)
     else:  # pragma: no cover - each round ends or starts a transfer
         raise AssertionError("lockstep fluid loop made no progress")
-    out = np.empty(len(start))
+    out = np.empty(len(end))
     out[order] = end
     return out
 
