@@ -13,10 +13,12 @@ queries over everything cached so far, new tokens included, exactly as one proce
 them) and gets every output. ``queries="sharded"`` (chunked prefill): each rank passes its own part
 of the new tokens (:func:`new_token_part` says which) and gets its part's output.
 
-Before anything is appended or sent, every rank contributes one small int64 vector (cache
-identity, model, shapes, positions, strategy, new-token count) to ONE all-gather; any rank's bad
-argument or any disagreement raises the same named UsageError on every rank, with nothing appended.
-If the attention itself fails, the append is undone.
+Before any data is sent, every rank exchanges one fixed-size int64 vector (cache identity, model,
+shapes, positions, strategy, new-token count) with every other rank (an all-gather posted as P2P,
+so it returns a handle); any rank's bad argument or any disagreement raises the same named
+UsageError on every rank, with nothing appended. Decode (replicated queries, pass-Q gather) attends
+its own shard while that exchange is in flight: the append it needs is undone if any rank
+refused, as it is when the attention itself fails.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.comm.communicator import Communicator
+from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.errors import UsageError
 from tokenloom.parallel.agree import check_scale, code_of, float_code
 from tokenloom.parallel.decode_check import check_decode_schedule
@@ -121,14 +123,29 @@ def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[in
     return start, q.shape[1]
 
 
-def _agree(comm: Communicator, mine: list[int], error: UsageError | None, local: str = ""
-           ) -> list[list[int]]:
-    """ONE all-gather of every rank's vector; raise the same way on every rank."""
+def _post_agreement(comm: Communicator, mine: list[int]) -> Any:
+    """Post the exchange of every rank's fixed-size vector (one message to and from each peer; an
+    all-gather that returns a handle, so this rank can work while it is in flight)."""
+    if comm.world_size == 1:
+        return None
+    vec = torch.tensor(mine, dtype=torch.int64, device=comm.device)
+    rows = [vec if r == comm.rank else torch.empty_like(vec) for r in range(comm.world_size)]
+    peers = [p for p in range(comm.world_size) if p != comm.rank]
+    ops = [P2P("send", p, vec) for p in peers] + [P2P("recv", p, rows[p]) for p in peers]
+    return comm.batch_p2p(ops, what="cached_attention agreement"), rows
+
+
+def _agree(comm: Communicator, mine: list[int], error: UsageError | None, local: str = "",
+           posted: Any = None) -> list[list[int]]:
+    """Wait for every rank's vector (posted by :func:`_post_agreement`); raise the same way on
+    every rank."""
     if comm.world_size == 1:
         if error is not None:
             raise error
         return [mine]
-    every = comm.all_gather(torch.tensor(mine, dtype=torch.int64, device=comm.device)).cpu().tolist()
+    handle, rows = posted
+    handle.wait()
+    every = [row.cpu().tolist() for row in rows]
     failed = {r: _FIELDS[row[0] - 1] for r, row in enumerate(every) if row[0]}
     if failed:
         if error is not None:
@@ -182,12 +199,30 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     else:
         mine = [_FIELDS.index(error.field if error.field in _FIELDS else "arguments") + 1] \
             + [0] * len(_FIELDS)
-    t0 = time.perf_counter()
-    every = _agree(comm, mine, error, _describe(cache, layer))
-    if timing is not None:
-        timing.agree_s += time.perf_counter() - t0
-        timing.comm_s += time.perf_counter() - t0
     n = comm.world_size
+    t0 = time.perf_counter()
+    posted = _post_agreement(comm, mine)
+    agree_s = time.perf_counter() - t0
+    call = None
+    if error is None:
+        call = _Call(q, k, v, cache, layer, comm, queries, start_ok, scale, impl, timing)
+        if queries == "replicated" and n > 1 and _local_choice(strategy, n, start_ok, q, k) == "gather":
+            # the agreement is in flight: attend this rank's shard meanwhile (local work only;
+            # the append is undone below if any rank refused)
+            own = [cache.local_len(layer) if r == comm.rank else 0 for r in range(n)]
+            call.prepare("gather", count, own)  # only this rank's own lengths are read here
+            call.steps(0, 1)
+    t0 = time.perf_counter()
+    try:
+        every = _agree(comm, mine, error, _describe(cache, layer), posted)
+    except BaseException:
+        if call is not None:
+            call.rollback()
+        raise
+    if timing is not None:
+        timing.agree_s += agree_s + time.perf_counter() - t0
+        timing.comm_s += agree_s + time.perf_counter() - t0
+    assert call is not None
     old = [row[-1] for row in every]
     total = sum(row[7] for row in every) if queries == "sharded" else count
     if queries == "sharded":
@@ -200,59 +235,84 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     if strategy == "auto":
         strategy = choose_strategy(world_size=n, cached=start_ok, new_tokens=total, heads=q.shape[2],
                                    kv_heads=k.shape[2], queries=queries)
-    return _run(q, k, v, cache, layer, comm, strategy, queries, start_ok, total, old, scale, impl,
-                timing, return_lse)
-
-
-def _run(q, k, v, cache, layer, comm, strategy, queries, start, total, old, scale, impl, timing,
-         return_lse):
-    n, rank = comm.world_size, comm.rank
-    lo, hi = new_token_part(rank, n, start, total)
-    replicated = queries == "replicated"
-    k_mine, v_mine = (k[:, lo:hi], v[:, lo:hi]) if replicated else (k, v)
-    before = (cache.local_len(layer), cache.seq_len(layer))
-    cache.append(layer, k_mine, v_mine, torch.arange(start + lo, start + hi), start + total)
     try:
-        native = replicated and strategy == "gather"
-        q_in = q if native or not replicated else q[:, lo:hi]
-        out, lse = _attend(q_in, cache, layer, comm, strategy, native, start, total, old, scale, impl,
-                           timing)
-        if replicated and not native:
-            t0 = time.perf_counter()
-            out, lse = _gather_parts(out, lse, comm, start, total)
-            if timing is not None:
-                timing.comm_s += time.perf_counter() - t0
+        if call.runner is None:
+            call.prepare(strategy, total, old)
+        call.steps(1 if call.started else 0, None)
+        out, lse = call.result()
     except BaseException:
-        cache.truncate(layer, *before)
+        call.rollback()
         raise
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _attend(q, cache, layer, comm, strategy, replicated, start, total, old, scale, impl, timing):
-    n, rank = comm.world_size, comm.rank
-    sched = _checked_schedule(strategy, n, start % n, replicated)
-    lens = {r: old[r] for r in range(n)}
-    lens.update({n + j: c for j, c in enumerate(part_lens(total, n))})
-    sh = Shape(lens, q.shape[0], q.shape[2], cache.spec.kv_heads, q.shape[3], q.dtype, q.device,
-               scale, impl)
-    mine = part_of(rank, n, start)
-    store = {}
-    for buf in sched.inputs[rank]:
-        if buf.kind == "kv":
-            store[buf.key] = Held(buf.chunks, {"k": cache.keys_heads_first(layer),
-                                               "v": cache.values_heads_first(layer)})
-        else:
-            store[buf.key] = Held(buf.chunks, {"q": q})
-    runner = DecodeRunner(sched, comm, sh)
-    store = runner.run(store)
-    if timing is not None:
-        timing.attention_s += runner.timing.attention_s
-        timing.comm_s += runner.timing.comm_s
-        timing.steps.extend(runner.timing.steps)
-    held = store[sched.outputs[rank]["out"].key]
-    assert replicated or held.chunks == (n + mine,), held.chunks
-    return held.tensors["out"], held.tensors["lse"]
+def _local_choice(strategy: str, n: int, start: int, q: torch.Tensor, k: torch.Tensor) -> str:
+    if strategy != "auto":
+        return strategy
+    return choose_strategy(world_size=n, cached=start, new_tokens=q.shape[1], heads=q.shape[2],
+                           kv_heads=k.shape[2], queries="replicated")
+
+
+class _Call:
+    """One call after this rank's own checks: append its new tokens, walk the schedule (possibly
+    in two parts around the agreement), undo the append on any failure."""
+
+    def __init__(self, q, k, v, cache, layer, comm, queries, start, scale, impl, timing) -> None:
+        self.q, self.k, self.v, self.cache, self.layer, self.comm = q, k, v, cache, layer, comm
+        self.queries, self.start, self.scale, self.impl, self.timing = queries, start, scale, impl, timing
+        self.before = (cache.local_len(layer), cache.seq_len(layer))
+        self.appended, self.started = False, False
+        self.runner: DecodeRunner | None = None
+
+    def prepare(self, strategy: str, total: int, old: list[int]) -> None:
+        """Append this rank's part of the ``total`` new tokens; build the schedule's store."""
+        n, rank, start = self.comm.world_size, self.comm.rank, self.start
+        lo, hi = new_token_part(rank, n, start, total)
+        self.replicated = self.queries == "replicated"
+        self.native = self.replicated and strategy == "gather"
+        self.total, self.lo, self.hi = total, lo, hi
+        k, v = (self.k[:, lo:hi], self.v[:, lo:hi]) if self.replicated else (self.k, self.v)
+        self.cache.append(self.layer, k, v, torch.arange(start + lo, start + hi), start + total)
+        self.appended = True
+        q = self.q if self.native or not self.replicated else self.q[:, lo:hi]
+        self.sched = _checked_schedule(strategy, n, start % n, self.native)
+        lens = {r: old[r] for r in range(n)}
+        lens.update({n + j: c for j, c in enumerate(part_lens(total, n))})
+        sh = Shape(lens, q.shape[0], q.shape[2], self.cache.spec.kv_heads, q.shape[3], q.dtype,
+                   q.device, self.scale, self.impl)
+        self.store = {}
+        for buf in self.sched.inputs[rank]:
+            tensors = ({"k": self.cache.keys_heads_first(self.layer),
+                        "v": self.cache.values_heads_first(self.layer)} if buf.kind == "kv" else {"q": q})
+            self.store[buf.key] = Held(buf.chunks, tensors)
+        self.runner = DecodeRunner(self.sched, self.comm, sh)
+
+    def steps(self, first: int, stop: int | None) -> None:
+        assert self.runner is not None
+        self.started = True
+        t = self.runner.timing
+        before = (t.attention_s, t.comm_s, len(t.steps))
+        self.store = self.runner.run(self.store, first, stop)
+        if self.timing is not None:
+            self.timing.attention_s += t.attention_s - before[0]
+            self.timing.comm_s += t.comm_s - before[1]
+            self.timing.steps.extend(t.steps[before[2]:])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        held = self.store[self.sched.outputs[self.comm.rank]["out"].key]
+        out, lse = held.tensors["out"], held.tensors["lse"]
+        if self.replicated and not self.native:
+            t0 = time.perf_counter()
+            out, lse = _gather_parts(out, lse, self.comm, self.start, self.total)
+            if self.timing is not None:
+                self.timing.comm_s += time.perf_counter() - t0
+        return out, lse
+
+    def rollback(self) -> None:
+        if self.appended:
+            self.cache.truncate(self.layer, *self.before)
+            self.appended = False
 
 
 def _gather_parts(out: torch.Tensor, lse: torch.Tensor, comm: Communicator, start: int, total: int):

@@ -91,9 +91,13 @@ class DecodeRunner:
         self.sched, self.comm, self.shape = schedule, comm, shape
         self.timing = Timing()
 
-    def run(self, store: dict[Key, Held]) -> dict[Key, Held]:
+    def run(self, store: dict[Key, Held], first: int = 0, stop: int | None = None
+            ) -> dict[Key, Held]:
+        """Run steps ``first`` .. ``stop - 1`` (all by default) of this rank."""
         rank = self.comm.rank
-        for s, step in enumerate(self.sched.ranks[rank]):
+        steps = self.sched.ranks[rank]
+        for s in range(first, len(steps) if stop is None else min(stop, len(steps))):
+            step = steps[s]
             t0 = time.perf_counter()
             ops, landing = self._post(store, step.comms)
             handle = self.comm.batch_p2p(ops, what=f"{self.sched.strategy} step {s}") if ops else None
