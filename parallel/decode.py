@@ -185,6 +185,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     error, start_ok, count = None, 0, 0
     try:
         start_ok, count = _validate(q, k, v, cache, layer, comm, start, queries, strategy)
+        if queries == "replicated" and start_ok + count > cache.max_tokens:
+            raise UsageError(f"the sequence would reach {start_ok + count} tokens, beyond this "
+                             f"cache's max_tokens={cache.max_tokens}", field="max_tokens")
+        lo, hi = new_token_part(comm.rank, comm.world_size, start_ok, count)
+        cache.reserve(layer, hi - lo if queries == "replicated" else count)  # may refuse: memory
         scale = check_scale(softmax_scale, q.shape[-1])
         if impl is not None:
             from tokenloom import kernels

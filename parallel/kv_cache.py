@@ -154,7 +154,9 @@ class ShardedKVCache:
         return self._allocated
 
     # ------------------------------------------------------------------ writing
-    def _reserve(self, layer: int, extra: int) -> None:
+    def reserve(self, layer: int, extra: int) -> None:
+        """Make room for ``extra`` more local tokens in ``layer`` (checked against the memory
+        limit and ``max_tokens``; raises UsageError before anything is written)."""
         have = self._len.get(layer, 0)
         cap = self._k[layer].shape[2] if layer in self._k else 0
         if have + extra <= cap and layer in self._k:
@@ -202,7 +204,7 @@ class ShardedKVCache:
         if seq_len > self.max_tokens:
             raise UsageError(f"the sequence would reach {seq_len} tokens, beyond this cache's "
                              f"max_tokens={self.max_tokens}", field="max_tokens")
-        self._reserve(layer, n)
+        self.reserve(layer, n)
         have = self._len.get(layer, 0)
         self._k[layer][:, :, have:have + n] = k.transpose(1, 2)
         self._v[layer][:, :, have:have + n] = v.transpose(1, 2)

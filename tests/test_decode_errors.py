@@ -31,7 +31,7 @@ def _bad(rank, n, case):
         spec = dataclasses.replace(spec, layout="zigzag")
     if case == "model" and rank == 1:
         spec = dataclasses.replace(spec, model="another-model")
-    cache = ShardedKVCache(spec, 256)
+    cache = ShardedKVCache(spec, 9 if case == "max_tokens" else 256)
     q, k, v = _new(8)
     if case not in ("world_size", "layout", "model"):
         cache_ok = cache
@@ -40,7 +40,9 @@ def _bad(rank, n, case):
         if case == "lacks_layer" and rank == 1:
             cache.truncate(1, 0, 0)  # this rank's cache lost layer 1
     before = [(cache.local_len(l), cache.seq_len(l)) for l in range(2)]
-    q1, k1, v1 = _new(2 if case == "count" and rank == 0 else 1, seed=1)
+    q1, k1, v1 = _new(2 if case in ("count", "max_tokens") and rank == 0 else 1, seed=1)
+    if case == "max_tokens":
+        q1, k1, v1 = _new(2, seed=1)  # 8 + 2 > 9 on every rank
     kwargs = {}
     if case == "positions":
         kwargs["start"] = 9
@@ -59,7 +61,7 @@ def _bad(rank, n, case):
 @pytest.mark.parametrize("case,field", [("world_size", "cache"), ("layout", "cache"),
                                         ("model", "model"), ("positions", "start"),
                                         ("lacks_layer", "layer_present"), ("count", "new_tokens"),
-                                        ("sharded_count", "new_tokens")])
+                                        ("sharded_count", "new_tokens"), ("max_tokens", "max_tokens")])
 def test_bad_input_is_a_named_error_on_every_rank_and_nothing_is_appended(case, field):
     for got, message, unchanged in spawn_ranks(2, _bad, case, timeout=60):
         assert got == field, message
