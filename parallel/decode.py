@@ -182,28 +182,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     between attention and communication.
     """
     comm = group if isinstance(group, Communicator) else Communicator(group)
-    error, start_ok, count = None, 0, 0
-    try:
-        start_ok, count = _validate(q, k, v, cache, layer, comm, start, queries, strategy)
-        if queries == "replicated" and start_ok + count > cache.max_tokens:
-            raise UsageError(f"the sequence would reach {start_ok + count} tokens, beyond this "
-                             f"cache's max_tokens={cache.max_tokens}", field="max_tokens")
-        lo, hi = new_token_part(comm.rank, comm.world_size, start_ok, count)
-        cache.reserve(layer, hi - lo if queries == "replicated" else count)  # may refuse: memory
-        scale = check_scale(softmax_scale, q.shape[-1])
-        if impl is not None:
-            from tokenloom import kernels
-            kernels.select_impl(q.device, impl)
-    except UsageError as exc:
-        error, scale = exc, 0.0
-    if error is None:
-        ident, model = _identity(cache)
-        mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
-                start_ok, count, q.shape[2], code_of(strategy), QUERY_MODES.index(queries),
-                float_code(scale), code_of(repr(impl)), cache.local_len(layer)]
-    else:
-        mine = [_FIELDS.index(error.field if error.field in _FIELDS else "arguments") + 1] \
-            + [0] * len(_FIELDS)
+    mine, error, start_ok, count, scale = _local_vector(q, k, v, cache, layer, comm, start, queries,
+                                                        strategy, softmax_scale, impl)
+    local = _describe(cache, layer)
     n = comm.world_size
     t0 = time.perf_counter()
     posted = _post_agreement(comm, mine)
@@ -219,7 +200,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
             call.steps(0, 1)
     t0 = time.perf_counter()
     try:
-        every = _agree(comm, mine, error, _describe(cache, layer), posted)
+        every = _agree(comm, mine, error, local, posted)
     except BaseException:
         if call is not None:
             call.rollback()
@@ -250,6 +231,32 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
         raise
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax_scale, impl
+                  ) -> tuple[list[int], UsageError | None, int, int, float]:
+    """This rank's checks, as the vector it contributes to the agreement: ``(vector, its own
+    error or None, start, new-token count, scale)``. Room for its new tokens is reserved here, so
+    a memory or max_tokens refusal travels in the agreement too."""
+    try:
+        start_ok, count = _validate(q, k, v, cache, layer, comm, start, queries, strategy)
+        if queries == "replicated" and start_ok + count > cache.max_tokens:
+            raise UsageError(f"the sequence would reach {start_ok + count} tokens, beyond this "
+                             f"cache's max_tokens={cache.max_tokens}", field="max_tokens")
+        lo, hi = new_token_part(comm.rank, comm.world_size, start_ok, count)
+        cache.reserve(layer, hi - lo if queries == "replicated" else count)  # may refuse: memory
+        scale = check_scale(softmax_scale, q.shape[-1])
+        if impl is not None:
+            from tokenloom import kernels
+            kernels.select_impl(q.device, impl)
+    except UsageError as exc:
+        code = _FIELDS.index(exc.field if exc.field in _FIELDS else "arguments") + 1
+        return [code] + [0] * len(_FIELDS), exc, 0, 0, 0.0
+    ident, model = _identity(cache)
+    mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
+            start_ok, count, q.shape[2], code_of(strategy), QUERY_MODES.index(queries),
+            float_code(scale), code_of(repr(impl)), cache.local_len(layer)]
+    return mine, None, start_ok, count, scale
 
 
 def _local_choice(strategy: str, n: int, start: int, q: torch.Tensor, k: torch.Tensor) -> str:
