@@ -25,7 +25,6 @@ from tokenloom.simulator.hardware import Cluster
 
 # HBM per GPU in GB (datasheets); the catalog's Device has no capacity field
 HBM_GB = {"h100-sxm": 80, "h200-sxm": 141, "a100-sxm": 80, "a10-pcie": 24, "mi300x": 192}
-MAX_GPUS = 4096
 MAX_CONTEXT = 1 << 34
 
 
@@ -77,14 +76,21 @@ def _link(cluster: Cluster, a: int, b: int):
     return node.link if cluster.node_of(a) == cluster.node_of(b) else node.nic
 
 
-def _buf_bytes(buf, lens: dict[int, int], sh: DecodeShape) -> float:
+def _buf_bytes(buf, lens: dict[int, int], sh: DecodeShape, memo: dict | None = None) -> float:
+    key = (buf.kind, buf.chunks)
+    if memo is not None and key in memo:  # replicated buffers name all N chunks: N^3 without this
+        return memo[key]
     n = sum(lens[c] for c in buf.chunks)
     per = sh.batch * sh.head_dim
     if buf.kind == "q":
-        return n * per * sh.heads * sh.dtype_bytes
-    if buf.kind == "kv":
-        return 2 * n * per * sh.kv_heads * sh.dtype_bytes
-    return n * sh.batch * sh.heads * (sh.head_dim + 1) * 4  # out + lse travel in fp32
+        size = n * per * sh.heads * sh.dtype_bytes
+    elif buf.kind == "kv":
+        size = 2 * n * per * sh.kv_heads * sh.dtype_bytes
+    else:
+        size = n * sh.batch * sh.heads * (sh.head_dim + 1) * 4  # out + lse travel in fp32
+    if memo is not None:
+        memo[key] = size
+    return size
 
 
 def _compute_s(op: Compute, lens: dict[int, int], sh: DecodeShape, cluster: Cluster) -> float:
@@ -102,7 +108,7 @@ def _compute_s(op: Compute, lens: dict[int, int], sh: DecodeShape, cluster: Clus
     return total
 
 
-def _comm_s(ops, rank: int, lens, sh: DecodeShape, cluster: Cluster) -> float:
+def _comm_s(ops, rank: int, lens, sh: DecodeShape, cluster: Cluster, memo: dict) -> float:
     out: dict[int, float] = {}
     inn: dict[int, float] = {}
     latency = 0.0
@@ -111,7 +117,7 @@ def _comm_s(ops, rank: int, lens, sh: DecodeShape, cluster: Cluster) -> float:
             continue
         link = _link(cluster, rank, op.peer)
         side = out if isinstance(op, Send) else inn
-        side[id(link)] = side.get(id(link), 0.0) + _buf_bytes(op.buf, lens, sh) / link.rate
+        side[id(link)] = side.get(id(link), 0.0) + _buf_bytes(op.buf, lens, sh, memo) / link.rate
         latency = max(latency, link.latency_s)
     busiest = max([*out.values(), *inn.values(), 0.0])
     return latency + busiest if (out or inn) else 0.0
@@ -138,6 +144,7 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
     lens = {r: old[part_of(r, n, 0)] for r in range(n)}
     lens.update({n + j: c for j, c in enumerate(part_lens(sh.new_tokens, n))})
     compute = comm = step = 0.0
+    memo: dict = {}
     for s in range(sched.num_steps):
         worst = (0.0, 0.0, 0.0)
         for r in range(n):
@@ -145,7 +152,7 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
             if s >= len(steps):
                 continue
             c = sum(_compute_s(op, lens, sh, cluster) for op in steps[s].computes)
-            m = _comm_s(steps[s].comms, r, lens, sh, cluster)
+            m = _comm_s(steps[s].comms, r, lens, sh, cluster, memo)
             merge = len(steps[s].merges) * sh.new_tokens * sh.batch * sh.heads * sh.head_dim * 12 \
                 / cluster.node.device.hbm_bw
             t = max(c, m) + merge
@@ -167,7 +174,7 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
 
 
 def min_gpus_for(make_cluster, sh: DecodeShape, target_ms: float, *, strategy: str = "auto",
-                 max_gpus: int = 1024) -> tuple[DecodeResult | None, list[DecodeResult]]:
+                 max_gpus: int = 256) -> tuple[DecodeResult | None, list[DecodeResult]]:
     """The fewest GPUs (powers of two up to ``max_gpus``) meeting ``target_ms`` per step with the
     cache fitting in memory; also every count tried. ``make_cluster(n)`` builds the cluster."""
     tried = []

@@ -23,6 +23,7 @@ examples:
 """
 
 _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+MAX_GPUS = 256  # work limit: the gather schedule has ~2 N^2 messages, all priced
 
 
 def add_decode(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +36,13 @@ def add_decode(sub: argparse._SubParsersAction) -> None:
                    help="catalog name (h100-sxm, h200-sxm, a100-sxm, a10-pcie, mi300x, local-cpu, or "
                         "one from --hardware-file); default h100-sxm")
     p.add_argument("--hardware-file", default=None, metavar="FILE", help="JSON adding catalog entries")
-    p.add_argument("--gpus", type=arg_int(1, 4096), default=None, metavar="N",
-                   help="GPUs sharing the cache (filled node by node); omit with --target-ms")
+    p.add_argument("--gpus", type=arg_int(1, MAX_GPUS), default=None, metavar="N",
+                   help=f"GPUs sharing the cache (filled node by node; at most {MAX_GPUS}: every "
+                        f"message of every rank is priced, ~15 s at 256); omit with --target-ms")
     p.add_argument("--target-ms", type=arg_float(1e-6, 1e9), default=None, metavar="MS",
                    help="find the fewest GPUs (powers of two) meeting MS per step with the cache fitting")
-    p.add_argument("--max-gpus", type=arg_int(1, 4096), default=512, metavar="N",
-                   help="largest count --target-ms tries (default 512)")
+    p.add_argument("--max-gpus", type=arg_int(1, MAX_GPUS), default=MAX_GPUS, metavar="N",
+                   help=f"largest count --target-ms tries (default and at most {MAX_GPUS})")
     p.add_argument("--context", type=tokens, required=True, metavar="S",
                    help="cached tokens, e.g. 65536, 64K, 1M")
     p.add_argument("--new-tokens", type=arg_int(1, 1 << 24), default=1, metavar="T",
