@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from tokenloom.comm.communicator import P2P, Communicator
+from tokenloom.comm.communicator import Communicator
 from tokenloom.errors import UsageError
 from tokenloom.parallel.agree import check_scale, code_of, float_code
+from tokenloom.parallel.decode_agree import FIELDS, describe, identity, post_agreement, wait_agreement
 from tokenloom.parallel.decode_check import check_decode_schedule
 from tokenloom.parallel.decode_runtime import DecodeRunner, Held, Shape, Timing
 from tokenloom.parallel.decode_schedule import (
@@ -40,8 +41,6 @@ from tokenloom.parallel.decode_schedule import (
 from tokenloom.parallel.kv_cache import ShardedKVCache
 
 QUERY_MODES = ("replicated", "sharded")
-_FIELDS = ("arguments", "world_size", "cache", "model", "layer_present", "seq_len", "start",
-           "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl")
 
 
 def new_token_part(rank: int, world_size: int, start: int, count: int) -> tuple[int, int]:
@@ -51,18 +50,42 @@ def new_token_part(rank: int, world_size: int, start: int, count: int) -> tuple[
 
 
 def choose_strategy(*, world_size: int, cached: int, new_tokens: int, heads: int, kv_heads: int,
-                    queries: str) -> str:
-    """``strategy="auto"``: pass-KV when moving the cache costs fewer bytes than moving queries
-    and partials (new tokens * heads * ~2 against (cached + new) * kv_heads * 2: Meta's CP-inference
-    rule), else pass-Q: the one-round gather for replicated queries or short chunks, the ring
-    (partials return while the next block computes) for long sharded chunks on 3+ ranks."""
+                    queries: str, head_dim: int = 128, dtype_bytes: int = 2, batch: int = 1,
+                    hardware: str | None = None) -> str:
+    """``strategy="auto"``. With ``hardware`` (a simulator catalog name): the strategy the decode
+    scenario prices fastest for this shape on that hardware (:mod:`tokenloom.simulator.decode`;
+    lengths rounded up to powers of two, answers cached). Without: pass-KV when moving the cache
+    costs fewer bytes than moving queries and partials (new tokens * heads * ~2 against (cached +
+    new) * kv_heads * 2: Meta's CP-inference rule), else pass-Q: the one-round gather for
+    replicated queries or short chunks, the ring (partials return while the next block computes)
+    for long sharded chunks on 3+ ranks."""
     if world_size == 1:
         return "gather"
+    if hardware is not None and world_size <= 256:
+        return _priced_choice(hardware, world_size, _pow2(cached), _pow2(new_tokens), heads,
+                              kv_heads, head_dim, dtype_bytes, batch, queries)
     if queries == "sharded" and new_tokens * heads >= (cached + new_tokens) * kv_heads:
         return "passkv"
     if queries == "sharded" and world_size >= 3 and new_tokens >= 1024:
         return "ring"
     return "gather"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=128)
+def _priced_choice(hardware: str, n: int, cached: int, new: int, heads: int, kv_heads: int,
+                   head_dim: int, dtype_bytes: int, batch: int, queries: str) -> str:
+    from tokenloom.simulator.decode import DecodeShape, simulate_decode
+    from tokenloom.simulator.hardware import make_cluster
+
+    per = make_cluster(hardware, 1).node.gpus_per_node
+    nodes = -(-n // per)
+    cluster = make_cluster(hardware, n, nodes if n % nodes == 0 else n)
+    shape = DecodeShape(cached, new, heads, kv_heads, head_dim, 1, batch, dtype_bytes)
+    return simulate_decode(cluster, shape, "auto", replicated=queries == "replicated").strategy
 
 
 @functools.lru_cache(maxsize=256)
@@ -75,22 +98,6 @@ def _checked_schedule(strategy: str, world_size: int, rot: int, replicated: bool
     spans.update({n + j: (1 + j, 1 + j) for j in range(n)})
     check_decode_schedule(sched, spans)
     return sched
-
-
-def _identity(cache: ShardedKVCache) -> tuple[int, int]:
-    s = cache.spec
-    return (code_of(f"{s.layout}|{s.world_size}|{cache.max_tokens}") % (1 << 40),
-            code_of(f"{s.model}|{s.num_layers}|{s.batch}|{s.kv_heads}|{s.head_dim}|{s.dtype}"))
-
-
-def _describe(cache: Any, layer: Any) -> str:
-    if not isinstance(cache, ShardedKVCache) or not isinstance(layer, int):
-        return "?"
-    s = cache.spec
-    return (f"layout={s.layout} world_size={s.world_size} model={s.model or '-'} "
-            f"layers={s.num_layers} kv_heads={s.kv_heads} head_dim={s.head_dim} dtype={s.dtype} "
-            f"layer {layer}: {'present' if cache.has_layer(layer) else 'absent'}, "
-            f"{cache.seq_len(layer)} tokens")
 
 
 def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[int, int]:
@@ -123,76 +130,34 @@ def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[in
     return start, q.shape[1]
 
 
-def _post_agreement(comm: Communicator, mine: list[int]) -> Any:
-    """Post the exchange of every rank's fixed-size vector (one message to and from each peer; an
-    all-gather that returns a handle, so this rank can work while it is in flight)."""
-    if comm.world_size == 1:
-        return None
-    vec = torch.tensor(mine, dtype=torch.int64, device=comm.device)
-    rows = [vec if r == comm.rank else torch.empty_like(vec) for r in range(comm.world_size)]
-    peers = [p for p in range(comm.world_size) if p != comm.rank]
-    ops = [P2P("send", p, vec) for p in peers] + [P2P("recv", p, rows[p]) for p in peers]
-    return comm.batch_p2p(ops, what="cached_attention agreement"), rows
-
-
-def _agree(comm: Communicator, mine: list[int], error: UsageError | None, local: str = "",
-           posted: Any = None) -> list[list[int]]:
-    """Wait for every rank's vector (posted by :func:`_post_agreement`); raise the same way on
-    every rank."""
-    if comm.world_size == 1:
-        if error is not None:
-            raise error
-        return [mine]
-    handle, rows = posted
-    handle.wait()
-    every = [row.cpu().tolist() for row in rows]
-    failed = {r: _FIELDS[row[0] - 1] for r, row in enumerate(every) if row[0]}
-    if failed:
-        if error is not None:
-            raise error
-        what = ", ".join(f"rank {r}: {f}" for r, f in sorted(failed.items()))
-        raise UsageError(f"cached_attention: other ranks refused their arguments ({what}); see their "
-                         f"errors", field=next(iter(failed.values())))
-    sharded = mine[_FIELDS.index("queries")] == 1
-    for name in [f for f in _FIELDS[1:] if f != "new_tokens"] + ["new_tokens"]:
-        column = [row[_FIELDS.index(name)] for row in every]
-        if name == "new_tokens" and sharded:
-            continue  # each rank's own part, checked by the caller against the agreed total
-        if len(set(column)) > 1:
-            shown = "; ".join(f"rank {r}: {c}" for r, c in enumerate(column))
-            what = {"cache": "a cache from another layout, world size or size",
-                    "model": "a cache from another model",
-                    "layer_present": "a rank whose cache lacks this layer"}.get(name, name)
-            raise UsageError(f"cached_attention: ranks disagree on {name} ({what}): {shown}; "
-                             f"this rank's cache: {local}", field=name)
-    return every
-
-
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVCache,
                      layer: int, *, group: Any = None, strategy: str = "auto",
                      queries: str = "replicated", start: int | None = None,
                      softmax_scale: float | None = None, impl: str | None = None,
-                     timing: Timing | None = None, return_lse: bool = False):
+                     timing: Timing | None = None, return_lse: bool = False,
+                     hardware: str | None = None):
     """Append the new tokens to ``cache`` and attend their queries over it (causal).
 
     q ``(batch, t, heads, head_dim)``, k/v ``(batch, t, kv_heads, head_dim)``: all new tokens
     (``queries="replicated"``) or this rank's part (``"sharded"``). ``start``: the global position
     of the first new token (default: the layer's length; anything else is refused). Returns ``out``
     shaped like q (``(out, lse)`` with ``return_lse``). ``timing``: filled with this rank's split
-    between attention and communication.
+    between attention and communication (and the strategy run). ``hardware``: a simulator catalog
+    name for ``strategy="auto"`` to price the strategies on (None: a byte-count rule).
     """
     comm = group if isinstance(group, Communicator) else Communicator(group)
     mine, error, start_ok, count, scale = _local_vector(q, k, v, cache, layer, comm, start, queries,
-                                                        strategy, softmax_scale, impl)
-    local = _describe(cache, layer)
+                                                        strategy, softmax_scale, impl, hardware)
+    local = describe(cache, layer)
     n = comm.world_size
     t0 = time.perf_counter()
-    posted = _post_agreement(comm, mine)
+    posted = post_agreement(comm, mine)
     agree_s = time.perf_counter() - t0
     call = None
     if error is None:
         call = _Call(q, k, v, cache, layer, comm, queries, start_ok, scale, impl, timing)
-        if queries == "replicated" and n > 1 and _local_choice(strategy, n, start_ok, q, k) == "gather":
+        if queries == "replicated" and n > 1 and \
+                _local_choice(strategy, n, start_ok, q, k, hardware) == "gather":
             # the agreement is in flight: attend this rank's shard meanwhile (local work only;
             # the append is undone below if any rank refused)
             own = [cache.local_len(layer) if r == comm.rank else 0 for r in range(n)]
@@ -200,7 +165,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
             call.steps(0, 1)
     t0 = time.perf_counter()
     try:
-        every = _agree(comm, mine, error, local, posted)
+        every = wait_agreement(comm, mine, error, local, posted)
     except BaseException:
         if call is not None:
             call.rollback()
@@ -219,8 +184,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
                              f"{got}, but {total} new tokens from position {start_ok} split as "
                              f"{want} (see new_token_part)", field="new_tokens")
     if strategy == "auto":
-        strategy = choose_strategy(world_size=n, cached=start_ok, new_tokens=total, heads=q.shape[2],
-                                   kv_heads=k.shape[2], queries=queries)
+        strategy = _auto(n, start_ok, total, q, k, queries, hardware)
+    if timing is not None:
+        timing.strategy = strategy
     try:
         if call.runner is None:
             call.prepare(strategy, total, old)
@@ -233,8 +199,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     return (out, lse) if return_lse else out
 
 
-def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax_scale, impl
-                  ) -> tuple[list[int], UsageError | None, int, int, float]:
+def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax_scale, impl,
+                  hardware) -> tuple[list[int], UsageError | None, int, int, float]:
     """This rank's checks, as the vector it contributes to the agreement: ``(vector, its own
     error or None, start, new-token count, scale)``. Room for its new tokens is reserved here, so
     a memory or max_tokens refusal travels in the agreement too."""
@@ -250,20 +216,27 @@ def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax
             from tokenloom import kernels
             kernels.select_impl(q.device, impl)
     except UsageError as exc:
-        code = _FIELDS.index(exc.field if exc.field in _FIELDS else "arguments") + 1
-        return [code] + [0] * len(_FIELDS), exc, 0, 0, 0.0
-    ident, model = _identity(cache)
+        code = FIELDS.index(exc.field if exc.field in FIELDS else "arguments") + 1
+        return [code] + [0] * len(FIELDS), exc, 0, 0, 0.0
+    ident, model = identity(cache)
     mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
-            start_ok, count, q.shape[2], code_of(strategy), QUERY_MODES.index(queries),
+            start_ok, count, q.shape[2], code_of(f"{strategy}|{hardware}"), QUERY_MODES.index(queries),
             float_code(scale), code_of(repr(impl)), cache.local_len(layer)]
     return mine, None, start_ok, count, scale
 
 
-def _local_choice(strategy: str, n: int, start: int, q: torch.Tensor, k: torch.Tensor) -> str:
+def _local_choice(strategy: str, n: int, start: int, q: torch.Tensor, k: torch.Tensor,
+                  hardware: str | None) -> str:
     if strategy != "auto":
         return strategy
-    return choose_strategy(world_size=n, cached=start, new_tokens=q.shape[1], heads=q.shape[2],
-                           kv_heads=k.shape[2], queries="replicated")
+    return _auto(n, start, q.shape[1], q, k, "replicated", hardware)
+
+
+def _auto(n: int, cached: int, new: int, q: torch.Tensor, k: torch.Tensor, queries: str,
+          hardware: str | None) -> str:
+    return choose_strategy(world_size=n, cached=cached, new_tokens=new, heads=q.shape[2],
+                           kv_heads=k.shape[2], queries=queries, head_dim=q.shape[3],
+                           dtype_bytes=q.element_size(), batch=q.shape[0], hardware=hardware)
 
 
 class _Call:

@@ -63,6 +63,7 @@ class Timing:
     attention_s: float = 0.0
     comm_s: float = 0.0  # the schedule's transfers plus the argument all-gather and output gather
     agree_s: float = 0.0  # of comm_s: the one all-gather that agrees the arguments
+    strategy: str = ""  # the strategy that ran (after "auto")
     steps: list[tuple[float, float]] = field(default_factory=list)
 
 

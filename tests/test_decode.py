@@ -83,3 +83,38 @@ def test_more_ranks_than_tokens(strategy, queries):
     for errs in spawn_ranks(4, _decode_run, strategy, queries, 1, [1, 2, 1], torch.float32, False,
                             timeout=60):
         assert max(errs[:-1]) < 2e-5 and errs[-1] < 1e-6, errs
+
+
+def _auto_on_hardware(rank, n):
+    from tokenloom.parallel.decode_runtime import Timing
+
+    q, k, v = _seq(301, seed=9)
+    ql, kl, vl = (t.float() for t in (q, k, v))
+    cache = _cache(rank, n, torch.float32)
+    cached_attention(ql[:, :40], kl[:, :40], vl[:, :40], cache, 0)  # a short cache
+    chosen = []
+    for queries, t in (("sharded", 260), ("replicated", 0)):
+        at = cache.seq_len(0)
+        t = t or 1
+        lo, hi = new_token_part(rank, n, at, t) if queries == "sharded" else (0, t)
+        timing = Timing()
+        out = cached_attention(ql[:, at + lo:at + hi], kl[:, at + lo:at + hi], vl[:, at + lo:at + hi],
+                               cache, 0, strategy="auto", queries=queries, hardware="h100-sxm",
+                               timing=timing)
+        ref, _ = attention_with_lse(q[:, at + lo:at + hi], k[:, :at + hi], v[:, :at + hi], causal=True)
+        assert float((out.double() - ref).abs().max()) < 2e-5
+        chosen.append(timing.strategy)
+    return chosen
+
+
+def test_auto_with_hardware_runs_what_the_simulator_prices_fastest():
+    from tokenloom.simulator.decode import DecodeShape, simulate_decode
+    from tokenloom.simulator.hardware import make_cluster
+
+    chunk = DecodeShape(64, 512, H, HKV, D, 1, B, 4)  # 260 new over 40 cached, rounded up
+    decode = DecodeShape(512, 1, H, HKV, D, 1, B, 4)
+    want = [simulate_decode(make_cluster("h100-sxm", 2), chunk, "auto", replicated=False).strategy,
+            simulate_decode(make_cluster("h100-sxm", 2), decode, "auto").strategy]
+    for chosen in spawn_ranks(2, _auto_on_hardware, timeout=60):
+        assert chosen == want
+    assert want[1] == "gather"
