@@ -177,6 +177,11 @@ def _cache_class() -> type:
     return _TokenloomCache
 
 
+def _user_mask(*, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor | None:
+    """Mask builder of the filling prefill: the user's 2-D mask as given (None: none)."""
+    return attention_mask
+
+
 def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int) -> None:
     """Refuse a mask that hides more than the causal mask (padding): it cannot be honoured over a
     sharded cache. Every rank holds the same mask (replicated queries), so all refuse alike."""
@@ -253,7 +258,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, group: Any = Non
     AttentionInterface.register(fill_name, filling)
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionMaskInterface.register(fill_name, hf._pass_padding_mask)
+    AttentionMaskInterface.register(fill_name, _user_mask)  # the SP attention refuses padding
     batch = hf.shard_inputs(input_ids[:, :-1], group=group, layout=layout)
     before = model.config._attn_implementation
     model.set_attn_implementation(fill_name)
