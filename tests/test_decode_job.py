@@ -45,6 +45,17 @@ def test_chunked_prefill_steps_in_bf16(capsys):
     _ok(_report(out), 3)
 
 
+@pytest.mark.parametrize("strategy", ["gather", "ring", "passkv"])
+def test_chunked_prefill_with_sharded_queries(capsys, strategy):
+    rc = main(["run", "decode", "--launcher", "local", "--world-size", "3", *SMALL,
+               "--step-tokens", "40", "--queries", "sharded", "--strategy", strategy])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rep = _report(out)
+    _ok(rep, 3)
+    assert rep["strategy"] == strategy and rep["config"]["queries"] == "sharded"
+
+
 def test_table_and_context_suffix(capsys):
     rc = main(["run", "decode", "--launcher", "local", "--world-size", "2", "--context", "2K",
                "--new-tokens", "2", "--head-dim", "8", "--check"])

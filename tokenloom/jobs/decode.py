@@ -41,6 +41,7 @@ class DecodeRun:
     new_tokens: int = 32
     step_tokens: int = 1
     strategy: str = "auto"
+    queries: str = "replicated"  # or "sharded": each rank passes its part of a step's new tokens
     heads: int = 8
     kv_heads: int | None = None
     head_dim: int = 64
@@ -55,6 +56,8 @@ class DecodeRun:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
         if self.strategy not in STRATEGIES:
             raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+        if self.queries not in ("replicated", "sharded"):
+            raise UsageError("--queries must be replicated or sharded", field="queries")
         total = self.context + self.new_tokens * self.step_tokens
         elements = self.batch * total * (self.heads + 2 * hkv) * self.head_dim
         if elements > 2**33:  # the full context is built on every rank (same seed everywhere)
@@ -111,26 +114,26 @@ def job(comm, cfg: DecodeRun) -> dict:
     lo, hi = new_token_part(rank, n, 0, cfg.context)  # the context as one appended chunk
     cache.append(0, k[:, lo:hi].to(device, dtype), v[:, lo:hi].to(device, dtype),
                  torch.arange(lo, hi), cfg.context)
-    steps, outs, strategy = [], [], cfg.strategy
+    steps, parts, strategy = [], [], cfg.strategy
     for s in range(cfg.new_tokens):
         a, b = s * cfg.step_tokens, (s + 1) * cfg.step_tokens  # offsets among the new tokens
         c = cfg.context
+        if cfg.queries == "sharded":  # this rank's part of the step's tokens
+            lo, hi = new_token_part(rank, n, c + a, cfg.step_tokens)
+            a, b = a + lo, a + hi
         args = [t.to(device, dtype) for t in (q[:, a:b], k[:, c + a:c + b], v[:, c + a:c + b])]
         timing = Timing()
         health.set_step(f"decode step {s}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = cached_attention(*args, cache, 0, group=comm, strategy=cfg.strategy, timing=timing)
+        out = cached_attention(*args, cache, 0, group=comm, strategy=cfg.strategy,
+                               queries=cfg.queries, timing=timing)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         steps.append(((time.perf_counter() - t0) * 1e3, timing.attention_s * 1e3, timing.comm_s * 1e3))
-        outs.append(out.cpu())
-    if cfg.strategy == "auto":
-        from tokenloom.parallel.decode import choose_strategy
-
-        strategy = choose_strategy(world_size=n, cached=cfg.context, new_tokens=cfg.step_tokens,
-                                   heads=cfg.heads, kv_heads=hkv, queries="replicated")
+        parts.append((a, b, out.cpu()))
+        strategy = timing.strategy
     timed = steps[1:] or steps  # the first step warms up
     result: dict[str, Any] = {
         "rank": rank, "strategy": strategy, "device": str(device), "backend": comm.backend,
@@ -141,8 +144,14 @@ def job(comm, cfg: DecodeRun) -> dict:
     if cfg.check:
         health.set_step("decode check: gather the cache")
         kf, vf = gather_cache(cache, 0, group=comm)
-        if rank == 0:
-            result["check"] = _check(torch.cat(outs, dim=1), q, k, v, kf, vf, cfg, dtype)
+        if rank == 0:  # the gathered cache against the single-process one, exactly
+            err = float((kf.double() - k.to(dtype).double()).abs().max()
+                        + (vf.double() - v.to(dtype).double()).abs().max())
+            result["cache_check"] = {"max_abs_err": err, "plain_torch_err": None, "tolerance": 0.0,
+                                     "ok": err == 0.0 and kf.shape == k.shape}
+        if rank == 0 or cfg.queries == "sharded":  # replicated: every rank holds every output
+            health.set_step("decode check: fp64 reference")
+            result["out_check"] = _errors(parts, q, k, v, cfg.context, dtype)
     return result
 
 
@@ -158,21 +167,22 @@ def _plain_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
 
 
-def _check(out, q, k, v, kf, vf, cfg: DecodeRun, dtype) -> dict:
-    """Every step's output and the gathered cache against fp64 single-process attention."""
-    from tokenloom.kernels.reference import attention_with_lse, tolerance
+def _errors(parts, q, k, v, context: int, dtype) -> tuple[float, float, float]:
+    """Max |error| of this rank's outputs against fp64 single-process attention, next to plain
+    torch's in the same dtype, and the reference's max |value|: ``(err, plain_err, ref_absmax)``."""
+    from tokenloom.kernels.reference import attention_with_lse
 
-    qd, kd, vd = q.double(), k.double(), v.double()
-    ref, _ = attention_with_lse(qd, kd, vd, causal=True)  # bottom-right: the new tokens at the end
-    plain = _plain_sdpa(q.to(dtype), k.to(dtype), v.to(dtype)).double()
-    plain_err = float((plain - ref).abs().max())
-    err = float((out.double() - ref).abs().max())
-    tol = tolerance(dtype, plain_err, float(ref.abs().max()))
-    exact = k.to(dtype).double()
-    cache_err = float((kf.double() - exact).abs().max() + (vf.double() - v.to(dtype).double()).abs().max())
-    return {"out": {"max_abs_err": err, "plain_torch_err": plain_err, "tolerance": tol, "ok": err <= tol},
-            "cache": {"max_abs_err": cache_err, "plain_torch_err": None, "tolerance": 0.0,
-                      "ok": cache_err == 0.0 and kf.shape == k.shape}}
+    err = plain_err = absmax = 0.0
+    for a, b, out in parts:
+        if a == b:
+            continue
+        kd, vd = k[:, :context + b], v[:, :context + b]  # bottom-right: the queries end the keys
+        ref, _ = attention_with_lse(q[:, a:b].double(), kd.double(), vd.double(), causal=True)
+        plain = _plain_sdpa(q[:, a:b].to(dtype), kd.to(dtype), vd.to(dtype)).double()
+        err = max(err, float((out.double() - ref).abs().max()))
+        plain_err = max(plain_err, float((plain - ref).abs().max()))
+        absmax = max(absmax, float(ref.abs().max()))
+    return err, plain_err, absmax
 
 
 # ---------------------------------------------------------------------------- the CLI side
@@ -185,6 +195,9 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="gather: pass-Q gather/scatter; ring: pass-Q ring (TokenRing); passkv: the "
                         "cache travels; auto: chosen from the shape")
+    a.add_argument("--queries", choices=("replicated", "sharded"), default="replicated",
+                   help="replicated: every rank passes all new tokens (decode, as HF generation); "
+                        "sharded: each rank its part of each step (chunked prefill)")
     a.add_argument("--heads", type=arg_int(1), default=8, help="query heads")
     a.add_argument("--kv-heads", type=arg_int(1), default=None, help="key/value heads (GQA); default: --heads")
     a.add_argument("--head-dim", type=arg_int(1), default=64, help="head dimension")
@@ -198,7 +211,7 @@ def add_flags(a: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DecodeRun:
     cfg = DecodeRun(context=args.context, new_tokens=args.new_tokens, step_tokens=args.step_tokens,
-                    strategy=args.strategy, heads=args.heads, kv_heads=args.kv_heads,
+                    strategy=args.strategy, queries=args.queries, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, check=args.check,
                     seed=args.seed)
     cfg.validate(args.world_size)
@@ -211,8 +224,15 @@ def combine(results: list[dict], cfg: DecodeRun) -> dict:
            "backend": first["backend"], "config": {**asdict(cfg), "dtype": first["dtype"]},
            **{key: [r[key] for r in results] for key in
               ("local_tokens", "step_ms", "attention_ms", "comm_ms")}}
-    if "check" in first:
-        rep["check"] = first["check"]
+    if "cache_check" in first:
+        from tokenloom.kernels.reference import tolerance
+
+        err, plain, absmax = (max(r["out_check"][i] for r in results if "out_check" in r)
+                              for i in range(3))
+        tol = tolerance(_torch_dtype(first["dtype"]), plain, absmax)
+        rep["check"] = {"out": {"max_abs_err": err, "plain_torch_err": plain, "tolerance": tol,
+                                "ok": err <= tol},
+                        "cache": first["cache_check"]}
     return rep
 
 
@@ -225,7 +245,8 @@ def _print_report(rep: dict, out=None) -> None:
     cfg = rep["config"]
     print(f"{rep['strategy']} decode on {rep['world_size']} rank(s) ({rep['backend']}, "
           f"{rep['device']}): context {cfg['context']}, {cfg['new_tokens']} steps of "
-          f"{cfg['step_tokens']} token(s), heads {cfg['heads']}/{cfg['kv_heads'] or cfg['heads']}, "
+          f"{cfg['step_tokens']} token(s) ({cfg['queries']} queries), "
+          f"heads {cfg['heads']}/{cfg['kv_heads'] or cfg['heads']}, "
           f"head_dim {cfg['head_dim']}, batch {cfg['batch']}, {cfg['dtype']}", file=out)
     print(f"{'rank':>4}  {'cached':>9}  {'step ms':>8}  {'attention':>9}  {'comm':>7}", file=out)
     for r in range(rep["world_size"]):
