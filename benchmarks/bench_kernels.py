@@ -15,25 +15,12 @@ goal) and how Triton's forward compares with flash's (goal: >= 0.8x). Needs a CU
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
+from tokenloom.simulator.calibrate_gpu import time_ms  # one CUDA timer for the benchmark and the calibration
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _time_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _flash(q, k, v, dout, causal, backward):
@@ -92,7 +79,7 @@ def main() -> None:
                 runs = {"torch flash": _flash(q, k, v, dout, causal, backward)}
                 runs.update({f"tokenloom {i}": _ours(q, k, v, dout, causal, backward, i) for i in impls})
                 runs[f"default ({default})"] = _ours(q, k, v, dout, causal, backward, None)
-                ms = {name: _time_ms(fn, args.iters) for name, fn in runs.items()}
+                ms = {name: time_ms(fn, args.iters) for name, fn in runs.items()}
                 for name, t in ms.items():
                     print(f"| {seq:>6} | {'causal' if causal else 'non-causal':<10} | "
                           f"{'fwd+bwd' if backward else 'fwd':<7} | {name:<16} | {t:8.2f} | "

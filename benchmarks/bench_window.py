@@ -19,28 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
-
-
-def _inputs(seq, heads, head_dim):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(4)]
-
-
-def _timed(fn, iters):
-    fn()  # warm-up (schedules, plans, allocator)
-    walls, cpus = [], []
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
+from bench_attention import _inputs, _timed  # the same inputs and the same timer as the attention table
+from tokenloom.comm.launch.local import spawn_ranks
 
 
 def _distributed(rank, n, strategy, layout, window, seq, heads, head_dim, iters):

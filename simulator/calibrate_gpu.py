@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.hardware import CATALOG, Cluster, Device, Link, NodeSpec, node_to_dict
 
@@ -79,7 +79,8 @@ def fit_curve(device: Device, rows: list[tuple[str, bool, int, float]]) -> tuple
 
 
 # -- measuring (CUDA only) -------------------------------------------------------------------------
-def _time_ms(fn, iters: int = 5) -> float:
+def time_ms(fn, iters: int = 5) -> float:
+    """Median CUDA-event milliseconds of ``fn()`` over ``iters`` runs, after one warm-up."""
     import torch
 
     fn()
@@ -106,13 +107,13 @@ def measure_attention(seqs: tuple[int, ...] = SEQS, iters: int = 5) -> list[tupl
         q, k, v = (torch.randn(batch, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         dout = torch.randn_like(q)
-        fwd = _time_ms(lambda: block_attention(q, k, v, causal=causal), iters)
+        fwd = time_ms(lambda: block_attention(q, k, v, causal=causal), iters)
 
         def both() -> None:
             out, _ = block_attention(q, k, v, causal=causal)
             out.backward(dout)
 
-        bwd = max(_time_ms(both, iters) - fwd, 1e-6)
+        bwd = max(time_ms(both, iters) - fwd, 1e-6)
         for name, ms, backward in (("fwd", fwd, False), ("bwd", bwd, True)):
             rows.append((name, causal, seq, attention_flops(seq, batch, heads, HEAD_DIM, causal, backward) / ms / 1e9))
     return rows
@@ -124,7 +125,7 @@ def measure_gemm(sizes: tuple[int, ...] = GEMM_SIZES) -> dict[int, float]:
     out = {}
     for n in sizes:
         a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        out[n] = 2.0 * n ** 3 / _time_ms(lambda: a @ b) / 1e9  # TFLOP/s
+        out[n] = 2.0 * n ** 3 / time_ms(lambda: a @ b) / 1e9  # TFLOP/s
     return out
 
 
@@ -133,7 +134,7 @@ def measure_hbm(nbytes: int = 1 << 30) -> float:
 
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    return 2.0 * nbytes / (_time_ms(lambda: dst.copy_(src)) / 1e3)
+    return 2.0 * nbytes / (time_ms(lambda: dst.copy_(src)) / 1e3)
 
 
 def _base_node() -> NodeSpec:
