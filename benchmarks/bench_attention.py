@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.comm.launch.local import spawn_ranks
 
 
 def _inputs(seq, heads, head_dim, seed=0):

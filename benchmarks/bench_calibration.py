@@ -1,7 +1,7 @@
 """Predicted vs measured wall time of the real runtime on 2 and 4 local CPU ranks.
 
 The measured side runs ``tokenloom.parallel`` (TokenRing, Ring, Ulysses) under
-``tokenloom.comm.spawn.spawn_ranks`` (fork, gloo, one thread per rank); each rank times the
+``tokenloom.comm.launch.local.spawn_ranks`` (fork, gloo, one thread per rank); each rank times the
 forward (and forward+backward) of one attention call after a warm-up, and the slowest rank's
 median of ``--repeats`` counts (the calibration takes medians too). The predicted side simulates
 the same schedules with the ``local-cpu`` profile (``tokenloom simulate calibrate`` writes it;
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.comm.launch.local import spawn_ranks
 from tokenloom.simulator.cost import AttentionShape
 from tokenloom.simulator.hardware import PROFILE_ENV, cpu_profile_path, make_cluster
 from tokenloom.simulator.scenario import simulate_attention

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.comm.launch.local import spawn_ranks
 
 
 def _kv(total, heads, head_dim, seed=0):

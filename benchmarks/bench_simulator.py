@@ -78,6 +78,23 @@ def speed_and_scaling() -> None:
         sys.stdout.flush()
     print(f"| 1024 (ulysses8+tokenring, 128 nodes x 8) | - | {time_cli(1024, 'ulysses8+tokenring'):.3f} | - | - | - | - |")
     print()
+    advisor_speed()
+
+
+def advisor_speed() -> None:
+    """What ``strategy="auto"`` costs a call: the first (prices every candidate) and a cached one."""
+    from tokenloom.simulator import advisor
+
+    shape = dict(world_size=8, seq_len=32768, num_heads=32, num_kv_heads=8, head_dim=128, causal=True)
+    advisor._choose.cache_clear()
+    t0 = time.perf_counter()
+    advisor.choose_strategy(hardware="h100-sxm", **shape)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        advisor.choose_strategy(hardware="h100-sxm", **shape)
+    warm = (time.perf_counter() - t0) / 1000
+    print(f"choose_strategy (8 x h100-sxm, 32K, GQA): first call {cold * 1e3:.1f} ms, cached {warm * 1e6:.1f} us\n")
 
 
 def strategy_table() -> None:

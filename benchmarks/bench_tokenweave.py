@@ -69,7 +69,7 @@ def _rank(rank: int, world: int, case: tuple, iters: int) -> dict:
 
 
 def local_table(iters: int) -> None:
-    from tokenloom.comm.spawn import spawn_ranks
+    from tokenloom.comm.launch.local import spawn_ranks
 
     print(f"2 gloo ranks on this machine, {LAYERS} layers, fp32, ms per layer (slowest rank, median of {iters}):")
     print("| layer | tokens | plan | baseline | TokenWeave | no overlap | TokenWeave / baseline |")

@@ -11,8 +11,8 @@ import tempfile
 import time
 
 from tokenloom.jobs import drill
-from tokenloom.launch import run_job
-from tokenloom.launch.summary import JobError
+from tokenloom.comm.launch import run_job
+from tokenloom.comm.launch.summary import JobError
 
 
 def _detect(cfg: drill.Drill, timeout_s: float) -> tuple[float, str]:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.comm.launch.local import spawn_ranks
 
 
 def _measure(rank, n, seq, iters):

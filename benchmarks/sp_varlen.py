@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from tokenloom.comm.spawn import spawn_ranks
+from tokenloom.comm.launch.local import spawn_ranks
 
 DOCS = (1, 4, 16, 64)
 

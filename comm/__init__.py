@@ -1,4 +1,6 @@
-"""tokenloom.comm: rank math (pure), the Communicator over torch.distributed, group set-up.
+"""tokenloom.comm: rank math (pure), the Communicator over torch.distributed, heartbeats and the
+roll call, node discovery (:mod:`.nodes`), and the launchers (:mod:`.launch`: ``run_job``, local,
+torchrun, Ray).
 
 The rank math is imported eagerly (pure Python); the Communicator, which needs torch.distributed,
 on first use.
@@ -6,7 +8,7 @@ on first use.
 
 from __future__ import annotations
 
-from tokenloom._shadow import hand_back
+from tokenloom.common.shadow import hand_back
 
 hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
 
@@ -21,7 +23,7 @@ from tokenloom.comm.topology import (
     ring_peer,
 )
 
-from tokenloom._lazy import lazy_exports
+from tokenloom.common.lazy import lazy_exports
 
 _LAZY = {name: "tokenloom.comm.communicator" for name in ("Communicator", "Handle", "resolve_group")}
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from tokenloom.comm import health, rollcall
 from tokenloom.comm.health import PeerLostError
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 # torch 2.13 renames the flat all-gather; older releases only have the old name.

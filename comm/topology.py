@@ -12,7 +12,7 @@ Layouts (how a global sequence of length S is cut across ``world_size`` = N rank
 
 from __future__ import annotations
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 LAYOUTS = ("contiguous", "zigzag")
 

@@ -23,7 +23,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from tokenloom.comm.launch import init_from_env
+from tokenloom.comm.launch.env import init_from_env
 from tokenloom.integrations import hf_cache
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from tokenloom.comm.launch import init_from_env
+from tokenloom.comm.launch.env import init_from_env
 from tokenloom.integrations import hf
 from tokenloom.parallel import gather_sequence
 

@@ -9,7 +9,7 @@ argument, else the environment variable, else the device default. Tests force ea
 
 from __future__ import annotations
 
-from tokenloom._shadow import hand_back
+from tokenloom.common.shadow import hand_back
 
 hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
 
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.kernels import norm as _norm
 from tokenloom.kernels import reference, windowed
 from tokenloom.kernels.masks import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 def check_norm_args(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 _MAX_SCORE_ELEMS = 1 << 22  # 4M fp32 scores = 16 MiB per tile: cache-friendly, 2x faster than 128 MiB tiles on CPU
 

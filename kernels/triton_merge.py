@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.kernels.triton_attention import interpreted
 
 

@@ -6,11 +6,11 @@ used by the simulator) loads without the runtime.
 
 from __future__ import annotations
 
-from tokenloom._shadow import hand_back
+from tokenloom.common.shadow import hand_back
 
 hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
 
-from tokenloom._lazy import lazy_exports
+from tokenloom.common.lazy import lazy_exports
 
 _API = "tokenloom.parallel.attention"
 _LAZY = {

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 FIELDS = ("arguments", "strategy", "layout", "causal", "softmax_scale", "impl", "dtype", "batch",
           "seq", "heads", "kv_heads", "head_dim", "cu_seqlens", "mesh", "backward", "shape", "call",

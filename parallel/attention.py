@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.kernels.masks import poison_dead_rows
 from tokenloom.kernels.reference import attention_delta, check_qkv
 from tokenloom.parallel.agree import Agreed, agree, check_scale, check_softcap

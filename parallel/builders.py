@@ -32,7 +32,7 @@ import functools
 from collections import defaultdict
 
 from tokenloom.comm.topology import causal_pair_kind
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims, describe_strategy, hybrid_name, parse_strategy
 from tokenloom.parallel.layout import SeqLayout, normalize_window
 from tokenloom.parallel.schedule import (

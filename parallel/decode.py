@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from tokenloom.comm.communicator import Communicator
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import check_scale, code_of, float_code
 from tokenloom.parallel.decode_agree import FIELDS, describe, identity, post_agreement, wait_agreement
 from tokenloom.parallel.decode_check import check_decode_schedule

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tokenloom.comm.communicator import P2P, Communicator
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import code_of
 from tokenloom.parallel.kv_cache import ShardedKVCache
 

@@ -31,7 +31,7 @@ each rank its own part and all-gathers the outputs afterwards (:mod:`tokenloom.p
 
 from __future__ import annotations
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.schedule import Block, Buf, Compute, Merge, Recv, Schedule, Send, Step
 
 DECODE_STRATEGIES = ("gather", "ring", "passkv")

@@ -5,7 +5,7 @@ builders, the public API, the CLI job and the simulator would otherwise each re-
 strategy runs on which dimension, how many head shards the all-to-all makes, whether the heads
 divide, how often kv heads are replicated for Ulysses, how the sequence is chunked (dense or
 packed, flat or 2-D) and how long each chunk is. Bad values raise
-:class:`tokenloom.errors.UsageError` naming the argument. Pure Python: no torch.
+:class:`tokenloom.common.errors.UsageError` naming the argument. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.layout import SeqLayout
 
 STRATEGIES = ("tokenring", "ring", "ulysses")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tokenloom.comm.communicator import Communicator
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.runtime import Groups
 
 MESH_DIMS = ("ulysses", "ring")

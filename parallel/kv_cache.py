@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 @dataclass(frozen=True)

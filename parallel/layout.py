@@ -27,7 +27,7 @@ import numbers
 from dataclasses import dataclass
 
 from tokenloom.comm.topology import check_layout, mesh_chunks_of_rank, num_chunks
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 @dataclass(frozen=True)

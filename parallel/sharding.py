@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import FIELDS, Agreed, agree
 from tokenloom.parallel.groups import agreement_gather, gather_all, resolve_sp_group
 from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens

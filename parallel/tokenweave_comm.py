@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from tokenloom.comm.communicator import Communicator
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 PATHS = ("multimem", "nccl", "gloo")
 

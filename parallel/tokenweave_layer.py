@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenloom.comm.communicator import Communicator
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.kernels import block_forward
 from tokenloom.parallel.tokenweave_comm import (CommStream, allreduce_residual_rmsnorm,
                                                 fused_allreduce_residual_rmsnorm, residual_rmsnorm)

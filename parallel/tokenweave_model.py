@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 KINDS = ("compute", "allreduce", "post", "wait")
 OPS = ("attn", "mlp")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 DENSE_SPLIT_THRESHOLD = 1024
 MOE_SPLIT_THRESHOLD = 2048

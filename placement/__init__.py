@@ -13,11 +13,11 @@ Names are imported on first use, so ``import tokenloom.placement`` is free.
     plan.save("plan.json"); print(evaluate_plan(plan, trace).max_mean_load)
 """
 
-from tokenloom._shadow import hand_back
+from tokenloom.common.shadow import hand_back
 
 hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
 
-from tokenloom._lazy import lazy_exports
+from tokenloom.common.lazy import lazy_exports
 
 _LAZY = {
     "METHODS": "tokenloom.placement.options",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.placement.problem import PlacementProblem
 
 

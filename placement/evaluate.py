@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.placement.affinity import weighted_cost
 from tokenloom.placement.dispatch import message_metrics
 from tokenloom.placement.eplb import eplb_policy_rows

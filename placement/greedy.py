@@ -17,7 +17,7 @@ import heapq
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 from tokenloom.placement.packing import SlotBins, expand_replicas, pack_balanced
 from tokenloom.placement.problem import PlacementProblem

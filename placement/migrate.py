@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.placement.balance import assignment_matrix, layer_bounds
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import PlacementProblem

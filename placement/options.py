@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.placement.dispatch import REPLICA_CHOICES, TOKEN_HOMES
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenloom.errors import UsageError
-from tokenloom.io import atomic_write, read_json
-from tokenloom.validate import check_number
+from tokenloom.common.errors import UsageError
+from tokenloom.common.files import atomic_write, read_json
+from tokenloom.common.checks import check_number
 from tokenloom.placement.problem import DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, PlacementProblem
 
 PLAN_FORMAT = "tokenloom.plan/1"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.placement.balance import layer_bounds
 from tokenloom.placement.dp_planner import plan_dp
 from tokenloom.placement.eplb import check_groups

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from tokenloom.io import atomic_write
+from tokenloom.common.files import atomic_write
 from tokenloom.placement.metrics import PlanMetrics, gpu_loads
 from tokenloom.placement.plan import Plan
 from tokenloom.placement.trace import Trace

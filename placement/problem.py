@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 DEFAULT_INTRA_NODE_GBPS = 450.0  # NVLink4 through NVSwitch, one direction (REFERENCE.md §6)
 DEFAULT_INTER_NODE_GBPS = 50.0  # one 400 Gb/s NIC per GPU

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import check_int, check_number
+from tokenloom.common.errors import UsageError
+from tokenloom.common.checks import check_int, check_number
 
 MAX_CELLS = 1 << 31  # tokens x experts x layers drawn; refuse beyond (minutes and gigabytes)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenloom.errors import UsageError
-from tokenloom.io import MAX_JSON_BYTES, atomic_write, check_input_file, read_json
+from tokenloom.common.errors import UsageError
+from tokenloom.common.files import MAX_JSON_BYTES, atomic_write, check_input_file, read_json
 
 _SUFFIXES = (".npz", ".json")
 MAX_EXPERTS = 1 << 14  # 16384 experts per layer; more is refused before anything is allocated

@@ -10,7 +10,7 @@
 The simulator imports schedules from ``tokenloom.parallel`` but never the runtime.
 """
 
-from tokenloom._shadow import hand_back
+from tokenloom.common.shadow import hand_back
 
 hand_back(__name__, __file__)  # imported by its bare name from the checkout: the installed package wins
 

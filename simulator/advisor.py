@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from tokenloom.comm.topology import LAYOUTS
 from tokenloom.parallel.builders import STRATEGIES, describe_strategy, hybrid_name, parse_strategy
-from tokenloom.errors import UsageError
-from tokenloom.validate import check_choice, check_int
+from tokenloom.common.errors import UsageError
+from tokenloom.common.checks import check_choice, check_int
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.hardware import LOCAL_CPU, MAX_CLUSTER_GPUS, Cluster, make_cluster
 from tokenloom.simulator.scenario import (LOCKSTEP_WEIGHT, MAX_SIM_TRANSFERS, AttentionResult, check_feasible,
@@ -167,7 +167,7 @@ def detect_hardware() -> str:
         import torch
 
         if torch.cuda.is_available():
-            from tokenloom.launch.nvml import read_topology
+            from tokenloom.comm.nodes import read_topology
 
             node = hardware_from_topology(read_topology())
             if node is not None:
@@ -180,9 +180,9 @@ def detect_hardware() -> str:
 
 
 def hardware_from_topology(topology: dict) -> str | None:
-    """Register the node an NVML topology describes (``tokenloom.launch.nvml.read_topology``) and
+    """Register the node an NVML topology describes (``tokenloom.comm.nodes.read_topology``) and
     return its catalog name; None when it lists no GPUs."""
-    from tokenloom.launch.nvml import node_spec
+    from tokenloom.simulator.discovered import node_spec
     from tokenloom.simulator.hardware import register_node
 
     spec = node_spec(topology)

@@ -1,6 +1,6 @@
 """Calibrate the ``local-cpu`` profile: measure this machine so the simulator predicts CPU runs.
 
-What is measured, in forked ranks with one intra-op thread each (as ``tokenloom.comm.spawn`` runs
+What is measured, in forked ranks with one intra-op thread each (as ``tokenloom.comm.launch.local`` runs
 the runtime), one rank per core measuring at the same time:
 
 - attention FLOP/s, forward with ``tokenloom.kernels.reference.attention_with_lse`` and backward
@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from tokenloom.io import atomic_write, resolve_output
+from tokenloom.common.files import atomic_write, resolve_output
 from tokenloom.simulator.hardware import LOCAL_CPU, Device, Link, NodeSpec, node_to_dict
 
 _PING_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)  # bytes
@@ -79,7 +79,7 @@ def measure_compute(chunks: tuple[int, ...] = (256, 512, 1024, 2048), heads: int
     """Kernel rates while ``ranks`` (default: every core) forked ranks measure at once, so shared
     caches and memory bandwidth are in the numbers as in real runs; rank times averaged, then
     pooled over the chunk sizes (total FLOPs / total seconds)."""
-    from tokenloom.comm.spawn import spawn_ranks
+    from tokenloom.comm.launch.local import spawn_ranks
 
     ranks = ranks or os.cpu_count() or 1
     per_rank = spawn_ranks(ranks, _compute_rank, tuple(chunks), heads, head_dim, repeats, timeout=timeout)
@@ -116,7 +116,7 @@ def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int)
 def measure_gloo(sizes: tuple[int, ...] = _PING_SIZES, repeats: int = 5, timeout: float = 120.0
                  ) -> dict:
     """Latency (s) and bandwidth (bytes/s) of one gloo transfer between two local ranks."""
-    from tokenloom.comm.spawn import spawn_ranks
+    from tokenloom.comm.launch.local import spawn_ranks
 
     one_way = spawn_ranks(2, _ping_pong, tuple(sizes), repeats, timeout=timeout)[0]
     slope, _ = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(one_way), 1)

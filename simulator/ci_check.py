@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tokenloom.errors import UsageError
-from tokenloom.io import read_json
-from tokenloom.validate import check_choice, check_int, check_number
+from tokenloom.common.errors import UsageError
+from tokenloom.common.files import read_json
+from tokenloom.common.checks import check_choice, check_int, check_number
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _REQUIRED = ("strategy", "hardware", "gpus", "seq", "heads", "head_dim", "accepted_ms")

@@ -17,7 +17,7 @@ AllReduce, (n-1)/n for AllGather and ReduceScatter (``bytes`` = the full output)
 
 from __future__ import annotations
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.simulator.hardware import NodeSpec
 
 # Achieved NVLS AllReduce algorithm bandwidth (bytes/s) of NVSwitch-3 nodes (sm_90). Fitted to the

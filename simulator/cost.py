@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenloom.comm.topology import LAYOUTS, chunk_len, chunks_of_rank, num_chunks
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.schedule import WIRE_FIELDS, AllToAll, Block, Buf, Compute, Merge, Pack
 from tokenloom.simulator.hardware import Cluster
-from tokenloom.validate import check_choice, check_int
+from tokenloom.common.checks import check_choice, check_int
 
 BWD_FLOP_FACTOR = 2.5
 # Largest shapes priced: far beyond any real run, small enough that no product of them can

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.decode_schedule import DECODE_STRATEGIES, build_decode_schedule, part_lens, part_of
 from tokenloom.parallel.schedule import Compute, Recv, Send
 from tokenloom.simulator.hardware import Cluster

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from typing import Iterator
 
-from tokenloom.io import atomic_write
+from tokenloom.common.files import atomic_write
 from tokenloom.simulator.scenario import AttentionResult
 from tokenloom.simulator.timeline import Timeline
 

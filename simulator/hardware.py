@@ -28,9 +28,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tokenloom.errors import UsageError
-from tokenloom.io import read_json
-from tokenloom.validate import check_choice, check_int, check_number
+from tokenloom.common.errors import UsageError
+from tokenloom.common.files import read_json
+from tokenloom.common.checks import check_choice, check_int, check_number
 
 FABRICS = ("switch", "mesh", "pcie", "bus")
 LOCAL_CPU = "local-cpu"

@@ -18,7 +18,7 @@ bandwidths in the calibration set (docs/calibration.md).
 
 from __future__ import annotations
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.simulator.hardware import Cluster
 
 DISPATCH_BYTES = 1 + 4 / 128  # per hidden element: FP8 value + fp32 scale per 128

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.builders import STRATEGIES, ParallelDims, build_schedule, parse_strategy
 from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
@@ -21,7 +21,7 @@ from tokenloom.simulator.hardware import Cluster
 from tokenloom.simulator.lockstep import lockstep_supported, simulate_plan
 from tokenloom.simulator.ringfast import compile_ring
 from tokenloom.simulator.timeline import Timeline
-from tokenloom.validate import check_choice, check_int
+from tokenloom.common.checks import check_choice, check_int
 
 
 @dataclass

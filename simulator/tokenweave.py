@@ -33,11 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.tokenweave_schedule import Step, build_steps
 from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split
 from tokenloom.simulator.hardware import Cluster, NodeSpec
-from tokenloom.validate import check_int
+from tokenloom.common.checks import check_int
 
 # name: (hidden, ffn, heads, kv_heads, num_experts, top_k, layers) from the public configs
 MODELS: dict[str, tuple[int, int, int, int, int, int, int]] = {

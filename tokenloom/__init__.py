@@ -2,7 +2,9 @@
 
 Subpackages (each a top-level folder of the repository, mapped here by pyproject.toml):
 
-- ``tokenloom.comm``       rank math, the Communicator over torch.distributed, launchers
+- ``tokenloom.common``     the ground floor: errors, value checks, file I/O (pure Python)
+- ``tokenloom.comm``       rank math, the Communicator over torch.distributed, node discovery,
+                           launchers (``tokenloom.comm.launch.run_job``)
 - ``tokenloom.parallel``   schedules and runtimes for TokenRing / Ring / Ulysses attention
 - ``tokenloom.kernels``    pure-torch reference kernels (also the CPU path) and Triton kernels
 - ``tokenloom.placement``  MoE expert placement planner
@@ -14,7 +16,7 @@ the simulator stay quick): ``tokenloom.sp_attention``, ``tokenloom.plan_placemen
 
 from __future__ import annotations
 
-from tokenloom._lazy import lazy_exports
+from tokenloom.common.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ _LAZY = {
     "evaluate_plan": "tokenloom.placement",
     "choose_strategy": "tokenloom.simulator",
     "detect_hardware": "tokenloom.simulator",
+    "run_job": "tokenloom.comm.launch",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

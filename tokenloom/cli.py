@@ -31,7 +31,7 @@ _COMMANDS = {
 _COMMAND_MODULES = tuple(_COMMANDS)
 
 
-from tokenloom.errors import UsageError, one_line  # noqa: F401  (re-exported: tokenloom.cli.UsageError)
+from tokenloom.common.errors import UsageError, one_line  # noqa: F401  (re-exported: tokenloom.cli.UsageError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from tokenloom.comm.health import PeerLostError
-        from tokenloom.launch.summary import JobError
+        from tokenloom.comm.launch.summary import JobError
 
         if not isinstance(exc, (JobError, PeerLostError)):
             raise

@@ -21,7 +21,7 @@ examples:
 
 def _advise_pair(task: tuple) -> tuple[str, object]:
     """One (strategy, layout) of the ranking, as a Ray task: ("ok", result) or ("skip", why)."""
-    from tokenloom.errors import UsageError
+    from tokenloom.common.errors import UsageError
     from tokenloom.simulator.advisor import advise_attention
 
     cluster, shape, causal, backward, strategy, layout, max_transfers = task
@@ -43,8 +43,8 @@ def advise_on_ray(cluster, shape, *, causal: bool, backward: bool, max_transfers
                   address: str | None = None):
     """The advisor's ranking with every (strategy, layout) simulated as a Ray task; the same
     Advice as the serial ``advise_attention`` (the work limit applies per simulation)."""
-    from tokenloom.errors import UsageError
-    from tokenloom.launch.ray import map_tasks
+    from tokenloom.common.errors import UsageError
+    from tokenloom.comm.launch.ray import map_tasks
     from tokenloom.parallel.builders import STRATEGIES
     from tokenloom.simulator.advisor import PREFERRED_LAYOUTS, Advice, hybrid_candidates
 

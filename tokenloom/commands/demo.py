@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_int
 
 DEMO_WORLD_SIZES = (1, 2, 4, 8)  # must divide the demo's 8 heads (Ulysses splits heads)
 MAX_DEMO_SEQ = 8192  # CPU attention costs seq^2: the default 2048 takes ~10 s, 8192 a few minutes
@@ -25,7 +25,7 @@ MAX_DEMO_SEQ = 8192  # CPU attention costs seq^2: the default 2048 takes ~10 s, 
 def attention_section(out, *, world_size: int, seq: int, causal: bool = True) -> bool:
     """Run every strategy on ``world_size`` forked CPU ranks; print a table; True if all checks pass."""
     from tokenloom.jobs.attention import AttentionRun, combine, job  # torch: only when run
-    from tokenloom.launch import run_job
+    from tokenloom.comm.launch import run_job
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
     print(f"== Sequence-parallel attention on {world_size} local CPU ranks (gloo), seq {seq}, "
@@ -55,7 +55,7 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
 def tokenweave_section(out, *, world_size: int = 2) -> bool:
     """TokenWeave on ``world_size`` forked CPU ranks (dense and MoE), then simulated TP8 on H100."""
     from tokenloom.jobs import tokenweave as tw
-    from tokenloom.launch import run_job
+    from tokenloom.comm.launch import run_job
     from tokenloom.simulator.hardware import make_cluster
     from tokenloom.simulator.tokenweave import MODELS, model_shape, simulate_tokenweave
 

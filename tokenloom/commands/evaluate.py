@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from tokenloom.commands.plan import add_bandwidth_flags
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_int
 
 _EPILOG = """\
 Metrics, with a raw trace (topk_ids), under the execution model (--token-home, --replica-choice;
@@ -38,7 +38,7 @@ def _summary(metrics, messages) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.placement import load_plan, load_trace
     from tokenloom.placement.evaluate import baseline_messages, baseline_metrics, evaluate_messages, evaluate_plan
 

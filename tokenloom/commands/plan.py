@@ -6,8 +6,8 @@ import argparse
 import json
 import time
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_float, arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_float, arg_int
 
 # The planner's defaults (tokenloom.placement.problem), repeated so --help does not load numpy.
 DEFAULT_INTRA_NODE_GBPS = 450.0
@@ -64,7 +64,7 @@ def _plan(args: argparse.Namespace) -> int:
     start = time.perf_counter()  # before numpy, scipy and pulp load: --time-limit bounds them too
     import sys
 
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.placement import load_plan, load_trace, plan_placement
 
     if (args.previous is None) != (args.max_moves is None):
@@ -124,11 +124,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _ray_map(args: argparse.Namespace):
-    """``map_fn`` running dp layers as Ray tasks (tokenloom.launch.ray.map_tasks), or None."""
+    """``map_fn`` running dp layers as Ray tasks (tokenloom.comm.launch.ray.map_tasks), or None."""
     if not args.ray:
         return None
     try:
-        from tokenloom.launch.ray import map_tasks
+        from tokenloom.comm.launch.ray import map_tasks
     except ImportError as exc:
         raise UsageError(f"--ray: the Ray launcher is not available ({exc})", field="--ray") from None
     return lambda fn, items: map_tasks(fn, items, address=args.ray_address)

@@ -1,4 +1,4 @@
-"""``tokenloom run JOB``: run a registered SPMD job on real ranks through :func:`tokenloom.launch.run_job`.
+"""``tokenloom run JOB``: run a registered SPMD job on real ranks through :func:`tokenloom.comm.launch.run_job`.
 
 The command only parses flags and calls the launcher. A job module (``tokenloom.jobs.<name>``)
 exposes ``add_flags(parser)``, ``config_from_args(args) -> config`` (``args.world_size`` holds the
@@ -14,8 +14,8 @@ import importlib
 import importlib.util
 import os
 
-from tokenloom.launch import MIN_TIMEOUT_S
-from tokenloom.validate import OneLineParser, arg_float, arg_int
+from tokenloom.comm.launch import MIN_TIMEOUT_S
+from tokenloom.commands.args import OneLineParser, arg_float, arg_int
 
 # name -> (module, one-line help)
 JOBS = {
@@ -69,7 +69,7 @@ def _world_size(args: argparse.Namespace, launcher: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokenloom.launch import resolve_launcher, run_job
+    from tokenloom.comm.launch import resolve_launcher, run_job
 
     module = importlib.import_module(JOBS[args.job][0])
     launcher = resolve_launcher(args.launcher, args.address)

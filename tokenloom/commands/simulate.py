@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_int
 
 _EPILOG_ATTENTION = """\
 The simulator walks the same schedules the runtime executes (one compute stream per rank,
@@ -109,7 +109,7 @@ def _print_summary(s: dict, out=None) -> None:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.simulator.export import write_chrome_trace, write_gantt
     from tokenloom.simulator.scenario import simulate_attention
 
@@ -138,7 +138,7 @@ def _calibrate_cuda(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.simulator.calibrate_gpu import format_profile, measure_cuda_profile
 
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -170,7 +170,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.device == "cuda":
         return _calibrate_cuda(args)
 
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.simulator.calibrate import measure_profile, write_profile
     from tokenloom.simulator.hardware import PROFILE_ENV, cpu_profile_path
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_float, arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_float, arg_int
 
 _EPILOG = """\
 Prices the runtime's own decode schedules (pass-Q gather, pass-Q ring, pass-KV) step by step in

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tokenloom.validate import arg_int
+from tokenloom.commands.args import arg_int
 
 
 def _moe(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import itertools
 import json
 
-from tokenloom.validate import arg_int
+from tokenloom.commands.args import arg_int
 
 MAX_POINTS = 4096
 
@@ -34,7 +34,7 @@ def _list(parse):
 def simulate_point(point: dict) -> dict:
     """One point of the sweep: the simulator's summary (plain data), or the reason it cannot run."""
     from tokenloom.commands.simulate import _DTYPES
-    from tokenloom.errors import UsageError
+    from tokenloom.common.errors import UsageError
     from tokenloom.simulator.cost import AttentionShape
     from tokenloom.simulator.hardware import make_cluster
     from tokenloom.simulator.scenario import simulate_attention
@@ -52,11 +52,11 @@ def simulate_point(point: dict) -> dict:
 
 
 def points_from_args(args: argparse.Namespace) -> list[dict]:
-    from tokenloom.errors import UsageError
+    from tokenloom.common.errors import UsageError
     from tokenloom.simulator.advisor import detect_hardware
 
     from tokenloom.parallel.builders import parse_strategy
-    from tokenloom.validate import check_choice
+    from tokenloom.common.checks import check_choice
 
     for strategy in args.strategies:
         try:
@@ -87,7 +87,7 @@ def check_sweep_work(points: list[dict], limit: int | None = None) -> int:
     skipped at once (infeasible, or over the limit alone) cost nothing and are not counted.
     """
     from tokenloom.commands.simulate import _DTYPES
-    from tokenloom.errors import UsageError
+    from tokenloom.common.errors import UsageError
     from tokenloom.simulator.cost import AttentionShape
     from tokenloom.simulator.scenario import check_feasible, check_work
 
@@ -109,7 +109,7 @@ def check_sweep_work(points: list[dict], limit: int | None = None) -> int:
 
 def run_sweep(points: list[dict], *, ray: bool = False, address: str | None = None) -> list[dict]:
     if ray:
-        from tokenloom.launch.ray import map_tasks
+        from tokenloom.comm.launch.ray import map_tasks
 
         return map_tasks(simulate_point, points, address=address)
     return [simulate_point(p) for p in points]

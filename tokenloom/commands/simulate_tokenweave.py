@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_int
 
 _EPILOG = """\
 Prices the runtime's own step lists (the same ones 'tokenloom run tokenweave' executes) for one
@@ -147,7 +147,7 @@ def _print(s: dict, plan_text: str | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
     from tokenloom.simulator.hardware import catalog, make_cluster
     from tokenloom.simulator.tokenweave import simulate_tokenweave
     from tokenloom.simulator.tokenweave_export import write_chrome_trace, write_gantt

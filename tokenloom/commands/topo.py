@@ -2,7 +2,7 @@
 
 Without an NVIDIA driver (a CPU machine, a container without GPUs) it says so plainly and exits 0,
 so scripts can call it anywhere; ``--json`` then prints ``{"gpus": [], "nvml": "unavailable: ..."}``.
-With GPUs it also shows how the simulator prices this node (:mod:`tokenloom.launch.nvml`).
+With GPUs it also shows how the simulator prices this node (:mod:`tokenloom.comm.nodes`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tokenloom.io import OutputFiles
-    from tokenloom.launch.nvml import read_topology
+    from tokenloom.commands.outputs import OutputFiles
+    from tokenloom.comm.nodes import read_topology
 
     with OutputFiles() as out:
         out.claim("--hardware-out", args.hardware_out)  # before any work
@@ -21,14 +21,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, topo: dict, out) -> int:
-    from tokenloom.launch.nvml import NODE_NAME, catalog_model, hardware_entry
+    from tokenloom.comm.nodes import NODE_NAME
+    from tokenloom.simulator.discovered import catalog_model, hardware_entry
 
     entry = hardware_entry(topo) if topo["gpus"] else None
     topo["simulator"] = None if entry is None else {
         "hardware": NODE_NAME, "model": catalog_model(topo["gpus"][0]["name"]), "entry": entry[NODE_NAME]}
     if args.hardware_out:
         if entry is None:
-            from tokenloom.errors import UsageError
+            from tokenloom.common.errors import UsageError
 
             raise UsageError(f"--hardware-out: no GPUs visible to NVML ({topo['nvml']}); nothing to "
                              f"write", field="hardware_out")

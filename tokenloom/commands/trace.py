@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from tokenloom.errors import UsageError
-from tokenloom.validate import arg_float, arg_int
+from tokenloom.common.errors import UsageError
+from tokenloom.commands.args import arg_float, arg_int
 
 _EPILOG = """\
 The trace models what a vLLM/SGLang routed-expert recorder gives: for every layer and token, the
@@ -39,7 +39,7 @@ examples:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from tokenloom.io import OutputFiles
+    from tokenloom.commands.outputs import OutputFiles
 
     suffix = Path(args.out).suffix.lower()
     if suffix not in (".npz", ".json"):

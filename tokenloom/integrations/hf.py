@@ -35,7 +35,7 @@ Masks: the attention is causal (``module.is_causal``) or full over the global se
 layer's ``sliding_window`` (per layer: models with ``layer_types`` pass None on their global
 layers), logit ``softcap`` (Gemma 2) and attention sinks ``s_aux`` (GPT-OSS) when the model passes
 them. A padding mask cannot be honoured across ranks, so a 2-D ``attention_mask`` is accepted only
-when it masks nothing; anything else raises :class:`~tokenloom.errors.UsageError` on every rank
+when it masks nothing; anything else raises :class:`~tokenloom.common.errors.UsageError` on every rank
 (the ranks agree first, so a mask on one rank is an error everywhere, not a hang). Dropout, an
 additive position bias and KV caches are refused the same way.
 
@@ -50,8 +50,8 @@ from typing import Any, Callable
 import torch
 
 from tokenloom.comm.topology import LAYOUTS
-from tokenloom.errors import UsageError
-from tokenloom.validate import check_choice
+from tokenloom.common.errors import UsageError
+from tokenloom.common.checks import check_choice
 
 STRATEGIES = ("auto", "tokenring", "ring", "ulysses")
 DEFAULT_NAME = "tokenloom"

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
 
 _REFUSED = {"softcap": "logit soft-capping", "s_aux": "attention sinks",

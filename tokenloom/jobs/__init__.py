@@ -1,4 +1,4 @@
-"""tokenloom.jobs: SPMD jobs (a function of a Communicator and a config dataclass) run by tokenloom.launch.
+"""tokenloom.jobs: SPMD jobs (a function of a Communicator and a config dataclass) run by tokenloom.comm.launch.
 
 A job module exposes ``add_flags(parser)``, ``config_from_args(args)``, ``job(comm, config)`` and
 ``report(results, args) -> exit code``; ``tokenloom run`` lists them.

@@ -1,6 +1,6 @@
 """``tokenloom run attention``: sequence-parallel attention on real ranks, timed and checked.
 
-A job for :func:`tokenloom.launch.run_job`: every rank builds the same full random tensors (one
+A job for :func:`tokenloom.comm.launch.run_job`: every rank builds the same full random tensors (one
 seed), keeps its shard, runs forward (+ backward) ``iters`` times after a warm-up and returns its
 median times; with ``check`` rank 0 also compares the gathered results with the fp64
 single-process reference. The same job runs under torchrun, forked local ranks and Ray actors.
@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.jobs import emit_report
-from tokenloom.validate import arg_int
+from tokenloom.commands.args import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 

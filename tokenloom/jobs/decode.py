@@ -17,9 +17,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.jobs import emit_report
-from tokenloom.validate import arg_int
+from tokenloom.commands.args import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 STRATEGIES = ("auto", "gather", "ring", "passkv")

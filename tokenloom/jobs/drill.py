@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from tokenloom.validate import arg_float, arg_int
+from tokenloom.commands.args import arg_float, arg_int
 
 MODES = ("none", "kill", "stop", "raise", "skip", "hang")
 
@@ -104,7 +104,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Drill:
-    from tokenloom.errors import UsageError
+    from tokenloom.common.errors import UsageError
 
     if args.fail_rank >= args.world_size:
         raise UsageError(f"--fail-rank ({args.fail_rank}) must be below the world size "

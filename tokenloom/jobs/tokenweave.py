@@ -1,6 +1,6 @@
 """``tokenloom run tokenweave``: a tensor-parallel layer stack, baseline vs TokenWeave, timed and checked.
 
-A job for :func:`tokenloom.launch.run_job`: every rank builds the same full weights and input (one
+A job for :func:`tokenloom.comm.launch.run_job`: every rank builds the same full weights and input (one
 seed), keeps its tensor-parallel shard, and runs the stack in both modes ``iters`` times after a
 warm-up (interleaved, so both see the same machine state). It returns its median time per layer
 for each mode and the planner's decision; with ``check`` the TokenWeave output and residual are
@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tokenloom.errors import UsageError
+from tokenloom.common.errors import UsageError
 from tokenloom.jobs import emit_report
-from tokenloom.validate import arg_int
+from tokenloom.commands.args import arg_int
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 MAX_LAYER_ELEMENTS = 2**31  # every rank draws one full layer at a time (fp64) and keeps its shard
