@@ -107,6 +107,7 @@ def _fork_safe_threads(threads: int) -> int:
 
 
 _UNSAFE_TO_FORK_THREADS: dict[int, bool] = {}
+_REPORT_GRACE_S = 2.0  # how long a failed (still living) rank gets to send its report after the abort
 
 
 def _has_ray_threads() -> bool:
@@ -220,8 +221,12 @@ def _collect(pipes: list, procs: list, observer: health.Monitor, timeout_s: floa
             abort_seen = now
         if abort_seen is not None:
             waiting = {r for r in range(len(procs)) if r not in outcomes}
-            if waiting <= set(observer.failure.get("lost", [])) or now - abort_seen > timeout_s + 5:
-                break  # only the lost ones are left, or the rest are stuck outside any transfer
+            # Only the lost ones are left (a rank that failed on its own is "lost" too, but it is
+            # alive and about to send its own report: a moment's grace), or the rest are stuck.
+            lost_only = waiting <= set(observer.failure.get("lost", []))
+            settled = not any(procs[r].is_alive() for r in waiting) or now - abort_seen > _REPORT_GRACE_S
+            if (lost_only and settled) or now - abort_seen > timeout_s + 5:
+                break
     for rank, proc in enumerate(procs):
         if rank not in outcomes:
             stopped = _process_state(proc.pid) == "T"
