@@ -64,3 +64,21 @@ def test_command_refuses_a_mismatched_cluster_and_an_aggregated_trace(files, cap
     agg.write_text(json.dumps({"loads": [[1.0] * 16, [1.0] * 16]}))
     assert main(["simulate", "moe", "--plan", plan, "--trace", str(agg)]) == 2
     assert "--trace" in capsys.readouterr().err
+
+
+def test_evaluate_prices_the_plan_beside_eplb_and_greedy(files, capsys):
+    """`tokenloom evaluate --hardware --nodes` prints the same per-layer times as `simulate moe`."""
+    _, trace, plan = files
+    assert main(["simulate", "moe", "--plan", plan, "--trace", trace, "--nodes", "2", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--plan", plan, "--trace", trace, "--hardware", "h100-sxm", "--nodes", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["moe_time"] == alone
+    assert main(["evaluate", "--plan", plan, "--trace", trace, "--hardware", "h100-sxm", "--nodes", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "plan disp" in text and "eplb disp" in text and "greedy disp" in text
+    assert main(["evaluate", "--plan", plan, "--trace", trace, "--json"]) == 0  # without --hardware: not priced
+    assert "moe_time" not in json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--plan", plan, "--trace", trace, "--hardware", "h100-sxm", "--nodes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nodes" in err

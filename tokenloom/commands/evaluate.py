@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tokenloom.commands.plan import add_bandwidth_flags
+from tokenloom.commands.simulate_moe import add_cluster_flags
 from tokenloom.common.errors import UsageError
 from tokenloom.commands.args import arg_int
 
@@ -21,8 +22,13 @@ an estimated all-to-all time from the plan's link bandwidths (override with the 
 The same numbers for contiguous, round_robin, greedy and DeepSeek EPLB (its own policy choice)
 on the same cluster are shown beside the plan's.
 
-example:
+With --hardware (and --nodes), a raw trace is also priced on that cluster: DeepEP-style dispatch
+(FP8) and combine (BF16) time per MoE layer for the plan, EPLB's and greedy's, side by side (the
+busiest NIC sets each layer's time; model: simulator/moe.py, as `tokenloom simulate moe`).
+
+examples:
   tokenloom evaluate --plan plan.json --trace heldout.npz --png placement.png
+  tokenloom evaluate --plan plan.json --trace heldout.npz --hardware h100-sxm --nodes 4
 """
 
 
@@ -58,6 +64,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                              f"or a multiple of the {plan.num_gpus // plan.gpus_per_node} nodes", field="--expert-groups")
         baselines = baseline_metrics(plan, trace, args.expert_groups)
         base_messages = baseline_messages(plan, trace, token_home, replica_choice, args.expert_groups)
+        prices = describe = None
+        if args.hardware is not None:
+            from tokenloom.commands.simulate_moe import moe_prices
+
+            prices, describe = moe_prices(args, plan, trace)
         if args.png:
             from tokenloom.placement.plot import draw_png
 
@@ -70,8 +81,10 @@ def _evaluate(args: argparse.Namespace) -> int:
               "baselines": {name: _summary(m, base_messages.get(name)) for name, m in baselines.items()}}
     if args.png:
         result["png"] = str(args.png)
+    if prices is not None:
+        result["moe_time"] = {"hardware": describe, "hidden": args.hidden, "prices": prices}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
         return 0
     print(f"execution model: {token_home} token home, {replica_choice} replica choice")
     print(f"{'method':<14} {'worst max/mean':>14} {'msgs/token':>10} {'NIC/token':>9} {'cross-GPU tok':>14} "
@@ -82,6 +95,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         traffic = (f"{m.cross_gpu_tokens:>14.0f} {m.cross_node_tokens:>14.0f} {m.all_to_all_seconds:>12.3g}"
                    if m.cross_gpu_tokens is not None else f"{'n/a':>14} {'n/a':>14} {'n/a':>12}")
         print(f"{name:<14} {max(m.max_mean_load):>14.4f} {sent} {traffic}")
+    if prices is not None:
+        from tokenloom.simulator.moe import format_prices
+
+        print()
+        print(format_prices(prices, describe, args.hidden))
     if args.png:
         print(f"wrote {args.png}")
     return 0
@@ -98,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-groups", type=arg_int(1, 1 << 20), default=None,
                    help="the model's routing groups handed to the EPLB baseline (default: the plan's, else 1)")
     add_bandwidth_flags(p, defaults=False)
+    add_cluster_flags(p, hardware_default=None)
     p.add_argument("--png", default=None, help="also draw the GPU load heatmap and the traffic comparison here")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_evaluate)
