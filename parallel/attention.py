@@ -35,7 +35,8 @@ from tokenloom.parallel.builders import schedule_for
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims
 from tokenloom.parallel.groups import agreement_gather, resolve_sp_group
 from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens, normalize_window
-from tokenloom.parallel.runtime import Dims, Groups, Held, Runner
+from tokenloom.parallel.buffers import Dims, Held
+from tokenloom.parallel.runtime import Groups, Runner
 from tokenloom.parallel.sharding import gather_sequence, host_cu_seqlens, shard_sequence  # noqa: F401
 from tokenloom.parallel.schedule import WIRE_FIELDS, Buf, Schedule
 

@@ -4,13 +4,8 @@ The runtime makes no decisions: it walks its rank's steps with the four-phase se
 ``schedule.py`` (post comms, compute, wait, merge), using a :class:`Communicator` for transfers and
 :func:`tokenloom.kernels.block_forward` / ``block_backward`` for the blocks.
 
-Buffers live in a dict keyed by :attr:`Buf.key`. Each holds its chunks (global chunk ids, in the
-order they sit along the sequence axis; chunks may differ in length, see :class:`Dims`) and its
-fields (:data:`WIRE_FIELDS`): per-token fields are ``(batch, seq, heads, head_dim)``, per-row
-statistics ``(batch, heads, seq)``. Partial results that this rank folds into (``out``, ``dq``,
-``dkv``) are held in the accumulation dtype (fp32); on the wire each field travels in the dtype
-WIRE_FIELDS names ("io": the input dtype, "acc": fp32). A buffer is freed after its last use in
-the schedule unless it is an output or asked to be kept.
+Buffers and their arithmetic are :mod:`tokenloom.parallel.buffers`; this is the runner. A buffer is
+freed after its last use in the schedule unless it is an output or asked to be kept.
 
 Packed sequences: a block's chunks hold pieces of several documents; the block runs one kernel
 call per document present on both sides (queries of a document see only its keys), so a block
@@ -20,9 +15,8 @@ is the order :func:`tokenloom.parallel.schedule.match_p2p` assumes.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -30,13 +24,28 @@ from tokenloom.comm.health import set_step as report_step  # the launcher's watc
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels import attention_delta, block_backward, block_forward, merge_into_
 from tokenloom.kernels.masks import PositionMask, poison_dead_rows
-from tokenloom.kernels.reference import acc_dtype
-from tokenloom.parallel.layout import SeqLayout
+from tokenloom.parallel.buffers import (
+    Dims,
+    Held,
+    Key,
+    Segment,
+    alloc,
+    chunk_offsets,
+    extract,
+    head_dim_of,
+    pad,
+    place,
+    seg_ranges,
+    select,
+    seq_dim,
+    sub_blocks,
+    take,
+    whole,
+)
 from tokenloom.parallel.schedule import (
     PARTIAL_KINDS,
     WIRE_FIELDS,
     AllToAll,
-    Block,
     Buf,
     Compute,
     Direction,
@@ -48,49 +57,6 @@ from tokenloom.parallel.schedule import (
     a2a_bufs,
 )
 
-Key = tuple  # Buf.key
-Segment = tuple[int, int, int]  # (global chunk, offset inside the chunk, length) in tokens
-
-
-@dataclass(frozen=True)
-class Dims:
-    """Per-rank tensor geometry shared by every buffer of one attention call."""
-
-    batch: int
-    chunk_lens: tuple[int, ...]  # tokens of every global chunk
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype  # input ("io") dtype
-    device: torch.device
-    head_shards: int = 1  # how many head shards an all-to-all makes
-    kv_repeat: int = 1  # kv heads replicated so that they split over the head shards
-    seq: SeqLayout | None = None  # packed documents (None or dense: one piece per chunk)
-
-    @property
-    def acc(self) -> torch.dtype:
-        return acc_dtype(self.dtype)
-
-    def num_heads(self, head_kind: str, shard: int) -> int:
-        if head_kind == "q":
-            return self.heads if shard < 0 else self.heads // self.head_shards
-        if shard < 0:
-            return self.kv_heads
-        return self.kv_heads * self.kv_repeat // self.head_shards
-
-    def wire_dtype(self, dt: str) -> torch.dtype:
-        return self.dtype if dt == "io" else self.acc
-
-    def length(self, chunks: Iterable[int]) -> int:
-        return sum(self.chunk_lens[c] for c in chunks)
-
-
-@dataclass
-class Held:
-    """A buffer present on this rank."""
-
-    chunks: tuple[int, ...]
-    fields: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,105 +81,6 @@ class Groups:
     def p2p_rank(self, sp_rank: int) -> int:
         assert sp_rank % self.ulysses == self.rank % self.ulysses, (sp_rank, self.rank)
         return sp_rank // self.ulysses
-
-
-def seq_dim(width: str) -> int:
-    return 1 if width == "d" else 2
-
-
-def head_dim_of(width: str) -> int:
-    return 2 if width == "d" else 1
-
-
-def _offsets(lens: tuple[int, ...], have: tuple[int, ...]) -> dict[int, int]:
-    out, acc = {}, 0
-    for c in have:
-        out[c] = acc
-        acc += lens[c]
-    return out
-
-
-def seg_ranges(lens: tuple[int, ...], have: tuple[int, ...], segs: Iterable[Segment]
-               ) -> list[tuple[int, int]]:
-    """Token ranges ``(start, length)`` of ``segs`` inside a buffer holding ``have`` (merged)."""
-    off = _offsets(lens, have)
-    runs: list[list[int]] = []
-    for c, o, n in segs:
-        if c not in off:
-            raise AssertionError(f"chunk {c} is not held (held chunks {have}): a schedule bug")
-        start = off[c] + o
-        if runs and runs[-1][0] + runs[-1][1] == start:
-            runs[-1][1] += n
-        else:
-            runs.append([start, n])
-    return [(a, n) for a, n in runs if n]
-
-
-def whole(lens: tuple[int, ...], chunks: Iterable[int]) -> list[Segment]:
-    return [(c, 0, lens[c]) for c in chunks]
-
-
-def take(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    """Rows of ``ranges`` along ``dim``: a view when there is one range."""
-    if len(ranges) == 1:
-        return t.narrow(dim, *ranges[0])
-    if not ranges:
-        return t.narrow(dim, 0, 0)
-    return torch.cat([t.narrow(dim, a, n) for a, n in ranges], dim=dim)
-
-
-def select(t: torch.Tensor, dim: int, lens: tuple[int, ...], have: tuple[int, ...],
-           want: tuple[int, ...]) -> torch.Tensor:
-    """The rows of ``want`` chunks from ``t`` (which holds ``have``): a view when they are adjacent."""
-    return take(t, dim, seg_ranges(lens, have, whole(lens, want)))
-
-
-def place(t: torch.Tensor, dim: int, ranges: list[tuple[int, int]]
-          ) -> Iterator[tuple[torch.Tensor, int, int]]:
-    """Yield ``(view of t at a range, row offset in a ranges-shaped tensor, length)``."""
-    j = 0
-    for a, n in ranges:
-        yield t.narrow(dim, a, n), j, n
-        j += n
-
-
-def alloc(buf: Buf, dims: Dims, *, fill: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors for ``buf``'s fields: uninitialised in wire dtypes (to receive into), or, with
-    ``fill``, an empty fold destination in the accumulation dtype (zeros, lse = -inf)."""
-    length = dims.length(buf.chunks)
-    fields = {}
-    for name, head_kind, width, dt in WIRE_FIELDS[buf.kind]:
-        h = dims.num_heads(head_kind, buf.shard)
-        shape = (dims.batch, length, h, dims.head_dim) if width == "d" else (dims.batch, h, length)
-        if not fill:
-            fields[name] = torch.empty(shape, dtype=dims.wire_dtype(dt), device=dims.device)
-        else:
-            value = float("-inf") if name == "lse" else 0.0
-            fields[name] = torch.full(shape, value, dtype=dims.acc, device=dims.device)
-    return fields
-
-
-def sub_blocks(blk: Block, dims: Dims) -> list[tuple[list[Segment], list[Segment]]]:
-    """``(query segments, key segments)`` of each kernel call of ``blk``: one for a dense
-    sequence, one per document present on both sides for a packed one (cached: every layer of a
-    model asks the same)."""
-    return _sub_blocks(blk, dims.chunk_lens, dims.seq)
-
-
-@functools.lru_cache(maxsize=4096)
-def _sub_blocks(blk: Block, lens: tuple[int, ...], seq: SeqLayout | None
-                ) -> list[tuple[list[Segment], list[Segment]]]:
-    if seq is None or not seq.varlen:
-        return [(whole(lens, blk.q_chunks), whole(lens, blk.kv_chunks))]
-    per_chunk = {c: {d: (o, n) for d, o, n in seq.pieces(c)} for c in (*blk.q_chunks, *blk.kv_chunks)}
-    docs_q = set().union(*(per_chunk[c] for c in blk.q_chunks))
-    docs_kv = set().union(*(per_chunk[c] for c in blk.kv_chunks))
-    calls = []
-    for d in sorted(docs_q & docs_kv):
-        qs = [(c, *per_chunk[c][d]) for c in blk.q_chunks if d in per_chunk[c]]
-        ks = [(c, *per_chunk[c][d]) for c in blk.kv_chunks if d in per_chunk[c]]
-        calls.append((qs, ks))
-    return calls
 
 
 class StepError(RuntimeError):
@@ -351,7 +218,7 @@ class Runner:
 
     def _a2a_post(self, store: dict, op: AllToAll) -> tuple:
         d, comm = self.dims, self.groups.a2a
-        group, local, pad = self._a2a_layout()
+        group, local, padded = self._a2a_layout()
         src_buf, dst_buf = a2a_bufs(op, self.rank, self.schedule)
         if op.kind in PARTIAL_KINDS:
             src = self._ensure(store, src_buf)  # nothing folded into it: an empty result
@@ -365,10 +232,10 @@ class Runner:
             if op.direction == Direction.SEQ2HEAD:
                 if head_kind == "kv" and op.kv_repeat > 1:
                     t = t.repeat_interleave(op.kv_repeat, dim=hd)
-                t = _pad(t, sd, pad)
+                t = pad(t, sd, padded)
                 x = t.unflatten(hd, (m, t.shape[hd] // m)).movedim(hd, 0).contiguous()
             else:  # head2seq: member j gets its own chunks of this head shard
-                x = torch.stack([_pad(select(t, sd, d.chunk_lens, src.chunks, local[j]), sd, pad)
+                x = torch.stack([pad(select(t, sd, d.chunk_lens, src.chunks, local[j]), sd, padded)
                                  for j in range(m)]).contiguous()
             y = torch.empty_like(x)
             handles.append(comm.all_to_all(y, x, what=f"all_to_all {name}"))
@@ -385,7 +252,7 @@ class Runner:
         for name, head_kind, width, y in pending:
             hd, sd = head_dim_of(width), seq_dim(width)
             if op.direction == Direction.SEQ2HEAD:  # y[j] holds member j's chunks: global order
-                segs = {c: (j, o) for j, ch in enumerate(local) for c, o in _offsets(d.chunk_lens, ch).items()}
+                segs = {c: (j, o) for j, ch in enumerate(local) for c, o in chunk_offsets(d.chunk_lens, ch).items()}
                 parts = [y[segs[c][0]].narrow(sd - 0, segs[c][1], d.chunk_lens[c]) for c in dst_buf.chunks]
                 fields[name] = torch.cat(parts, dim=sd)
             else:  # y[j] holds head shard j of my chunks (padded)
@@ -451,28 +318,3 @@ class Runner:
     def output(self, store: dict, kind: str, name: str) -> torch.Tensor:
         """Field ``name`` of output ``kind`` over this rank's local chunks (empty parts filled)."""
         return extract(store, self.outputs[kind], name, self.dims)
-
-
-def _pad(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    extra = length - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
-def extract(store: dict, buf: Buf, name: str, dims: Dims) -> torch.Tensor:
-    """Field ``name`` of ``buf`` laid out over ``buf.chunks``; chunks never written are 0 (lse -inf)."""
-    held = store.get(buf.key)
-    if held is not None and held.chunks == tuple(buf.chunks):
-        return held.fields[name]
-    width = {f[0]: f for f in WIRE_FIELDS[buf.kind]}[name][2]
-    out = alloc(buf, dims, fill=True)[name]
-    if held is not None:
-        lens, sd = dims.chunk_lens, seq_dim(width)
-        present = tuple(c for c in buf.chunks if c in held.chunks)
-        src = select(held.fields[name], sd, lens, held.chunks, present)
-        for view, j, n in place(out, sd, seg_ranges(lens, tuple(buf.chunks), whole(lens, present))):
-            view.copy_(src.narrow(sd, j, n))
-    return out

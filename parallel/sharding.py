@@ -13,7 +13,7 @@ from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import FIELDS, Agreed, agree
 from tokenloom.parallel.groups import agreement_gather, gather_all, resolve_sp_group
 from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
-from tokenloom.parallel.runtime import take
+from tokenloom.parallel.buffers import take
 
 
 def host_cu_seqlens(cu_seqlens: Any) -> tuple[int, ...]:
