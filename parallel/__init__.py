@@ -25,7 +25,7 @@ _LAZY = {
     "SeqLayout": "tokenloom.parallel.layout",
     "build_schedule": "tokenloom.parallel.builders",
     "check_schedule": "tokenloom.parallel.check",
-    "resolve_strategy": _API,
+    "resolve_strategy": "tokenloom.parallel.attention_plan",
     "CacheSpec": "tokenloom.parallel.kv_cache",
     "ShardedKVCache": "tokenloom.parallel.kv_cache",
     "cached_attention": "tokenloom.parallel.decode",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLOOR = {"common": 0, "comm": 1, "kernels": 1, "parallel": 2, "placement": 2, "simulator": 3, "tokenloom": 4}
 FOLDERS = {"common": "common", "comm": "comm", "kernels": "kernels", "parallel": "parallel",
            "placement": "placement", "simulator": "simulator", "tokenloom": "tokenloom"}
-ALLOWED = {("parallel/attention.py", "simulator"), ("parallel/decode.py", "simulator")}  # strategy="auto"
+ALLOWED = {("parallel/attention_plan.py", "simulator"), ("parallel/decode.py", "simulator")}  # strategy="auto"
 HEAVY = ("torch", "numpy", "scipy", "pulp", "ray", "triton")
 
 

@@ -153,9 +153,9 @@ def test_triton_with_a_window_is_refused_not_wrong(monkeypatch):
     """Triton has no window yet: the call is refused (on every rank, via the agreement) rather
     than computed with the window ignored. Triton cannot run on this CPU, so the selector's answer
     is stood in."""
-    import tokenloom.parallel.attention as api
+    import tokenloom.parallel.attention_plan as plan
 
-    monkeypatch.setattr(api, "_resolve_impl", lambda impl, device: "triton")
+    monkeypatch.setattr(plan, "resolve_impl", lambda impl, device: "triton")
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(UsageError, match="impl='triton' has no sliding window") as info:
         ring_attention(q, q, q, causal=True, window_size=(2, 0))
@@ -179,7 +179,7 @@ def test_ranks_that_disagree_on_the_window_all_raise():
 def test_a_window_as_long_as_the_sequence_is_the_plain_mask():
     """Mistral-style configs pass a 4096-token window over shorter sequences: the plain causal
     schedule (one causal kernel call per diagonal), not masked tiles."""
-    from tokenloom.parallel.attention import _Args, _Plan
+    from tokenloom.parallel.attention_plan import AttentionPlan as _Plan, CallArgs as _Args
     from tokenloom.parallel.runtime import Groups
 
     class One:
