@@ -4,6 +4,7 @@ Every check runs a fresh interpreter whose working directory is the repository r
 ``python -m pytest``, ``python -c`` and a notebook started there see it (root first on sys.path).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -101,3 +102,13 @@ def test_torchrun_hf_example_from_the_repository_root():
                 "--steps", "1"], cwd=ROOT, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "-> OK" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_test_process_looks_packages_up_as_an_installed_user_does():
+    # tests/conftest.py takes the checkout root off sys.path: find_spec (what libraries ask before
+    # importing) sees installed packages, never our folders.
+    assert all(Path(p or ".").resolve() != ROOT for p in sys.path)
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
+        origin = (spec.origin or "") if spec is not None else ""
+        assert not origin.startswith(str(ROOT / name)), (name, origin)
