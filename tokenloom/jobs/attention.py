@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.common.errors import UsageError
-from tokenloom.jobs import emit_report
+from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
 from tokenloom.commands.args import arg_int
 
-DTYPES = ("fp32", "bf16", "fp16", "fp64")
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,6 @@ class AttentionRun:
                              field="seq")
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "fp64": torch.float64}[name]
-
 
 def _sync(device) -> None:
     import torch
@@ -102,7 +95,7 @@ def job(comm, cfg: AttentionRun) -> dict:
 
     rank, world_size, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = _torch_dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
     strategy = _strategy(cfg, world_size, dtype)
     hkv = cfg.kv_heads or cfg.heads
     gen = torch.Generator().manual_seed(cfg.seed)  # same full tensors on every rank
@@ -175,20 +168,13 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--strategy", choices=("tokenring", "ring", "ulysses", "auto"), default="tokenring",
                    help="'auto' asks the simulator's advisor for this shape")
     a.add_argument("--seq", type=arg_int(1), default=4096, help="global sequence length (tokens)")
-    a.add_argument("--heads", type=arg_int(1), default=8, help="query heads")
-    a.add_argument("--kv-heads", type=arg_int(1), default=None, help="key/value heads (GQA); default: --heads")
-    a.add_argument("--head-dim", type=arg_int(1), default=64, help="head dimension")
-    a.add_argument("--batch", type=arg_int(1), default=1, help="batch size")
+    add_shape_flags(a)
     a.add_argument("--causal", action="store_true", help="causal mask over the global sequence")
     a.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
                    help="how the sequence is cut over ranks (zigzag balances causal work)")
-    a.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="input dtype (default: bf16 on CUDA, fp32 on CPU); accumulation is fp32")
     a.add_argument("--forward-only", action="store_true", help="skip the backward pass")
-    a.add_argument("--check", action="store_true", help="compare with the fp64 reference")
     a.add_argument("--iters", type=arg_int(1, 10_000), default=3, help="timed iterations after one warm-up")
-    a.add_argument("--seed", type=arg_int(0), default=0, help="random seed of the inputs")
-    a.add_argument("--json", action="store_true", help="print one JSON object (rank 0 only)")
+    add_report_flags(a)
 
 
 def config_from_args(args: argparse.Namespace) -> AttentionRun:

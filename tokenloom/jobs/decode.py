@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.common.errors import UsageError
-from tokenloom.jobs import emit_report
+from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
 from tokenloom.commands.args import arg_int
 
-DTYPES = ("fp32", "bf16", "fp16", "fp64")
 STRATEGIES = ("auto", "gather", "ring", "passkv")
 
 
@@ -82,12 +81,6 @@ class DecodeRun:
                              field="context")
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "fp64": torch.float64}[name]
-
 
 def job(comm, cfg: DecodeRun) -> dict:
     """One rank's part: per-step ms and split; rank 0's check against fp64."""
@@ -102,7 +95,7 @@ def job(comm, cfg: DecodeRun) -> dict:
 
     rank, n, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = _torch_dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
     hkv = cfg.kv_heads or cfg.heads
     total = cfg.context + cfg.new_tokens * cfg.step_tokens
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -198,15 +191,8 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--queries", choices=("replicated", "sharded"), default="replicated",
                    help="replicated: every rank passes all new tokens (decode, as HF generation); "
                         "sharded: each rank its part of each step (chunked prefill)")
-    a.add_argument("--heads", type=arg_int(1), default=8, help="query heads")
-    a.add_argument("--kv-heads", type=arg_int(1), default=None, help="key/value heads (GQA); default: --heads")
-    a.add_argument("--head-dim", type=arg_int(1), default=64, help="head dimension")
-    a.add_argument("--batch", type=arg_int(1), default=1, help="batch size")
-    a.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="input dtype (default: bf16 on CUDA, fp32 on CPU); accumulation is fp32")
-    a.add_argument("--check", action="store_true", help="compare with the fp64 reference")
-    a.add_argument("--seed", type=arg_int(0), default=0, help="random seed of the inputs")
-    a.add_argument("--json", action="store_true", help="print one JSON object (rank 0 only)")
+    add_shape_flags(a)
+    add_report_flags(a)
 
 
 def config_from_args(args: argparse.Namespace) -> DecodeRun:
@@ -229,7 +215,7 @@ def combine(results: list[dict], cfg: DecodeRun) -> dict:
 
         err, plain, absmax = (max(r["out_check"][i] for r in results if "out_check" in r)
                               for i in range(3))
-        tol = tolerance(_torch_dtype(first["dtype"]), plain, absmax)
+        tol = tolerance(torch_dtype(first["dtype"]), plain, absmax)
         rep["check"] = {"out": {"max_abs_err": err, "plain_torch_err": plain, "tolerance": tol,
                                 "ok": err <= tol},
                         "cache": first["cache_check"]}

@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.common.errors import UsageError
-from tokenloom.jobs import emit_report
+from tokenloom.jobs import DTYPES, emit_report, torch_dtype
 from tokenloom.commands.args import arg_int
 
-DTYPES = ("fp32", "bf16", "fp16", "fp64")
 MAX_LAYER_ELEMENTS = 2**31  # every rank draws one full layer at a time (fp64) and keeps its shard
 MAX_CHECK_SCORES = 2**27  # the fp64 oracle materialises heads x tokens^2 attention scores
 
@@ -63,11 +62,6 @@ class TokenweaveRun:
                              f"or drop --check", field="check")
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[name]
-
 
 def _sync(device) -> None:
     import torch
@@ -85,7 +79,7 @@ def job(comm, cfg: TokenweaveRun) -> dict:
 
     rank, world, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = _torch_dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
     lc = cfg.layer_config()
     stack = TPStack(lc, build_shard(lc, cfg.layers, cfg.seed, rank, world, dtype, device), comm)
     x = torch.randn(cfg.tokens, lc.hidden, generator=torch.Generator().manual_seed(cfg.seed + 1),
