@@ -240,20 +240,6 @@ class RankError(RuntimeError):
     """A rank raised, died, or did not finish in time; the message names the rank(s)."""
 
 
-def _plain(obj: Any) -> Any:
-    """Tensors become numpy arrays: a tensor sent through a pipe is unreadable once its rank exited."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return obj
-
-
 def _plain_worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, timeout_s: float,
                   threads: int, conn: Any) -> None:
     import torch
@@ -261,12 +247,14 @@ def _plain_worker(rank: int, world_size: int, store_path: str, fn: Callable, arg
 
     torch.set_num_threads(threads)  # first: see the module docstring
     _die_with_parent()
+    from tokenloom.comm.launch.rank import plain
+
     status, payload = "ok", None
     try:
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        payload = _plain(fn(rank, world_size, *args))
+        payload = plain(fn(rank, world_size, *args))
     except BaseException:  # report everything, including SystemExit from a CLI entry
         status, payload = "error", traceback.format_exc()
     finally:
