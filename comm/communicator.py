@@ -203,7 +203,7 @@ class Communicator:
             self.rank = dist.get_rank(self.group)
             self.world_size = dist.get_world_size(self.group)
             self.backend = str(dist.get_backend(self.group))
-        self._members = self._all_global()  # global ranks, for naming a lost one
+        self._members = self._all_global()  # global ranks: collectives' peers; who to name if one is lost
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend})"
@@ -281,7 +281,7 @@ class Communicator:
         desc = f"{what} on rank {self.rank}"
         health.set_comm(desc)
         work = dist.all_to_all_single(output, input, group=self.group, async_op=True)
-        return self._handle([work], desc, self._all_global())
+        return self._handle([work], desc, self._members)
 
     def all_gather(self, tensor: torch.Tensor, what: str = "all_gather") -> torch.Tensor:
         """Stack every rank's ``tensor`` along a new dim 0; shape ``(world_size, *tensor.shape)``."""
@@ -291,7 +291,7 @@ class Communicator:
         desc = f"{what} on rank {self.rank}"
         health.set_comm(desc)
         work = _all_gather_single(flat, tensor.contiguous().view(-1), group=self.group, async_op=True)
-        self._handle([work], desc, self._all_global()).wait()
+        self._handle([work], desc, self._members).wait()
         return flat.view(self.world_size, *tensor.shape)
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
@@ -300,7 +300,7 @@ class Communicator:
             desc = f"{what} on rank {self.rank}"
             health.set_comm(desc)
             work = dist.all_reduce(tensor, group=self.group, async_op=True)
-            self._handle([work], desc, self._all_global()).wait()
+            self._handle([work], desc, self._members).wait()
         return tensor
 
     def check_agree(self, what: str, values: Sequence[int]) -> None:
