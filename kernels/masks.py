@@ -80,13 +80,25 @@ def block_visible(seq_q: int, seq_k: int, causal: bool, mask: PositionMask | Non
 
 
 def all_finite(*tensors: torch.Tensor | None) -> bool:
-    """True when no tensor holds a nan or inf (one host sync per tensor on an accelerator)."""
-    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+    """True when no tensor holds a nan or inf: one read-only sum per tensor and one host sync.
+
+    A sum is finite only when every term is (a nan gives nan; an inf gives inf, or nan beside an
+    inf of the other sign). A sum of finite terms that overflows says False, which only sends the
+    block down the exact path: right, slower. (``isfinite(t).all()`` per tensor wrote a bool copy
+    of each and synced once per tensor: on an H200 a third of a flash forward at 8K tokens.)
+    """
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+            for t in tensors if t is not None and t.numel()]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 
 def lse_ok(lse: torch.Tensor) -> bool:
-    """A global lse may be -inf (a row with no visible key) but never nan or +inf."""
-    return not bool((torch.isnan(lse) | torch.isposinf(lse)).any())
+    """A global lse may be -inf (a row with no visible key) but never nan or +inf (``amax``
+    propagates a nan)."""
+    if not lse.numel():
+        return True
+    top = lse.amax()
+    return not bool(torch.isnan(top) | torch.isposinf(top))
 
 
 def _heads(q, k, acc):
