@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from tokenloom.common.errors import UsageError
-from tokenloom.parallel.layout import SeqLayout
+from tokenloom.common.vocab import RING_STRATEGIES, STRATEGIES, Strategy
+from tokenloom.parallel.layout import SeqLayout, normalize_window
 
-STRATEGIES = ("tokenring", "ring", "ulysses")
-RING_STRATEGIES = ("tokenring", "ring")
+__all__ = ["RING_STRATEGIES", "STRATEGIES", "AttentionProblem", "ParallelDims", "Strategy", "describe_strategy",
+           "effective_window", "hybrid_name", "kv_repeat_for", "parse_strategy"]
 
 
 def hybrid_name(ulysses: int, ring_strategy: str) -> str:
@@ -36,6 +38,21 @@ def parse_strategy(name: str) -> tuple[str, int]:
         return ring, int(size)
     raise UsageError(f"strategy must be one of {STRATEGIES} or 'ulysses<N>+tokenring' / "
                      f"'ulysses<N>+ring' (2-D hybrid), got {name!r}", field="strategy")
+
+
+def kv_repeat_for(kv_heads: int, head_shards: int) -> int:
+    """Times each of ``kv_heads`` heads is replicated so they split evenly over ``head_shards``."""
+    return head_shards // math.gcd(kv_heads, head_shards)
+
+
+def effective_window(window_size: Any, causal: bool, seq_len: int | None) -> tuple[int, int] | None:
+    """The window a call really masks with: :func:`normalize_window` (flash-attn's ``(left,
+    right)``, -1 unbounded, causal folds ``right = 0``), then a side reaching past the sequence
+    (``>= seq_len - 1``) made unbounded, since it masks nothing. None: no window beyond causal."""
+    window = normalize_window(window_size, causal)
+    if window is not None and seq_len is not None:
+        window = normalize_window(tuple(-1 if w >= seq_len - 1 else w for w in window), causal)
+    return window
 
 
 def describe_strategy(name: str, world_size: int, gpus_per_node: int = 0) -> str:
@@ -69,7 +86,9 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise UsageError(f"strategy must be 'auto' or one of {STRATEGIES}, got {self.strategy!r}")
+            raise UsageError(f"strategy must be 'auto' or one of {STRATEGIES}, got {self.strategy!r}",
+                             field="strategy")
+        object.__setattr__(self, "strategy", Strategy(self.strategy).value)  # a Strategy member too
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise UsageError(f"world_size must be an integer >= 1, got {self.world_size!r}")
         if self.ulysses > 1 and self.strategy == "ulysses":
@@ -123,7 +142,7 @@ class ParallelDims:
         hkv = self.kv_heads if self.kv_heads is not None else self.heads
         if hkv is None:
             return 1
-        return self.head_shards // math.gcd(hkv, self.head_shards)
+        return kv_repeat_for(hkv, self.head_shards)
 
     def a2a_groups(self) -> tuple[tuple[int, ...], ...]:
         """The all-to-all groups (a partition of the SP ranks); empty without all-to-all."""
@@ -151,5 +170,61 @@ class ParallelDims:
         per = len(self.seq.chunks_of(0))
         if seq_local <= 0 or seq_local % per:
             raise UsageError(f"seq_local (q.shape[1]={seq_local}) must be a positive multiple of "
-                             f"{per}: layout {self.layout!r} holds {per} equal chunk(s) per rank")
+                             f"{per}: layout {self.layout!r} holds {per} equal chunk(s) per rank", field="seq")
         return seq_local * self.world_size
+
+    def dense_chunk_len(self, seq_len: int) -> int:
+        """Tokens per chunk of a dense global sequence of ``seq_len``; UsageError naming ``seq``
+        unless the layout's chunks divide it (the simulator's form of :meth:`dense_seq_len`)."""
+        n = self.seq.num_chunks
+        if seq_len <= 0 or seq_len % n:
+            how = "world_size" if self.layout == "contiguous" else "2 * world_size"
+            raise UsageError(f"seq ({seq_len}) must be a multiple of {how} = {n} for layout {self.layout!r}",
+                             field="seq")
+        return seq_len // n
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """One attention layer as ``strategy="auto"`` prices it: the global shape, the mask and the
+    group, before a strategy is chosen. Hashable (the advisor caches per problem).
+
+    ``seq_len`` is the global length (all ranks); ``layout`` None lets the advisor rank both;
+    ``ulysses`` > 1 is the inner size of a 2-D mesh; ``window`` the effective window
+    (:func:`effective_window`; None: none). Sizes are validated where they are priced
+    (:class:`tokenloom.simulator.cost.AttentionShape`); the parallel rules by :meth:`dims`.
+    """
+
+    world_size: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    kv_heads: int | None = None
+    batch: int = 1
+    dtype_bytes: int = 2
+    causal: bool = False
+    backward: bool = True
+    layout: str | None = None
+    ulysses: int = 1
+    window: tuple[int, int] | None = None
+
+    _LEGACY = {"num_heads": "heads", "num_kv_heads": "kv_heads"}  # choose_strategy's keyword names
+
+    @classmethod
+    def of(cls, **kwargs: Any) -> "AttentionProblem":
+        """From keyword scalars (``num_heads``/``num_kv_heads`` accepted too, and ``window_size``
+        as the API takes it, turned into the effective window)."""
+        kw = {cls._LEGACY.get(k, k): v for k, v in kwargs.items()}
+        if "window_size" in kw:
+            size = kw.pop("window_size")
+            seq = kw.get("seq_len")
+            kw["window"] = effective_window(size, bool(kw.get("causal", False)),
+                                            seq if isinstance(seq, int) else None)
+        return cls(**kw)
+
+    def dims(self, strategy: str) -> ParallelDims:
+        """The rules object of running this problem with ``strategy`` (a hybrid name too)."""
+        name, ulysses = parse_strategy(strategy)
+        return ParallelDims(name, self.world_size, layout=self.layout or "zigzag",
+                            ulysses=max(ulysses, self.ulysses), heads=self.heads, kv_heads=self.kv_heads,
+                            window=self.window, seq_len=self.seq_len if self.window is not None else None)

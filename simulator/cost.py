@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenloom.comm.topology import LAYOUTS, chunk_len, chunks_of_rank, num_chunks
+from tokenloom.comm.topology import LAYOUTS, chunks_of_rank
 from tokenloom.common.errors import UsageError
+from tokenloom.parallel.dims import ParallelDims, kv_repeat_for
 from tokenloom.parallel.schedule import WIRE_FIELDS, AllToAll, Block, Buf, Compute, Merge, Pack
 from tokenloom.simulator.hardware import Cluster
 from tokenloom.common.checks import check_choice, check_int
@@ -82,19 +83,22 @@ class CostModel:
         self.world_size = cluster.num_gpus
         # all-to-all group size: world for Ulysses, the inner dim for a 2-D hybrid
         self.head_shards = head_shards or cluster.num_gpus
-        self.kv_repeat = self.head_shards // math.gcd(shape.kv_heads, self.head_shards)
+        self.kv_repeat = kv_repeat_for(shape.kv_heads, self.head_shards)  # the runtime's rule
         self.layout = layout
         check_choice(layout, "layout", LAYOUTS)
-        n = num_chunks(self.world_size, layout)
-        if shape.seq_len % n:
-            how = "gpus" if layout == "contiguous" else "2 * gpus"
-            raise UsageError(f"seq ({shape.seq_len}) must be a multiple of {how} = {n} for layout {layout!r}",
-                             field="seq")
-        self.chunk = chunk_len(shape.seq_len, self.world_size, layout, field="seq")
+        # the sequence rule is the runtime's too (ParallelDims); the chunks do not depend on the strategy
+        self.chunk = ParallelDims("ring", self.world_size, layout=layout).dense_chunk_len(shape.seq_len)
         self.device = cluster.node.device
         cores = cluster.node.host_cores
         self.slowdown = max(1.0, cluster.gpus_per_node / cores) if cores else 1.0
         self._cache: dict[tuple, float] = {}
+
+    @classmethod
+    def for_dims(cls, shape: AttentionShape, cluster: Cluster, dims: ParallelDims) -> "CostModel":
+        """The cost model of running ``shape`` as ``dims`` says (layout, head shards, window):
+        the same rules object the API and the builders use."""
+        return cls(shape, cluster, dims.layout, head_shards=dims.head_shards if dims.uses_a2a else None,
+                   window=dims.window)
 
     # -- bytes ---------------------------------------------------------------------------------
     def _bytes_per_token(self, kind: str, shard: bool, kv_repeat: int) -> float:
