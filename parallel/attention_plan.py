@@ -22,8 +22,10 @@ from tokenloom.kernels.reference import attention_delta
 from tokenloom.parallel.agree import Agreed, check_scale, check_softcap
 from tokenloom.parallel.buffers import Dims, Held
 from tokenloom.parallel.builders import schedule_for
-from tokenloom.parallel.dims import STRATEGIES, ParallelDims
-from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens, normalize_window
+from tokenloom.common.checks import check_choice
+from tokenloom.common.vocab import AUTO, LAYOUTS, STRATEGIES, Strategy
+from tokenloom.parallel.dims import AttentionProblem, ParallelDims, effective_window
+from tokenloom.parallel.layout import SeqLayout, doc_lens_from_cu_seqlens
 from tokenloom.parallel.runtime import Groups, Runner
 from tokenloom.parallel.schedule import WIRE_FIELDS, Buf, Schedule
 from tokenloom.parallel.sinks import apply_sinks, sink_grad
@@ -32,27 +34,30 @@ _LOCAL_FIELDS = ("q", "k", "v", "out", "lse")  # plain local tensors a backward 
 
 
 # ---------------------------------------------------------------------- resolution (pure-ish)
-@functools.lru_cache(maxsize=128)
-def resolve_strategy(strategy: str, *, world_size: int, ulysses: int, seq_len: int, heads: int,
-                     kv_heads: int, head_dim: int, causal: bool, dtype_bytes: int, batch: int,
-                     hardware: str | None, backward: bool, layout: str) -> str:
-    """The one place "auto" is decided: the simulator's advisor ranks the strategies for this shape.
+def resolve_strategy(strategy: str, problem: AttentionProblem | None = None, *, hardware: str | None = None,
+                     **shape: Any) -> str:
+    """The one place "auto" is decided: the simulator's advisor ranks the strategies for ``problem``
+    (its window too: a short window favours the rings). A plain strategy name (or
+    :class:`~tokenloom.common.vocab.Strategy`) is checked and returned as its string.
 
     Every rank gets the same answer from the same (agreed) shapes; the agreement that follows
     checks it anyway. On a 2-D mesh the choice is the ring dim's strategy ("tokenring" or "ring"),
-    ranked the same way among the hybrids.
+    ranked the same way among the hybrids. The keyword form (``world_size=..., seq_len=...,
+    heads=...``) builds the :class:`AttentionProblem`.
     """
-    if strategy != "auto":
+    if strategy != AUTO:
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy must be 'auto' or one of {STRATEGIES}, got {strategy!r}",
                              field="strategy")
-        return strategy
+        return Strategy(strategy).value
+    return _auto(AttentionProblem.of(**shape) if problem is None else problem, hardware)
+
+
+@functools.lru_cache(maxsize=128)
+def _auto(problem: AttentionProblem, hardware: str | None) -> str:
     from tokenloom.simulator import choose_strategy
 
-    chosen, _ = choose_strategy(world_size=world_size, seq_len=seq_len, num_heads=heads,
-                                num_kv_heads=kv_heads, head_dim=head_dim, causal=causal,
-                                dtype_bytes=dtype_bytes, batch=batch, hardware=hardware,
-                                backward=backward, layout=layout, ulysses=ulysses)
+    chosen, _ = choose_strategy(problem, hardware=hardware)
     return chosen
 
 
@@ -90,15 +95,18 @@ class AttentionPlan:
         doc_lens = None
         if a.cu_seqlens is not None:
             doc_lens = doc_lens_from_cu_seqlens(a.cu_seqlens)
-        SeqLayout(n, a.layout, u)  # layout first: its error names the layout
+        check_choice(a.layout, "layout", LAYOUTS)  # layout first: its error names the layout
+        SeqLayout(n, a.layout, u)
         if doc_lens is None:
             seq_len = ParallelDims("ring", n, layout=a.layout, ulysses=u).dense_seq_len(s_local)
         else:
             seq_len = sum(doc_lens)
-        strategy = resolve_strategy(a.strategy, world_size=n, ulysses=u, seq_len=seq_len, heads=h,
-                                    kv_heads=hkv, head_dim=d, causal=a.causal,
-                                    dtype_bytes=torch.empty((), dtype=a.dtypes[0]).element_size(),
-                                    batch=b, hardware=a.hardware, backward=a.backward, layout=a.layout)
+        window = effective_window(a.window_size, a.causal, seq_len)
+        problem = AttentionProblem(world_size=n, seq_len=seq_len, heads=h, head_dim=d, kv_heads=hkv, batch=b,
+                                   dtype_bytes=torch.empty((), dtype=a.dtypes[0]).element_size(),
+                                   causal=a.causal, backward=a.backward, layout=a.layout, ulysses=u,
+                                   window=window)
+        strategy = resolve_strategy(a.strategy, problem, hardware=a.hardware)
         self.pdims = ParallelDims(strategy, n, layout=a.layout, ulysses=u, heads=h, kv_heads=hkv,
                                   doc_lens=doc_lens)
         seq = self.pdims.seq
@@ -109,9 +117,6 @@ class AttentionPlan:
         self.scale = check_scale(a.softmax_scale, d)
         self.impl = resolve_impl(a.impl, a.device)
         self.softcap = check_softcap(a.softcap)
-        window = normalize_window(a.window_size, a.causal)
-        if window is not None:  # a side reaching past the sequence masks nothing: unbounded
-            window = normalize_window(tuple(-1 if w >= seq_len - 1 else w for w in window), a.causal)
         if window is not None and self.impl == "triton":
             raise UsageError(f"{name}: impl='triton' has no sliding window yet (window_size="
                              f"{a.window_size!r}); use impl='sdpa' or 'torch'", field="window_size")

@@ -6,15 +6,17 @@ repeated layers cost a dictionary lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
-from tokenloom.comm.topology import LAYOUTS
-from tokenloom.parallel.builders import STRATEGIES, describe_strategy, hybrid_name, parse_strategy
-from tokenloom.common.errors import UsageError
 from tokenloom.common.checks import check_choice, check_int
-from tokenloom.simulator.cost import AttentionShape, CostModel
+from tokenloom.common.errors import UsageError
+from tokenloom.common.vocab import LAYOUTS, PREFERRED_LAYOUTS, RING_STRATEGIES, STRATEGIES
+from tokenloom.parallel.dims import AttentionProblem, describe_strategy, effective_window, hybrid_name, parse_strategy
+from tokenloom.simulator.cost import AttentionShape
 from tokenloom.simulator.hardware import LOCAL_CPU, MAX_CLUSTER_GPUS, Cluster, make_cluster
 from tokenloom.simulator.scenario import (LOCKSTEP_WEIGHT, MAX_SIM_TRANSFERS, AttentionResult, check_feasible,
                                           check_work, estimated_transfers, simulate_attention, uses_lockstep)
@@ -24,7 +26,7 @@ _DEVICE_NAMES = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"
                  ("mi300", "mi300x"))
 DEFAULT_GPU = "h100-sxm"  # an unknown CUDA device is priced as the most common datacenter GPU
 TIE = 0.01  # results closer than 1% are a tie: the cost model is not that accurate
-PREFERRED_LAYOUTS = ("zigzag", "contiguous")  # ties (e.g. Ulysses, whose cost ignores layout) go to zigzag
+# PREFERRED_LAYOUTS (vocab): ties (e.g. Ulysses, whose cost ignores layout) go to zigzag
 
 
 @dataclass
@@ -109,31 +111,35 @@ def hybrid_candidates(cluster: Cluster) -> tuple[str, ...]:
     if n <= per_node:
         return ()
     sizes = [u for u in (per_node, per_node // 2) if 1 < u < n and n % u == 0]
-    return tuple(hybrid_name(u, ring) for u in sizes for ring in ("tokenring", "ring"))
+    return tuple(hybrid_name(u, ring) for u in sizes for ring in RING_STRATEGIES)
 
 
 def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, backward: bool = True,
                      strategies: tuple[str, ...] | None = None,
-                     layouts: tuple[str, ...] = PREFERRED_LAYOUTS, max_transfers: int | None = None) -> Advice:
+                     layouts: tuple[str, ...] = PREFERRED_LAYOUTS, max_transfers: int | None = None,
+                     window_size=None) -> Advice:
     """Simulate every feasible (strategy, layout); UsageError if none fits the shape or the
     simulations together exceed the work limit (checked before any is run). ``strategies``
-    None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`)."""
+    None: the three flat strategies plus, across nodes, the 2-D hybrids (:func:`hybrid_candidates`).
+    ``window_size``: a sliding window ``(left, right)`` as the API takes it (priced, not ignored)."""
     auto_hybrids = strategies is None
-    weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster) else 1  # the work limit counts what simulating costs
+    windowed = effective_window(window_size, causal, shape.seq_len) is not None
+    weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster, windowed=windowed) else 1  # what simulating costs
     if strategies is None:
         strategies = STRATEGIES + hybrid_candidates(cluster)
-    feasible, skipped = [], []
+    feasible, skipped, fields = [], [], []
     for strategy in strategies:
         for layout in layouts:
-            try:
-                check_feasible(strategy, cluster.num_gpus, shape)
-                CostModel(shape, cluster, layout, head_shards=parse_strategy(strategy)[1])  # seq vs layout
+            try:  # the API's rules (ParallelDims): heads, kv heads, sequence vs layout, window
+                check_feasible(strategy, cluster.num_gpus, shape, layout=layout, causal=causal,
+                               window_size=window_size)
             except UsageError as exc:
                 skipped.append((strategy, layout, str(exc)))
+                fields.append(exc.field or _field_of(str(exc)))
                 continue
             feasible.append((strategy, layout))
     if not feasible:
-        raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=_field_of(skipped[0][2]))
+        raise UsageError(f"no strategy fits this shape: {skipped[0][2]}", field=fields[0])
     if auto_hybrids:  # the hybrids were added here: drop them rather than refuse the flat ones
         limit = (MAX_SIM_TRANSFERS if max_transfers is None else max_transfers) * weight
         while sum(estimated_transfers(st, cluster.num_gpus, backward) for st, _ in feasible) > limit \
@@ -144,7 +150,8 @@ def advise_attention(cluster: Cluster, shape: AttentionShape, *, causal: bool, b
     check_work([(strategy, cluster.num_gpus, backward) for strategy, _ in feasible], limit=max_transfers,
                weight=weight)
     results = [simulate_attention(strategy, cluster, shape, causal=causal, backward=backward, layout=layout,
-                                  max_transfers=max_transfers) for strategy, layout in feasible]
+                                  max_transfers=max_transfers, window_size=window_size)
+               for strategy, layout in feasible]
     order = {(s, lay): i for i, (s, lay) in enumerate((s, lay) for s in strategies for lay in layouts)}
     results.sort(key=lambda r: (r.total_s, order[(r.strategy, r.layout)]))
     return Advice(results, skipped, cluster.gpus_per_node)
@@ -193,49 +200,54 @@ def hardware_from_topology(topology: dict) -> str | None:
     return spec.name
 
 
-def choose_strategy(*, world_size: int, seq_len: int, num_heads: int, num_kv_heads: int | None,
-                    head_dim: int, causal: bool, dtype_bytes: int = 2, batch: int = 1,
-                    hardware: str | None = None, backward: bool = True,
-                    layout: str | None = None, ulysses: int = 1) -> tuple[str, str]:
-    """``(strategy, layout)`` with the least simulated time for one attention layer.
+def choose_strategy(problem: AttentionProblem | None = None, *, hardware: str | None = None,
+                    **shape: Any) -> tuple[str, str]:
+    """``(strategy, layout)`` with the least simulated time for one attention layer, ``problem``
+    (:class:`~tokenloom.parallel.dims.AttentionProblem`, the object the API resolves "auto" with;
+    the keyword form ``world_size=, seq_len=, num_heads=, num_kv_heads=, head_dim=, causal=,
+    dtype_bytes=, batch=, backward=, layout=, ulysses=, window_size=`` builds one).
 
     ``seq_len`` is the global sequence length (all ranks together); ``hardware`` a catalog name,
     ``None`` to detect it; ``layout`` fixes the layout when the data is already sharded (``None``:
     rank both). ``ulysses`` > 1: a 2-D mesh with Ulysses groups of that size; the answer is then
-    the ring dim's strategy ("tokenring" or "ring"). Cached per arguments.
+    the ring dim's strategy ("tokenring" or "ring"). A window is priced: hidden blocks cost
+    nothing, so a short window favours the rings. Cached per problem.
     """
-    world_size = check_int(world_size, "world_size", lo=1, hi=MAX_CLUSTER_GPUS)
+    if problem is None:
+        problem = AttentionProblem.of(**shape)
+    elif shape:
+        raise TypeError(f"choose_strategy: pass a problem or its keywords, not both ({sorted(shape)})")
+    world_size = check_int(problem.world_size, "world_size", lo=1, hi=MAX_CLUSTER_GPUS)
     hw = hardware if hardware is not None else detect_hardware()
-    layouts = PREFERRED_LAYOUTS if layout is None else (check_choice(layout, "layout", LAYOUTS),)
-    return _choose(world_size, seq_len, num_heads, num_kv_heads or num_heads, head_dim, bool(causal),
-                   dtype_bytes, batch, hw, bool(backward), layouts, ulysses)
+    layouts = PREFERRED_LAYOUTS if problem.layout is None else (check_choice(problem.layout, "layout", LAYOUTS),)
+    problem = dataclasses.replace(problem, world_size=world_size, kv_heads=problem.kv_heads or problem.heads,
+                                  causal=bool(problem.causal), backward=bool(problem.backward), layout=None)
+    return _choose(problem, hw, layouts)
 
 
 @functools.lru_cache(maxsize=256)
-def _choose(world_size: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool,
-            dtype_bytes: int, batch: int, hardware: str, backward: bool, layouts: tuple[str, ...],
-            ulysses: int = 1) -> tuple[str, str]:
-    cluster = _cluster_for(hardware, world_size)
-    shape = AttentionShape(seq_len, num_heads, head_dim, num_kv_heads, batch, dtype_bytes)
-    if ulysses > 1:  # a 2-D mesh: Ulysses is fixed on the inner dim, rank the ring dim's strategies
-        hybrids = tuple(hybrid_name(ulysses, ring) for ring in ("tokenring", "ring"))
-        weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster) else 1
-        if estimated_transfers(hybrids[0], world_size, backward) * 2 * len(layouts) > MAX_SIM_TRANSFERS * weight:
+def _choose(problem: AttentionProblem, hardware: str, layouts: tuple[str, ...]) -> tuple[str, str]:
+    p = problem
+    cluster = _cluster_for(hardware, p.world_size)
+    shape = AttentionShape(p.seq_len, p.heads, p.head_dim, p.kv_heads, p.batch, p.dtype_bytes)
+    weight = LOCKSTEP_WEIGHT if uses_lockstep(cluster, windowed=p.window is not None) else 1
+    ask = functools.partial(advise_attention, cluster, shape, causal=p.causal, backward=p.backward,
+                            layouts=layouts, window_size=p.window)
+    if p.ulysses > 1:  # a 2-D mesh: Ulysses is fixed on the inner dim, rank the ring dim's strategies
+        hybrids = tuple(hybrid_name(p.ulysses, ring) for ring in RING_STRATEGIES)
+        if estimated_transfers(hybrids[0], p.world_size, p.backward) * 2 * len(layouts) > MAX_SIM_TRANSFERS * weight:
             return "tokenring", layouts[0]
-        best = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=hybrids,
-                                layouts=layouts).winner
+        best = ask(strategies=hybrids).winner
         return parse_strategy(best.strategy)[0], best.layout
-    runs = [(s, world_size, backward) for s in STRATEGIES for _ in layouts]
-    if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS * (LOCKSTEP_WEIGHT if uses_lockstep(cluster)
-                                                                            else 1):
+    runs = [(s, p.world_size, p.backward) for s in STRATEGIES for _ in layouts]
+    if sum(estimated_transfers(*run) for run in runs) > MAX_SIM_TRANSFERS * weight:
         # Too many ranks to simulate every candidate in a call's time budget: TokenRing is the
         # default (no head divisibility needed, both link directions busy), priced by nothing.
-        CostModel(shape, cluster, layouts[0])  # still refuse a sequence the layout cannot split
-        warnings.warn(f"strategy='auto': {world_size} ranks are too many to simulate every strategy "
+        check_feasible("tokenring", p.world_size, shape, layout=layouts[0])  # still refuse a bad sequence
+        warnings.warn(f"strategy='auto': {p.world_size} ranks are too many to simulate every strategy "
                       f"quickly; using tokenring ({layouts[0]}). Pass strategy= to choose.", stacklevel=3)
         return "tokenring", layouts[0]
-    best = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=STRATEGIES,
-                            layouts=layouts).winner  # a flat group cannot run a 2-D hybrid
+    best = ask(strategies=STRATEGIES).winner  # a flat group cannot run a 2-D hybrid
     return best.strategy, best.layout
 
 

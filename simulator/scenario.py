@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenloom.common.errors import UsageError
-from tokenloom.parallel.builders import STRATEGIES, ParallelDims, build_schedule, parse_strategy
+from tokenloom.parallel.builders import schedule_for
+from tokenloom.parallel.dims import ParallelDims, effective_window, parse_strategy
 from tokenloom.parallel.schedule import Schedule
 from tokenloom.simulator.cost import AttentionShape, CostModel
 from tokenloom.simulator.engine import no_gc, simulate
@@ -22,6 +23,7 @@ from tokenloom.simulator.lockstep import lockstep_supported, simulate_plan
 from tokenloom.simulator.ringfast import compile_ring
 from tokenloom.simulator.timeline import Timeline
 from tokenloom.common.checks import check_choice, check_int
+from tokenloom.common.vocab import LAYOUTS
 
 
 @dataclass
@@ -68,11 +70,9 @@ class AttentionResult:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(strategy: str, world_size: int, layout: str, causal: bool, backward: bool, num_heads: int,
-              num_kv_heads: int) -> Schedule:
-    """Schedules are pure data and depend on no sizes: build each once (the advisor asks often)."""
-    return build_schedule(strategy, world_size, layout=layout, causal=causal, backward=backward,
-                          num_heads=num_heads, num_kv_heads=num_kv_heads)
+def _schedule(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
+    """Schedules are pure data (sizes only through a window): build each once (the advisor asks often)."""
+    return schedule_for(dims, causal=causal, backward=backward)
 
 
 # Work limit. A pass of N ranks moves about 2 N^2 point-to-point transfers (TokenRing, Ring) or
@@ -117,20 +117,28 @@ def check_work(runs: list[tuple[str, int, bool]], field: str = "gpus", *, limit:
     return total
 
 
-def check_feasible(strategy: str, world_size: int, shape: AttentionShape) -> None:
-    """UsageError if ``strategy`` cannot run ``shape`` on ``world_size`` ranks (before building)."""
+def attention_dims(strategy: str, world_size: int, shape: AttentionShape, *, layout: str = "zigzag",
+                   causal: bool = False, window_size=None) -> ParallelDims:
+    """The rules object of simulating ``strategy`` on ``shape``: the same :class:`ParallelDims` the
+    API builds for the call (head shards, kv replication, the Ulysses heads rule, the sequence
+    rule, the effective window). UsageError naming the field the API names."""
     base, ulysses = parse_strategy(strategy)  # also "ulysses<N>+tokenring|ring" (2-D hybrid)
-    if ulysses > 1:
-        if world_size % ulysses or ulysses >= world_size:
-            raise UsageError(f"{strategy}: the Ulysses size {ulysses} must divide gpus ({world_size}) and be "
-                             f"smaller", field="strategy")
-        ParallelDims(base, world_size, ulysses=ulysses, heads=shape.num_heads, kv_heads=shape.kv_heads)
-        return
-    check_choice(strategy, "strategy", STRATEGIES)
-    if strategy == "ulysses" and shape.num_heads % world_size:
-        raise UsageError(f"heads ({shape.num_heads}) must be divisible by gpus ({world_size}) for ulysses; "
-                         f"use strategy tokenring or ring, or a gpu count dividing {shape.num_heads}",
-                         field="heads")
+    if ulysses > 1 and (world_size % ulysses or ulysses >= world_size):
+        # a 1-rank ring dim is plain Ulysses: the simulator prices it under that name
+        raise UsageError(f"{strategy}: the Ulysses size {ulysses} must divide gpus ({world_size}) and be "
+                         f"smaller", field="strategy")
+    check_choice(layout, "layout", LAYOUTS)
+    window = effective_window(window_size, causal, shape.seq_len)
+    dims = ParallelDims(base, world_size, layout=layout, ulysses=ulysses, heads=shape.num_heads,
+                        kv_heads=shape.kv_heads, window=window, seq_len=shape.seq_len if window else None)
+    dims.dense_chunk_len(shape.seq_len)
+    return dims
+
+
+def check_feasible(strategy: str, world_size: int, shape: AttentionShape, *, layout: str = "zigzag",
+                   causal: bool = False, window_size=None) -> None:
+    """UsageError if ``strategy`` cannot run ``shape`` on ``world_size`` ranks (before building)."""
+    attention_dims(strategy, world_size, shape, layout=layout, causal=causal, window_size=window_size)
 
 
 ENGINES = ("auto", "event", "lockstep")
@@ -139,20 +147,25 @@ ENGINES = ("auto", "event", "lockstep")
 LOCKSTEP_WEIGHT = 64
 
 
-def uses_lockstep(cluster: Cluster, engine: str = "auto") -> bool:
+def uses_lockstep(cluster: Cluster, engine: str = "auto", windowed: bool = False) -> bool:
     """Whether :func:`simulate_attention` prices on the step-by-step path (same semantics,
-    :mod:`.lockstep`): every route rank-owned, and no per-transfer record asked for."""
+    :mod:`.lockstep`): every route rank-owned, no window (its compiled rings are unmasked), and no
+    per-transfer record asked for."""
     check_choice(engine, "engine", ENGINES)
     ok = lockstep_supported(cluster)
     if engine == "lockstep" and not ok:
         raise UsageError(f"engine: lockstep needs rank-owned links (fabric switch or mesh, or PCIe without "
                          f"shared switch uplinks); {cluster.node.name} has {cluster.node.fabric}", field="engine")
-    return ok and engine != "event"
+    if engine == "lockstep" and windowed:
+        raise UsageError("engine: lockstep prices unwindowed schedules only; use --engine event or auto with "
+                         "a window", field="engine")
+    return ok and not windowed and engine != "event"
 
 
 def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *, causal: bool,
                        backward: bool = False, layout: str = "zigzag",
-                       max_transfers: int | None = None, engine: str = "auto") -> AttentionResult:
+                       max_transfers: int | None = None, engine: str = "auto",
+                       window_size=None) -> AttentionResult:
     """Simulate ``strategy`` on ``cluster``; UsageError for shapes the schedule cannot take or
     sizes over the work limit (:func:`check_work`, ``max_transfers``).
 
@@ -160,11 +173,14 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
     (traces and Gantt charts need it); ``"lockstep"`` compiles the ring schedule to arrays
     (:mod:`.ringfast`) and prices it step by step (:mod:`.lockstep`): the same times, for 1024
     ranks in seconds, without per-transfer records; ``"auto"`` takes lockstep where it applies.
+    ``window_size``: a sliding window ``(left, right)`` as the API takes it (flash-attn's
+    convention, -1 unbounded): hidden blocks are not in the schedule, masked ones cost their
+    visible share (priced on the event engine).
     """
-    check_feasible(strategy, cluster.num_gpus, shape)
-    ulysses = parse_strategy(strategy)[1]
-    cost = CostModel(shape, cluster, layout, head_shards=ulysses if ulysses > 1 else None)  # validates seq
-    fast = uses_lockstep(cluster, engine)
+    dims = attention_dims(strategy, cluster.num_gpus, shape, layout=layout, causal=causal,
+                          window_size=window_size)
+    cost = CostModel.for_dims(shape, cluster, dims)
+    fast = uses_lockstep(cluster, engine, windowed=dims.window is not None)
     check_work([(strategy, cluster.num_gpus, backward)], limit=max_transfers,
                weight=LOCKSTEP_WEIGHT if fast else 1)
     passes = []
@@ -175,6 +191,6 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
                                     num_heads=shape.num_heads, num_kv_heads=shape.kv_heads)
                 passes.append(simulate_plan(plan, cluster, cost))
                 continue
-            sched = _schedule(strategy, cluster.num_gpus, layout, causal, bwd, shape.num_heads, shape.kv_heads)
+            sched = _schedule(dims, causal, bwd)
         passes.append(simulate(sched, cost))
     return AttentionResult(strategy, layout, shape, passes)

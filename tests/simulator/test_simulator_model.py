@@ -127,6 +127,7 @@ def test_simulator_imports_schedules_never_the_runtime():
     import tokenloom.simulator as pkg
 
     allowed = {"tokenloom.parallel.schedule", "tokenloom.parallel.builders", "tokenloom.parallel.check",
+               "tokenloom.parallel.dims",  # the rules object (pure) the API and the builders use too
                # TokenWeave's step lists and split plans: pure data, like the attention schedules
                "tokenloom.parallel.tokenweave_schedule", "tokenloom.parallel.tokenweave_split",
                "tokenloom.parallel.decode_schedule"}  # decode's step lists: pure data too
