@@ -32,6 +32,7 @@ class AttentionResult:
     layout: str
     shape: AttentionShape
     passes: list[Timeline]  # forward, then backward if simulated
+    window: tuple[int, int] | None = None  # the effective sliding window priced (None: none)
 
     @property
     def total_s(self) -> float:
@@ -66,6 +67,8 @@ class AttentionResult:
         out["bytes_per_rank"] = float(bytes_sent.max(initial=0.0))
         out["bytes_total"] = float(bytes_sent.sum())
         out["passes"] = {("backward" if p["backward"] else "forward"): p for p in per_pass}
+        if self.window is not None:  # absent without a window: unwindowed summaries stay as they were
+            out["window"] = list(self.window)
         return out
 
 
@@ -193,4 +196,4 @@ def simulate_attention(strategy: str, cluster: Cluster, shape: AttentionShape, *
                 continue
             sched = _schedule(dims, causal, bwd)
         passes.append(simulate(sched, cost))
-    return AttentionResult(strategy, layout, shape, passes)
+    return AttentionResult(strategy, layout, shape, passes, dims.window)

@@ -24,10 +24,10 @@ def _advise_pair(task: tuple) -> tuple[str, object]:
     from tokenloom.common.errors import UsageError
     from tokenloom.simulator.advisor import advise_attention
 
-    cluster, shape, causal, backward, strategy, layout, max_transfers = task
+    cluster, shape, causal, backward, strategy, layout, max_transfers, window = task
     try:
         advice = advise_attention(cluster, shape, causal=causal, backward=backward, strategies=(strategy,),
-                                  layouts=(layout,), max_transfers=max_transfers)
+                                  layouts=(layout,), max_transfers=max_transfers, window_size=window)
     except UsageError as exc:
         if not advice_skipped(str(exc)):
             raise
@@ -40,17 +40,18 @@ def advice_skipped(message: str) -> bool:
 
 
 def advise_on_ray(cluster, shape, *, causal: bool, backward: bool, max_transfers: int | None = None,
-                  address: str | None = None):
+                  address: str | None = None, window_size=None):
     """The advisor's ranking with every (strategy, layout) simulated as a Ray task; the same
     Advice as the serial ``advise_attention`` (the work limit applies per simulation)."""
     from tokenloom.common.errors import UsageError
     from tokenloom.comm.launch.ray import map_tasks
-    from tokenloom.parallel.builders import STRATEGIES
-    from tokenloom.simulator.advisor import PREFERRED_LAYOUTS, Advice, hybrid_candidates
+    from tokenloom.common.vocab import PREFERRED_LAYOUTS, STRATEGIES
+    from tokenloom.simulator.advisor import Advice, hybrid_candidates
 
     strategies = STRATEGIES + hybrid_candidates(cluster)
     pairs = [(s, lay) for s in strategies for lay in PREFERRED_LAYOUTS]
-    done = map_tasks(_advise_pair, [(cluster, shape, causal, backward, s, lay, max_transfers) for s, lay in pairs],
+    done = map_tasks(_advise_pair, [(cluster, shape, causal, backward, s, lay, max_transfers, window_size)
+                                    for s, lay in pairs],
                      address=address)
     results = [r for kind, r in done if kind == "ok"]
     skipped = [r for kind, r in done if kind == "skip"]
@@ -67,15 +68,16 @@ def _advise(args: argparse.Namespace) -> int:
     cluster, shape = problem_from_args(args)
     if args.ray:
         advice = advise_on_ray(cluster, shape, causal=args.causal, backward=args.backward,
-                               max_transfers=args.max_transfers, address=args.address)
+                               max_transfers=args.max_transfers, address=args.address, window_size=args.window)
     else:
         advice = advise_attention(cluster, shape, causal=args.causal, backward=args.backward,
-                                  max_transfers=args.max_transfers)
+                                  max_transfers=args.max_transfers, window_size=args.window)
     if args.json:
         print(json.dumps(advice.to_dict(), allow_nan=False))
         return 0
     print(f"{cluster.describe()}: seq {shape.seq_len}, heads {shape.num_heads}/{shape.kv_heads} kv, head_dim "
-          f"{shape.head_dim}, {'causal' if args.causal else 'full'}, "
+          f"{shape.head_dim}, {'causal' if args.causal else 'full'}"
+          f"{f', window {args.window}' if args.window else ''}, "
           f"{'forward+backward' if args.backward else 'forward'}")
     print(f"  {'strategy':<20}{'layout':<12}{'total ms':>10}{'compute':>10}{'exposed':>10}{'overlap':>9}"
           f"{'GB/rank':>10}")

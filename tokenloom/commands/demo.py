@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from tokenloom.common.errors import UsageError
+from tokenloom.common.vocab import STRATEGIES
 from tokenloom.commands.args import arg_int
 
 DEMO_WORLD_SIZES = (1, 2, 4, 8)  # must divide the demo's 8 heads (Ulysses splits heads)
@@ -24,7 +24,7 @@ MAX_DEMO_SEQ = 8192  # CPU attention costs seq^2: the default 2048 takes ~10 s, 
 
 def attention_section(out, *, world_size: int, seq: int, causal: bool = True) -> bool:
     """Run every strategy on ``world_size`` forked CPU ranks; print a table; True if all checks pass."""
-    from tokenloom.jobs.attention import AttentionRun, combine, job  # torch: only when run
+    from tokenloom.jobs.attention import combine, job  # torch: only when run
     from tokenloom.comm.launch import run_job
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
@@ -34,10 +34,8 @@ def attention_section(out, *, world_size: int, seq: int, causal: bool = True) ->
     print(f"{'strategy':<10} {'fwd ms':>8} {'bwd ms':>8} {'out err':>9} {'grad err':>9} "
           f"{'tolerance':>9}  check", file=out)
     all_ok = True
-    for strategy in ("tokenring", "ring", "ulysses"):
-        cfg = AttentionRun(strategy=strategy, seq=seq, heads=8, kv_heads=2, head_dim=64,
-                           causal=causal, dtype="fp32", check=True, iters=2)
-        cfg.validate(world_size)
+    for cfg in _demo_runs(world_size, seq, causal):
+        strategy = cfg.strategy
         rep = combine(run_job(job, cfg, launcher="local", world_size=world_size, threads=threads), cfg)
         chk = rep["check"]
         ok = all(c["ok"] for c in chk.values())
@@ -91,13 +89,20 @@ def tokenweave_section(out, *, world_size: int = 2) -> bool:
     return all_ok
 
 
+def _demo_runs(world_size: int, seq: int, causal: bool = True) -> list:
+    """The attention section's runs, every one checked by the API's rules before any starts (the
+    demo's heads are fixed, so a heads rule is the --world-size's fault)."""
+    from tokenloom.jobs.attention import AttentionRun
+
+    runs = [AttentionRun(strategy=strategy, seq=seq, heads=8, kv_heads=2, head_dim=64, causal=causal,
+                         dtype="fp32", check=True, iters=2) for strategy in STRATEGIES]
+    for cfg in runs:
+        cfg.validate(world_size, flags={"heads": "--world-size", "kv_heads": "--world-size"})
+    return runs
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.world_size not in DEMO_WORLD_SIZES:
-        raise UsageError(f"--world-size must be one of {', '.join(map(str, DEMO_WORLD_SIZES))} (it must "
-                         f"divide the demo's 8 heads), got {args.world_size}", field="world-size")
-    if args.seq % (2 * args.world_size):
-        raise UsageError(f"--seq ({args.seq}) must be a multiple of 2 * --world-size = {2 * args.world_size} "
-                         f"(zigzag layout)", field="seq")
+    _demo_runs(args.world_size, args.seq)
     out = sys.stdout
     t0 = time.perf_counter()
     print(f"tokenloom demo (CPU only; {os.cpu_count()} cores)\n", file=out)
@@ -120,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a tour on CPU: SP attention on local ranks, MoE placement, "
                        "simulated 8xH100", description=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=arg_int(1, max(DEMO_WORLD_SIZES)), default=2,
+    p.add_argument("--world-size", type=arg_int(1, max(DEMO_WORLD_SIZES)), choices=DEMO_WORLD_SIZES, default=2,
                    help="local CPU ranks for the attention run: 1, 2, 4 or 8 (default 2)")
     p.add_argument("--seq", type=arg_int(2, MAX_DEMO_SEQ), default=2048,
                    help=f"global sequence length for attention, a multiple of 2 * world size, at most "

@@ -7,7 +7,8 @@ import json
 import sys
 
 from tokenloom.common.errors import UsageError
-from tokenloom.commands.args import arg_int
+from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window, flag_error
+from tokenloom.common.vocab import LAYOUTS, STRATEGIES
 
 _EPILOG_ATTENTION = """\
 The simulator walks the same schedules the runtime executes (one compute stream per rank,
@@ -21,6 +22,8 @@ examples:
       --head-dim 128 --causal --strategy ring --json
   tokenloom simulate attention --hardware mi300x --gpus 8 --seq 32K --heads 16 --head-dim 128 \\
       --chrome-trace trace.json --png gantt.png    # open trace.json in ui.perfetto.dev
+  tokenloom simulate attention --hardware h100-sxm --gpus 8 --seq 128K --heads 32 --head-dim 128 --causal \\
+      --window 4096 --strategy ring    # a sliding window: hidden blocks are neither computed nor sent
 """
 
 _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -67,6 +70,8 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--batch", type=arg_int(1, MAX_BATCH), default=1, metavar="B", help="batch size (default 1)")
     shape.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
     shape.add_argument("--causal", action="store_true", help="causal mask (default: full attention)")
+    shape.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
+                       help=WINDOW_HELP + "; priced block by block (priced on the event engine)")
     shape.add_argument("--backward", action="store_true",
                        help="also simulate the backward pass (after the forward pass)")
     p.add_argument("--max-transfers", type=arg_int(1, MAX_TRANSFERS_CEILING), default=None, metavar="N",
@@ -92,8 +97,9 @@ def problem_from_args(args: argparse.Namespace):
 
 def _print_summary(s: dict, out=None) -> None:
     out = out or sys.stdout
+    window = f", window {tuple(s['window'])}" if s.get("window") else ""
     print(f"{s['strategy']} ({s['layout']}) on {s['hardware']}: seq {s['seq']}, heads {s['heads']}/"
-          f"{s['kv_heads']} kv, head_dim {s['head_dim']}, {'causal' if s['causal'] else 'full'}, "
+          f"{s['kv_heads']} kv, head_dim {s['head_dim']}, {'causal' if s['causal'] else 'full'}{window}, "
           f"{'forward+backward' if s['backward'] else 'forward'}", file=out)
     rows = [("total", f"{s['total_ms']:.3f} ms"), ("compute", f"{s['compute_ms']:.3f} ms"),
             ("exposed communication", f"{s['exposed_comm_ms']:.3f} ms"),
@@ -118,8 +124,14 @@ def _attention(args: argparse.Namespace) -> int:
         out.claim("--png", args.png)
         cluster, shape = problem_from_args(args)
         engine = "event" if (args.chrome_trace or args.png) and args.engine == "auto" else args.engine
-        result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
-                                    layout=args.layout, max_transfers=args.max_transfers, engine=engine)
+        try:
+            result = simulate_attention(args.strategy, cluster, shape, causal=args.causal, backward=args.backward,
+                                        layout=args.layout, max_transfers=args.max_transfers, engine=engine,
+                                        window_size=args.window)
+        except UsageError as exc:
+            if exc.field != "window_size":
+                raise
+            raise flag_error(exc, {"window_size": "--window"}) from None
         out.write("--chrome-trace", lambda path: write_chrome_trace(result, path))
         out.write("--png", lambda path: write_gantt(result, path))
         out.commit()  # both files appear only now, after everything succeeded
@@ -212,7 +224,7 @@ def add_attention_command(subparsers: argparse._SubParsersAction, command: str, 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tokenloom.parallel.builders import STRATEGIES, parse_strategy
+    from tokenloom.parallel.dims import parse_strategy
 
     def strategy_arg(text: str) -> str:  # also the 2-D hybrids, "ulysses8+tokenring"
         try:
@@ -228,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     att.add_argument("--strategy", type=strategy_arg, default="tokenring", metavar="NAME",
                      help=f"{' | '.join(STRATEGIES)} | ulysses<N>+tokenring | ulysses<N>+ring (2-D hybrid: "
                           f"Ulysses inside groups of N ranks, the ring across); default tokenring")
-    att.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
+    att.add_argument("--layout", choices=LAYOUTS[::-1], default="zigzag",
                      help="sequence layout over ranks (default zigzag: balanced causal work)")
     att.add_argument("--engine", choices=("auto", "event", "lockstep"), default="auto",
                      help="auto (default): price step by step across all ranks where every link is owned by "

@@ -9,6 +9,7 @@ single-process reference. The same job runs under torchrun, forked local ranks a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -16,9 +17,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.common.errors import UsageError
+from tokenloom.common.vocab import AUTO, LAYOUTS, STRATEGY_CHOICES, Strategy
 from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
-from tokenloom.commands.args import arg_int
-
+from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window, flag_error
 
 
 @dataclass(frozen=True)
@@ -36,27 +37,31 @@ class AttentionRun:
     check: bool = False
     iters: int = 3
     seed: int = 0
+    window: tuple[int, int] | None = None  # (left, right), flash-attn's window_size; None: none
 
-    def validate(self, world_size: int) -> None:
-        """Raise UsageError naming the flag for a request that cannot run on ``world_size`` ranks."""
-        from tokenloom.parallel.dims import ParallelDims  # the one place for SP rules
+    def problem(self, world_size: int):
+        """The run as the rules object sees it (:class:`~tokenloom.parallel.dims.AttentionProblem`)."""
+        from tokenloom.parallel.dims import AttentionProblem
 
+        return AttentionProblem.of(world_size=world_size, seq_len=self.seq, heads=self.heads,
+                                   kv_heads=self.kv_heads, head_dim=self.head_dim, batch=self.batch,
+                                   causal=self.causal, backward=self.backward, layout=self.layout,
+                                   window_size=self.window)
+
+    def validate(self, world_size: int, flags: dict[str, str] | None = None) -> None:
+        """Raise UsageError naming the flag for a request that cannot run on ``world_size`` ranks:
+        the API's own rules (:class:`~tokenloom.parallel.dims.ParallelDims`) with the flag in front
+        (``flags`` maps a rule's field to another flag, e.g. the demo's ``--world-size``)."""
         for name in ("seq", "heads", "head_dim", "batch", "iters"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        flags = {"window_size": "--window", **(flags or {})}
+        try:
+            problem = self.problem(world_size)
+            problem.dims(Strategy.TOKENRING if self.strategy == AUTO else self.strategy).dense_chunk_len(self.seq)
+        except UsageError as exc:
+            raise flag_error(exc, flags) from None
         hkv = self.heads if self.kv_heads is None else self.kv_heads
-        if hkv < 1 or self.heads % hkv:
-            raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
-        dims = ParallelDims("tokenring" if self.strategy == "auto" else self.strategy, world_size,
-                            layout=self.layout)
-        per = dims.seq.num_chunks
-        if self.seq % per:
-            raise UsageError(f"--seq ({self.seq}) must be a multiple of {per} "
-                             f"({'2 * ' if self.layout == 'zigzag' else ''}world_size) for layout "
-                             f"{self.layout}", field="seq")
-        if self.heads % dims.head_shards:
-            raise UsageError(f"--heads ({self.heads}) must be divisible by the world size "
-                             f"({world_size}) for --strategy ulysses", field="heads")
         elements = self.batch * self.seq * (2 * self.heads + 2 * hkv) * self.head_dim
         if elements > 2**34:  # the full inputs are built on every rank (same seed everywhere)
             raise UsageError(f"--seq/--heads/--head-dim/--batch: {elements:.3g} input elements "
@@ -79,10 +84,8 @@ def _strategy(cfg: AttentionRun, world_size: int, dtype) -> str:
 
     from tokenloom.simulator import choose_strategy
 
-    strategy, _ = choose_strategy(world_size=world_size, seq_len=cfg.seq, num_heads=cfg.heads,
-                                  num_kv_heads=cfg.kv_heads or cfg.heads, head_dim=cfg.head_dim,
-                                  causal=cfg.causal, dtype_bytes=torch.finfo(dtype).bits // 8,
-                                  batch=cfg.batch, backward=cfg.backward, layout=cfg.layout)
+    problem = dataclasses.replace(cfg.problem(world_size), dtype_bytes=torch.finfo(dtype).bits // 8)
+    strategy, _ = choose_strategy(problem)
     return strategy
 
 
@@ -91,12 +94,15 @@ def job(comm, cfg: AttentionRun) -> dict:
     import torch
 
     from tokenloom.comm import health
+    from tokenloom.kernels import select_impl
     from tokenloom.parallel import gather_sequence, shard_sequence, sp_attention
 
     rank, world_size, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch_dtype(dtype_name)
     strategy = _strategy(cfg, world_size, dtype)
+    # the Triton block kernel has no window yet: a windowed run takes torch's SDPA on the GPU
+    impl = "sdpa" if cfg.window is not None and select_impl(device) == "triton" else None
     hkv = cfg.kv_heads or cfg.heads
     gen = torch.Generator().manual_seed(cfg.seed)  # same full tensors on every rank
     shapes = [(cfg.batch, cfg.seq, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq, hkv, cfg.head_dim),
@@ -110,7 +116,7 @@ def job(comm, cfg: AttentionRun) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         out, lse = sp_attention(q, k, v, strategy=strategy, causal=cfg.causal, layout=cfg.layout,
-                                return_lse=True)
+                                return_lse=True, window_size=cfg.window, impl=impl)
         _sync(device)
         t1 = time.perf_counter()
         if cfg.backward:
@@ -143,13 +149,14 @@ def _check(got: dict, full: list, cfg: AttentionRun, device, dtype) -> dict:
     from tokenloom.kernels.reference import attention_with_lse, tolerance, torch_sdpa
 
     q, k, v, dout = (t.double().requires_grad_(i < 3) for i, t in enumerate(full))
-    ref_out, ref_lse = attention_with_lse(q, k, v, causal=cfg.causal)
+    vis = None if cfg.window is None else window_visible(cfg.seq, cfg.causal, cfg.window)
+    ref_out, ref_lse = attention_with_lse(q, k, v, causal=cfg.causal, mask=vis)
     refs = {"out": ref_out, "lse": ref_lse}
     if cfg.backward:
         ref_out.backward(dout)
         refs.update(dq=q.grad, dk=k.grad, dv=v.grad)
     ql, kl, vl = (t.detach().to(device, dtype).requires_grad_(cfg.backward) for t in (q, k, v))
-    plain = {"out": torch_sdpa(ql, kl, vl, cfg.causal)}
+    plain = {"out": torch_sdpa(ql, kl, vl, cfg.causal) if vis is None else _sdpa_masked(ql, kl, vl, vis.to(device))}
     if cfg.backward:
         plain["out"].backward(dout.to(device, dtype))
         plain.update(dq=ql.grad, dk=kl.grad, dv=vl.grad)
@@ -163,15 +170,47 @@ def _check(got: dict, full: list, cfg: AttentionRun, device, dtype) -> dict:
     return checks
 
 
+def window_visible(seq: int, causal: bool, window: tuple[int, int]):
+    """``(seq, seq)`` bool: query i sees key j, written out from positions (flash-attn's rule:
+    ``i - left <= j <= i + right``, -1 unbounded, causal caps ``j <= i``), not from the library."""
+    import torch
+
+    i = torch.arange(seq).unsqueeze(1)
+    j = torch.arange(seq).unsqueeze(0)
+    left, right = window
+    vis = torch.ones(seq, seq, dtype=torch.bool)
+    if causal:
+        vis &= j <= i
+    if left >= 0:
+        vis &= j >= i - left
+    if right >= 0:
+        vis &= j <= i + right
+    return vis
+
+
+def _sdpa_masked(q, k, v, vis):
+    """torch's SDPA with a boolean mask in the input dtype (BSHD, GQA by repetition): plain
+    torch's error for the same windowed attention."""
+    import torch
+
+    group = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis)
+    return out.transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------- the CLI side
 def add_flags(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--strategy", choices=("tokenring", "ring", "ulysses", "auto"), default="tokenring",
-                   help="'auto' asks the simulator's advisor for this shape")
+    a.add_argument("--strategy", choices=STRATEGY_CHOICES, default="tokenring",
+                   help="'auto' asks the simulator's advisor for this shape (its window too)")
     a.add_argument("--seq", type=arg_int(1), default=4096, help="global sequence length (tokens)")
     add_shape_flags(a)
     a.add_argument("--causal", action="store_true", help="causal mask over the global sequence")
-    a.add_argument("--layout", choices=("zigzag", "contiguous"), default="zigzag",
+    a.add_argument("--layout", choices=LAYOUTS, default="zigzag",
                    help="how the sequence is cut over ranks (zigzag balances causal work)")
+    a.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
+                   help=WINDOW_HELP + "; --check compares with the fp64 reference under the same mask")
     a.add_argument("--forward-only", action="store_true", help="skip the backward pass")
     a.add_argument("--iters", type=arg_int(1, 10_000), default=3, help="timed iterations after one warm-up")
     add_report_flags(a)
@@ -181,7 +220,7 @@ def config_from_args(args: argparse.Namespace) -> AttentionRun:
     cfg = AttentionRun(strategy=args.strategy, seq=args.seq, heads=args.heads, kv_heads=args.kv_heads,
                        head_dim=args.head_dim, batch=args.batch, causal=args.causal, layout=args.layout,
                        dtype=args.dtype, backward=not args.forward_only, check=args.check,
-                       iters=args.iters, seed=args.seed)
+                       iters=args.iters, seed=args.seed, window=args.window)
     cfg.validate(args.world_size)
     return cfg
 
@@ -210,7 +249,8 @@ def _print_report(rep: dict, out=None) -> None:
     print(f"{rep['strategy']} attention on {n} rank(s) ({rep['backend']}, {rep['device']}): "
           f"seq {cfg['seq']} ({cfg['seq'] // n}/rank), heads {cfg['heads']}/{hkv}, "
           f"head_dim {cfg['head_dim']}, batch {cfg['batch']}, {cfg['dtype']}, "
-          f"{'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}", file=out)
+          f"{'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}"
+          + (f", window {tuple(cfg['window'])}" if cfg.get("window") else ""), file=out)
     print(f"{'rank':>4}  {'forward ms':>11}  {'backward ms':>11}", file=out)
     for r in range(n):
         bwd = f"{rep['backward_ms'][r]:11.1f}" if rep["backward_ms"] else f"{'-':>11}"
