@@ -47,7 +47,9 @@ def _check_tensors(name: str, q, k, v) -> None:
     try:
         check_qkv(q, k, v)
     except ValueError as exc:
-        raise UsageError(f"{name}: {exc}", field="q") from exc
+        gqa = q.dim() == 4 and k.dim() == 4 and (k.shape[2] < 1 or q.shape[2] % k.shape[2])
+        # the GQA rule is ParallelDims' kv_heads rule: name the field the simulator names
+        raise UsageError(f"{name}: {exc}", field="kv_heads" if gqa else "q") from exc
     if q.dtype not in _DTYPES:
         raise UsageError(f"{name}: dtype must be one of {[str(d) for d in _DTYPES]}, got {q.dtype}",
                          field="dtype")
