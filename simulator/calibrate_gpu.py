@@ -12,7 +12,7 @@ What is measured (CUDA events, median of a few calls after a warm-up), on one GP
 
 Then :func:`fit_curve` fits the cost model's attention efficiency curve (``attn_eff_fwd/bwd``,
 ``attn_kv_half*``, ``attn_causal_eff``; :meth:`CostModel.shape_efficiency`) to the attention rows by
-a coarse grid (the same formula the engine uses, so what is fitted is what is priced). Links are
+a grid over the half-rate key count (the same formula the engine uses, so what is fitted is what is priced). Links are
 taken from the catalog entry this GPU maps to (one GPU cannot measure its NVLink), else NVSwitch
 defaults. The entry is named ``this-gpu`` and loads with ``--hardware-file``.
 """
@@ -20,6 +20,7 @@ defaults. The entry is named ``this-gpu`` and loads with ``--hardware-file``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -31,6 +32,8 @@ from tokenloom.simulator.hardware import CATALOG, Cluster, Device, Link, NodeSpe
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIM = 128
 GEMM_SIZES = (1024, 2048, 4096, 8192)
+# --quick keeps one large GEMM: the peak is the best size, and 1-2K reach only ~40% of it on an H200
+QUICK_GEMM_SIZES = (1024, 8192)
 
 
 def attention_flops(seq: int, batch: int, heads: int, head_dim: int, causal: bool, backward: bool) -> float:
@@ -49,32 +52,49 @@ def predicted_tflops(device: Device, seq: int, causal: bool, backward: bool, hea
     return attention_flops(seq, batch, heads, head_dim, causal, backward) / cost.compute_s(op) / 1e12
 
 
+# Keys at which a kernel reaches half its long-key rate: log-spaced from 8 to 32K tokens (a quarter
+# octave apart). Measured on an H200 (sdpa, bf16, 2026-12-04) the half sits near 2K keys, far above
+# the FlashAttention-2 H100 figures' 80-300 (docs/calibration.md): the grid must span both.
+HALF_GRID = tuple(float(round(2 ** (k / 4))) for k in range(12, 61))
+SCALE_GRID = (0.97, 0.985, 1.0, 1.015, 1.03)
+
+
+def _minimax_scale(ratios: list[float]) -> float:
+    """The factor ``x`` minimising ``max |x / r - 1|`` over ``ratios`` (measured / predicted at x = 1):
+    equal relative errors at the smallest and largest ratio."""
+    lo, hi = min(ratios), max(ratios)
+    return 2 * lo * hi / (lo + hi)
+
+
 def fit_curve(device: Device, rows: list[tuple[str, bool, int, float]]) -> tuple[Device, float]:
     """Fit ``device``'s attention curve to ``rows`` of (pass "fwd"|"bwd", causal, seq, TFLOP/s);
     return (fitted device, worst relative error). Forward and backward unmasked first, then the
-    causal pair, each on a coarse grid minimising the worst relative error."""
+    causal pair. For each half-rate key count of :data:`HALF_GRID` the efficiency is the minimax one
+    (predicted TFLOP/s is nearly proportional to it), nudged on :data:`SCALE_GRID` for the launch
+    cost; the pair with the smallest worst relative error wins."""
     def worst(dev: Device, subset) -> float:
         return max((abs(predicted_tflops(dev, s, c, p == "bwd") / t - 1) for p, c, s, t in subset), default=0.0)
 
-    def best_peak(subset, backward: bool) -> float:  # efficiency at long keys from the longest row
-        p, c, s, t = max(subset, key=lambda r: r[2])
-        probe = replace(device, attn_eff_fwd=1.0, attn_eff_bwd=1.0, attn_kv_half=1e-3, attn_kv_half_bwd=1e-3)
-        return t / predicted_tflops(probe, s, c, backward)
+    def fit_pair(dev: Device, subset, field_scale: str, field_half: str, hi: float) -> Device:
+        best = (math.inf, dev)
+        for half in HALF_GRID:
+            probe = replace(dev, **{field_scale: 1.0, field_half: half})
+            ratios = [t / predicted_tflops(probe, s, c, p == "bwd") for p, c, s, t in subset]
+            x = _minimax_scale(ratios)
+            for f in SCALE_GRID:
+                cand = replace(dev, **{field_scale: min(x * f, hi), field_half: half})
+                best = min(best, (worst(cand, subset), cand), key=lambda b: b[0])
+        return best[1]
 
     dev = device
     for backward, field_eff, field_half in ((False, "attn_eff_fwd", "attn_kv_half"),
                                             (True, "attn_eff_bwd", "attn_kv_half_bwd")):
         subset = [r for r in rows if (r[0] == "bwd") == backward and not r[1]]
-        if not subset:
-            continue
-        peak = best_peak(subset, backward)
-        grid = itertools.product((peak * f for f in (0.96, 0.98, 1.0, 1.02, 1.04)), (20, 40, 80, 120, 160, 250, 400))
-        dev = min((replace(dev, **{field_eff: e, field_half: h}) for e, h in grid), key=lambda d: worst(d, subset))
+        if subset:
+            dev = fit_pair(dev, subset, field_eff, field_half, hi=100.0)
     causal = [r for r in rows if r[1]]
     if causal:
-        grid = itertools.product((100, 200, 300, 400, 600), (0.8, 0.85, 0.9, 0.92, 0.95, 1.0))
-        dev = min((replace(dev, attn_kv_half_causal=h, attn_causal_eff=c) for h, c in grid),
-                  key=lambda d: worst(d, causal))
+        dev = fit_pair(dev, causal, "attn_causal_eff", "attn_kv_half_causal", hi=1.0)
     return dev, worst(dev, rows)
 
 
@@ -153,7 +173,7 @@ def measure_cuda_profile(*, quick: bool = False) -> dict:
                          field="--device")
     props = torch.cuda.get_device_properties(0)
     seqs = SEQS[::2] if quick else SEQS
-    gemm = measure_gemm(GEMM_SIZES[:2] if quick else GEMM_SIZES)
+    gemm = measure_gemm(QUICK_GEMM_SIZES if quick else GEMM_SIZES)
     hbm = measure_hbm(1 << 28 if quick else 1 << 30)
     rows = measure_attention(seqs, 3 if quick else 5)
     base = _base_node()

@@ -24,8 +24,31 @@ def test_fit_recovers_a_known_curve():
                     attn_kv_half_causal=10.0, attn_causal_eff=1.0)
     fitted, worst = fit_curve(start, rows)
     assert worst < 0.03
-    assert fitted.attn_kv_half == 120 and fitted.attn_kv_half_bwd == 250 and fitted.attn_causal_eff == 0.85
-    assert fitted.attn_eff_fwd == pytest.approx(0.45, rel=0.03)
+    # the grid is a quarter octave apart: 120 -> 128, 250 -> 256, 400 -> 406 (or a neighbour)
+    assert fitted.attn_kv_half == pytest.approx(120, rel=0.2) and fitted.attn_kv_half_bwd == pytest.approx(250, rel=0.2)
+    assert fitted.attn_causal_eff == pytest.approx(0.85, rel=0.05)
+    assert fitted.attn_eff_fwd == pytest.approx(0.45, rel=0.05)
+
+
+# Measured on one NVIDIA H200 with `tokenloom simulate calibrate --device cuda` (block_attention sdpa,
+# bf16, batch x seq = 16K, 16 heads x 128; 2026-12-04): TFLOP/s by sequence length; GEMM peak 800.
+H200_MEASURED = {
+    ("fwd", False): (69.5, 118.7, 179.4, 239.5, 288.7, 322.0),
+    ("bwd", False): (50.4, 88.4, 137.7, 192.3, 238.8, 268.7),
+    ("fwd", True): (36.7, 65.6, 112.9, 166.8, 220.3, 265.4),
+    ("bwd", True): (27.4, 50.6, 86.8, 137.2, 187.8, 242.8),
+}
+
+
+def test_fit_matches_the_rows_measured_on_an_h200():
+    """The grid stopped at 400 keys and reported a 245% worst error on these rows; they follow
+    eff * s / (s + h) with h ~ 2K keys (hand check: fwd full 322 / 288.7 at 16K / 8K = 1.115, and
+    (16384 / 18432) / (8192 / 10240) = 1.111)."""
+    rows = [(p, c, s, t) for (p, c), ts in H200_MEASURED.items() for s, t in zip(SEQS, ts)]
+    start = replace(CATALOG["h200-sxm"].device, flops=800e12)
+    fitted, worst = fit_curve(start, rows)
+    assert worst < 0.10
+    assert 1400 <= fitted.attn_kv_half <= 3000 and 0.40 <= fitted.attn_eff_fwd <= 0.50
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
