@@ -29,7 +29,7 @@ from tokenloom.parallel.tokenweave_comm import (CommStream, allreduce_residual_r
                                                 fused_allreduce_residual_rmsnorm, residual_rmsnorm)
 from tokenloom.parallel.tokenweave_model import LayerConfig, kv_heads_of_rank, moe_route, rope
 from tokenloom.parallel.tokenweave_schedule import Step, build_steps, check_steps
-from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split, round_up
+from tokenloom.parallel.tokenweave_split import GpuShape, SplitPlan, plan_split, round_up
 
 MODES = ("baseline", "tokenweave")
 
@@ -53,7 +53,7 @@ class Pieces:
 def plan_for(cfg: LayerConfig, tp: int, tokens: int, gpu: GpuShape | None = None, *,
              threshold: int | None = None) -> SplitPlan:
     """The planner's decision for this layer on ``tp`` ranks (``threshold`` overrides the paper's)."""
-    shape = LayerShape(cfg.hidden, cfg.ffn, cfg.heads, cfg.kv_heads, tp, cfg.num_experts, cfg.top_k)
+    shape = cfg.shape(tp)
     return plan_split(shape, tokens, gpu, threshold=threshold)
 
 

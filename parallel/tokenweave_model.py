@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenloom.common.errors import UsageError
+from tokenloom.parallel.tokenweave_split import LayerShape, check_layer_sizes, check_tp_sizes
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,9 @@ class LayerConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
 
-    def __post_init__(self) -> None:
-        for name in ("hidden", "heads", "kv_heads", "ffn"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"{name} must be an integer >= 1, got {value!r}", field=name)
-        if self.hidden % self.heads:
-            raise UsageError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})", field="hidden")
-        if (self.hidden // self.heads) % 2:
-            raise UsageError(f"head dim hidden/heads ({self.hidden // self.heads}) must be even for rotary "
-                             f"embeddings", field="hidden")
-        if self.heads % self.kv_heads:
-            raise UsageError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})", field="kv_heads")
-        if self.num_experts < 0 or (self.num_experts and not 1 <= self.top_k <= self.num_experts):
-            raise UsageError(f"top_k ({self.top_k}) must be in 1..num_experts ({self.num_experts}) for a MoE "
-                             f"layer", field="top_k")
+    def __post_init__(self) -> None:  # the planner's rules (LayerShape's), plus rotary's even head dims
+        check_layer_sizes(self.hidden, self.ffn, self.heads, self.kv_heads, self.num_experts, self.top_k,
+                          rotary=True)
 
     @property
     def head_dim(self) -> int:
@@ -64,11 +52,11 @@ class LayerConfig:
 
     def check_tp(self, tp: int) -> None:
         """UsageError unless heads and ffn divide over ``tp`` ranks."""
-        if self.heads % tp:
-            raise UsageError(f"heads ({self.heads}) must be divisible by the tensor-parallel size ({tp})",
-                             field="heads")
-        if self.ffn % tp:
-            raise UsageError(f"ffn ({self.ffn}) must be divisible by the tensor-parallel size ({tp})", field="ffn")
+        check_tp_sizes(self.heads, self.ffn, tp)
+
+    def shape(self, tp: int) -> LayerShape:
+        """The planner's view of this layer on ``tp`` ranks (validated by the same rules)."""
+        return LayerShape(self.hidden, self.ffn, self.heads, self.kv_heads, tp, self.num_experts, self.top_k)
 
 
 def kv_heads_of_rank(cfg: LayerConfig, rank: int, tp: int) -> range:

@@ -42,6 +42,37 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def check_layer_sizes(hidden: int, ffn: int, heads: int, kv_heads: int, num_experts: int = 0, top_k: int = 0, *,
+                      tp: int | None = None, rotary: bool = False) -> None:
+    """The one validation of a TokenWeave layer's sizes, for the planner and simulator
+    (:class:`LayerShape`, with ``tp``) and the layers (``LayerConfig``, ``rotary``: even head
+    dims); UsageError naming the field."""
+    sizes = {"hidden": hidden, "ffn": ffn, "heads": heads, "kv_heads": kv_heads}
+    for name, value in {**sizes, **({} if tp is None else {"tp": tp})}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {value!r}", field=name)
+    if hidden % heads:
+        raise UsageError(f"hidden ({hidden}) must be divisible by heads ({heads})", field="hidden")
+    if rotary and (hidden // heads) % 2:
+        raise UsageError(f"head dim hidden/heads ({hidden // heads}) must be even for rotary embeddings",
+                         field="hidden")
+    if heads % kv_heads:
+        raise UsageError(f"kv_heads ({kv_heads}) must divide heads ({heads})", field="kv_heads")
+    if tp is not None:
+        check_tp_sizes(heads, ffn, tp)
+    if num_experts < 0 or (num_experts and not 1 <= top_k <= num_experts):
+        raise UsageError(f"top_k ({top_k}) must be in 1..num_experts ({num_experts}) for a MoE layer",
+                         field="top_k")
+
+
+def check_tp_sizes(heads: int, ffn: int, tp: int) -> None:
+    """UsageError unless heads and ffn divide over ``tp`` tensor-parallel ranks."""
+    if heads % tp:
+        raise UsageError(f"heads ({heads}) must be divisible by the tensor-parallel size tp ({tp})", field="heads")
+    if ffn % tp:
+        raise UsageError(f"ffn ({ffn}) must be divisible by the tensor-parallel size tp ({tp})", field="ffn")
+
+
 @dataclass(frozen=True)
 class GemmShape:
     """One GEMM of a rank: ``rows`` = tokens (M), ``cols`` = output features (N), ``depth`` = K."""
@@ -66,20 +97,7 @@ class LayerShape:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "ffn", "heads", "kv_heads", "tp"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UsageError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}", field=name)
-        if self.hidden % self.heads:
-            raise UsageError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})", field="hidden")
-        if self.heads % self.kv_heads:
-            raise UsageError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})", field="kv_heads")
-        if self.heads % self.tp:
-            raise UsageError(f"heads ({self.heads}) must be divisible by tp ({self.tp})", field="heads")
-        if self.ffn % self.tp:
-            raise UsageError(f"ffn ({self.ffn}) must be divisible by tp ({self.tp})", field="ffn")
-        if self.num_experts < 0 or (self.num_experts and not 1 <= self.top_k <= self.num_experts):
-            raise UsageError(f"top_k ({self.top_k}) must be in 1..num_experts ({self.num_experts})",
-                             field="top_k")
+        check_layer_sizes(self.hidden, self.ffn, self.heads, self.kv_heads, self.num_experts, self.top_k, tp=self.tp)
 
     @property
     def head_dim(self) -> int:
