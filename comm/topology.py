@@ -13,8 +13,7 @@ Layouts (how a global sequence of length S is cut across ``world_size`` = N rank
 from __future__ import annotations
 
 from tokenloom.common.errors import UsageError
-
-LAYOUTS = ("contiguous", "zigzag")
+from tokenloom.common.vocab import LAYOUTS  # noqa: F401 -- the vocabulary, named once
 
 
 def check_layout(layout: str) -> str:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Tuple, Union
 
 import torch
 
 from tokenloom.common.errors import UsageError
+from tokenloom.common.vocab import Strategy
 from tokenloom.kernels.reference import check_qkv
 from tokenloom.parallel.agree import Agreed, agree
 from tokenloom.parallel.attention_plan import (  # noqa: F401 -- resolve_strategy is public here
@@ -38,6 +39,8 @@ from tokenloom.parallel.sharding import gather_sequence, host_cu_seqlens, shard_
 from tokenloom.parallel.sinks import with_sinks
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# ``out`` like q, or ``(out, lse)`` with ``return_lse=True`` (lse ``(batch, heads, seq_local)`` fp32)
+AttentionOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_tensors(name: str, q, k, v) -> None:
@@ -104,7 +107,7 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
 
 def _attention(name: str, strategy: str, q, k, v, *, group, causal, layout, softmax_scale,
                return_lse, impl, cu_seqlens=None, hardware=None, timeout=None, window_size=None,
-               softcap=None, sinks=None):
+               softcap=None, sinks=None) -> AttentionOutput:
     groups = resolve_sp_group(group, timeout=timeout)
     mine, plan = _plan_for(name, groups, group, q, k, v, strategy=strategy, causal=causal,
                            layout=layout, softmax_scale=softmax_scale, impl=impl,
@@ -124,7 +127,7 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
                          causal: bool = False, layout: str = "zigzag",
                          softmax_scale: float | None = None, return_lse: bool = False,
                          impl: str | None = None, cu_seqlens: Any = None, window_size: Any = None,
-                         softcap: float | None = None, sinks: torch.Tensor | None = None):
+                         softcap: float | None = None, sinks: torch.Tensor | None = None) -> AttentionOutput:
     """TokenRing attention (arXiv 2412.20501): queries travel, partial outputs come back.
 
     K/V stay on their rank. At every step a rank sends the query block it holds one way around
@@ -165,7 +168,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
                    causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
                    return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
                    window_size: Any = None, softcap: float | None = None,
-                   sinks: torch.Tensor | None = None):
+                   sinks: torch.Tensor | None = None) -> AttentionOutput:
     """Ring attention: K/V blocks rotate around the ring, outputs accumulate where queries live.
 
     Backward rotates K/V again with an fp32 dk/dv accumulator one step behind them. Arguments as
@@ -180,7 +183,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                       causal: bool = False, layout: str = "zigzag", softmax_scale: float | None = None,
                       return_lse: bool = False, impl: str | None = None, cu_seqlens: Any = None,
                       window_size: Any = None, softcap: float | None = None,
-                      sinks: torch.Tensor | None = None):
+                      sinks: torch.Tensor | None = None) -> AttentionOutput:
     """DeepSpeed-Ulysses: all-to-all from sequence shards to head shards and back.
 
     Needs ``heads % world_size == 0``; kv heads that do not divide the world size are replicated
@@ -191,12 +194,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grou
                       cu_seqlens=cu_seqlens, window_size=window_size, softcap=softcap, sinks=sinks)
 
 
-def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str = "auto",
+def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str | Strategy = "auto",
                  group: Any = None, causal: bool = False, layout: str = "zigzag",
                  softmax_scale: float | None = None, return_lse: bool = False,
                  impl: str | None = None, hardware: str | None = None, cu_seqlens: Any = None,
                  window_size: Any = None, softcap: float | None = None,
-                 sinks: torch.Tensor | None = None):
+                 sinks: torch.Tensor | None = None) -> AttentionOutput:
     """Sequence-parallel attention with ``strategy`` "tokenring" | "ring" | "ulysses" | "auto".
 
     ``"auto"`` asks the simulator's advisor (:func:`tokenloom.simulator.choose_strategy`) which

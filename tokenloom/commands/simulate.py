@@ -8,7 +8,7 @@ import sys
 
 from tokenloom.common.errors import UsageError
 from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window, flag_error
-from tokenloom.common.vocab import LAYOUTS, STRATEGIES
+from tokenloom.common.vocab import PREFERRED_LAYOUTS, STRATEGIES
 
 _EPILOG_ATTENTION = """\
 The simulator walks the same schedules the runtime executes (one compute stream per rank,
@@ -240,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     att.add_argument("--strategy", type=strategy_arg, default="tokenring", metavar="NAME",
                      help=f"{' | '.join(STRATEGIES)} | ulysses<N>+tokenring | ulysses<N>+ring (2-D hybrid: "
                           f"Ulysses inside groups of N ranks, the ring across); default tokenring")
-    att.add_argument("--layout", choices=LAYOUTS[::-1], default="zigzag",
+    att.add_argument("--layout", choices=PREFERRED_LAYOUTS, default="zigzag",
                      help="sequence layout over ranks (default zigzag: balanced causal work)")
     att.add_argument("--engine", choices=("auto", "event", "lockstep"), default="auto",
                      help="auto (default): price step by step across all ranks where every link is owned by "

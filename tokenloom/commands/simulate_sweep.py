@@ -12,6 +12,7 @@ import itertools
 import json
 
 from tokenloom.commands.args import arg_int
+from tokenloom.common.vocab import PREFERRED_LAYOUTS, STRATEGIES
 
 MAX_POINTS = 4096
 
@@ -64,7 +65,7 @@ def points_from_args(args: argparse.Namespace) -> list[dict]:
         except (UsageError, ValueError) as exc:
             raise UsageError(f"--strategies: {exc}", field="strategies") from None
     for layout in args.layouts:
-        check_choice(layout, "--layouts", ("zigzag", "contiguous"))
+        check_choice(layout, "--layouts", PREFERRED_LAYOUTS)
     hardware = args.hardware or detect_hardware()
     grid = list(itertools.product(args.gpus, args.seq, args.strategies, args.layouts))
     if len(grid) > MAX_POINTS:
@@ -136,7 +137,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def add_sweep(sub: argparse._SubParsersAction) -> None:
     from tokenloom.commands.simulate import _DTYPES, MAX_TRANSFERS_CEILING, tokens
-    from tokenloom.parallel.builders import STRATEGIES
 
     p = sub.add_parser("sweep", help="simulate attention over lists of GPU counts, lengths, strategies",
                        description="Simulate one attention shape at every combination of --gpus, --seq, "
@@ -158,7 +158,7 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--causal", action="store_true", help="causal mask")
     p.add_argument("--backward", action="store_true", help="also simulate the backward pass")
-    p.add_argument("--strategies", type=_list(str), default=["tokenring", "ring", "ulysses"],
+    p.add_argument("--strategies", type=_list(str), default=list(STRATEGIES),
                    metavar="S[,S...]", help=f"of {', '.join(STRATEGIES)} (default: the three flat ones)")
     p.add_argument("--layouts", type=_list(str), default=["zigzag"], metavar="L[,L...]",
                    help="zigzag and/or contiguous (default zigzag)")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokenloom.common.errors import UsageError
-from tokenloom.common.vocab import AUTO, LAYOUTS, STRATEGY_CHOICES, Strategy
+from tokenloom.common.vocab import AUTO, PREFERRED_LAYOUTS, STRATEGY_CHOICES, Strategy
 from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
 from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window, flag_error
 
@@ -207,7 +207,7 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--seq", type=arg_int(1), default=4096, help="global sequence length (tokens)")
     add_shape_flags(a)
     a.add_argument("--causal", action="store_true", help="causal mask over the global sequence")
-    a.add_argument("--layout", choices=LAYOUTS, default="zigzag",
+    a.add_argument("--layout", choices=PREFERRED_LAYOUTS, default="zigzag",
                    help="how the sequence is cut over ranks (zigzag balances causal work)")
     a.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
                    help=WINDOW_HELP + "; --check compares with the fp64 reference under the same mask")
