@@ -24,7 +24,7 @@ from typing import Any, Tuple, Union
 import torch
 
 from tokenloom.common.errors import UsageError
-from tokenloom.common.vocab import Strategy
+from tokenloom.common.vocab import Strategy, Word
 from tokenloom.kernels.reference import check_qkv
 from tokenloom.parallel.agree import Agreed, agree
 from tokenloom.parallel.attention_plan import (  # noqa: F401 -- resolve_strategy is public here
@@ -82,6 +82,8 @@ def _plan_for(name: str, groups: Groups, group: Any, q, k, v, *, strategy, causa
         cu = host_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
         if isinstance(window_size, list):
             window_size = tuple(window_size)
+        # a Strategy/Layout member is its string: ranks passing either agree (agreement encodes repr)
+        strategy, layout = (x.value if isinstance(x, Word) else x for x in (strategy, layout))
         args = CallArgs(strategy, layout, causal, softmax_scale, impl, cu, window_size, softcap, hardware, backward,
                      tuple(q.shape), tuple(k.shape), tuple(v.shape), (q.dtype, k.dtype, v.dtype),
                      q.device)

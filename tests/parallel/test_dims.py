@@ -131,3 +131,19 @@ def test_attention_problem_takes_the_advisor_s_keyword_names():
     assert (p.heads, p.kv_heads, p.window) == (4, 2, (8, 0))
     assert p.dims("ulysses").kv_repeat == 1 and p.dims("ulysses").window == (8, 0)
     assert AttentionProblem.of(**vars(p)) == p and hash(AttentionProblem.of(**vars(p))) == hash(p)
+
+
+def test_the_api_takes_enums_or_strings_alike():
+    from tokenloom.parallel import sp_attention
+    from tokenloom.parallel.attention import _plan_for
+
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    a = sp_attention(q, q, q, strategy=Strategy.RING, layout=Layout.CONTIGUOUS, causal=True)
+    b = sp_attention(q, q, q, strategy="ring", layout="contiguous", causal=True)
+    assert torch.equal(a, b)
+    groups = types.SimpleNamespace(rank=0, world_size=2, ulysses=1)
+    kw = dict(causal=True, softmax_scale=None, impl="torch", cu_seqlens=None, hardware=None)
+    by_enum, _ = _plan_for("sp_attention", groups, None, q, q, q, strategy=Strategy.TOKENRING,
+                           layout=Layout.ZIGZAG, **kw)
+    by_str, _ = _plan_for("sp_attention", groups, None, q, q, q, strategy="tokenring", layout="zigzag", **kw)
+    assert by_enum.values == by_str.values  # what ranks compare in the argument agreement
