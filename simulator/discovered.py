@@ -52,8 +52,10 @@ def node_spec(topo: dict, *, name: str = NODE_NAME, base: str | None = None):
                        uplink=None, gpus_per_switch=0)
     per_switch = _pcie_groups(links)
     pcie = Link(25e9, 10e-6, 0.52)  # PCIe Gen4 x16 per direction, efficiency as seen (REFERENCE §6)
+    # groups meet through the CPU (PHB/NODE/SYS): that peer traffic shares the root complex
+    via = "root" if any(links[i][j] in ("PHB", "NODE", "SYS") for i in range(n) for j in range(n)) else "switch"
     return replace(model, name=name, device=device, gpus_per_node=n, fabric="pcie", link=pcie,
-                   uplink=model.uplink or pcie, gpus_per_switch=per_switch)
+                   uplink=model.uplink or Link(25e9, 2e-6, 1.0), gpus_per_switch=per_switch, p2p_via=via)
 
 
 def hardware_entry(topo: dict, *, name: str = NODE_NAME) -> dict | None:

@@ -14,8 +14,11 @@ A :class:`NodeSpec` is one server: ``gpus_per_node`` identical devices joined by
 
 - ``"switch"``: NVSwitch; one port per GPU to all peers (``link`` is the port, per direction);
 - ``"mesh"``: a direct link per pair of GPUs (MI300X Infinity Fabric; ``link`` is one pair link);
-- ``"pcie"``: GPUs behind PCIe switches of ``gpus_per_switch`` each, the switches behind one root
-  complex (``link``: GPU to switch, ``uplink``: switch to root, both shared by their GPUs);
+- ``"pcie"``: GPUs behind PCIe switches of ``gpus_per_switch`` each (``link``: GPU to switch, its
+  ``bw`` the x16 link's nominal rate each way and ``rate`` what one peer stream reaches; ``uplink``:
+  switch upward, shared by its GPUs). Full duplex. ``p2p_via`` says how peer traffic between
+  switches travels: ``"switch"`` through a parent PCIe switch (nvidia-smi PIX/PXB) or ``"root"``
+  through the CPU root complex (PHB/SYS), which all such traffic shares (:mod:`.network`);
 - ``"bus"``: one shared medium for all transfers (gloo over loopback on one host).
 
 Between nodes every GPU has its own NIC (``nic``). ``host_cores`` > 0 marks a CPU profile whose
@@ -33,6 +36,7 @@ from tokenloom.common.files import read_json
 from tokenloom.common.checks import check_choice, check_int, check_number
 
 FABRICS = ("switch", "mesh", "pcie", "bus")
+P2P_VIA = ("switch", "root")
 LOCAL_CPU = "local-cpu"
 PROFILE_ENV = "TOKENLOOM_CPU_PROFILE"  # path of the calibrated local-cpu profile
 _SHIPPED_PROFILE = Path(__file__).parent / "data" / "local-cpu.json"
@@ -132,10 +136,12 @@ class NodeSpec:
     uplink: Link | None = None
     gpus_per_switch: int = 0
     host_cores: int = 0
+    p2p_via: str = "switch"  # PCIe only: peer traffic between switches via a parent "switch" or the "root"
 
     def __post_init__(self) -> None:
         owner = f"hardware {self.name}"
         check_choice(self.fabric, f"{owner}.fabric", FABRICS)
+        check_choice(self.p2p_via, f"{owner}.p2p_via", P2P_VIA)
         _check(owner, _NODE_RANGES, {k: getattr(self, k) for k in _NODE_RANGES})
         for name in ("device", "link", "nic", "uplink"):
             kind = Device if name == "device" else Link
@@ -195,17 +201,20 @@ CATALOG: dict[str, NodeSpec] = {
     "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.39, 0.34), 0.83, HOPPER_FA2),
     "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.39, 0.34), 0.83, HOPPER_FA2),
     "a100-sxm": _nvswitch("a100-sxm", 108, 312, 2039, 300, 25, (0.55, 0.45)),
-    # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen.
+    # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen by one peer
+    # stream (REFERENCE.md §6); full duplex. The TokenRing authors' 4 x A10 box (ACA-Lab-SJTU/token-ring
+    # README) pairs GPUs on a switch (PIX) and joins the switches without the host bridge (PXB).
     "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.50, 0.40, 8e-6), 4, "pcie",
-                         link=Link(25e9, 10e-6, 0.52), uplink=Link(25e9, 2e-6, 0.52),
-                         gpus_per_switch=2, nic=Link(25e9, 15e-6, 0.9)),
+                         link=Link(25e9, 10e-6, 0.52), uplink=Link(25e9, 2e-6, 1.0),
+                         gpus_per_switch=2, nic=Link(25e9, 15e-6, 0.9), p2p_via="switch"),
     # MI300X: 8 GPUs, 7 Infinity Fabric links each, 64 GB/s per direction per link.
     "mi300x": NodeSpec("mi300x", Device("mi300x", 304, 1307e12, 5300e9, 0.35, 0.25, 8e-6), 8, "mesh",
                        link=Link(64e9, 8e-6, 0.8), nic=Link(50e9, 12e-6, 0.9)),
 }
 
 
-_NODE_KEYS = ("device", "gpus_per_node", "fabric", "link", "nic", "uplink", "gpus_per_switch", "host_cores")
+_NODE_KEYS = ("device", "gpus_per_node", "fabric", "link", "nic", "uplink", "gpus_per_switch", "host_cores",
+              "p2p_via")
 _IGNORED_KEYS = ("name", "measured")  # written by node_to_dict / calibrate; informational
 
 
@@ -256,7 +265,11 @@ def _node_from_dict(name: str, spec: object, where: str | None = None) -> NodeSp
                          field=f"{where}.fabric")
     _check(where, _NODE_RANGES, spec)
     rest = {k: int(spec[k]) for k in _NODE_RANGES if k in spec}
-    return NodeSpec(name=name, device=Device(name=name, **device), fabric=fabric, **links, **rest)
+    via = spec.get("p2p_via", "switch")
+    if not isinstance(via, str) or via not in P2P_VIA:
+        raise UsageError(f"{where}.p2p_via must be one of {', '.join(P2P_VIA)}, got {_kind(via)}",
+                         field=f"{where}.p2p_via")
+    return NodeSpec(name=name, device=Device(name=name, **device), fabric=fabric, p2p_via=via, **links, **rest)
 
 
 def node_to_dict(node: NodeSpec) -> dict:

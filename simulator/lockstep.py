@@ -73,7 +73,9 @@ def lockstep_supported(cluster: Cluster) -> bool:
     node = cluster.node
     if node.fabric in ("switch", "mesh"):
         return True
-    return node.fabric == "pcie" and node.gpus_per_switch >= cluster.gpus_per_node
+    # PCIe adds a per-stream resource (network.py) unless a stream can fill its link
+    return (node.fabric == "pcie" and node.gpus_per_switch >= cluster.gpus_per_node
+            and node.link.efficiency >= 1.0)
 
 
 class Routes:

@@ -3,7 +3,17 @@
 A *resource* is one direction of something with a bandwidth: a GPU's NVSwitch port (egress and
 ingress are separate resources, so the two directions of a link never interfere), one directed
 pair link of a full mesh, a PCIe link or switch uplink (each direction), a NIC (each direction), or
-the one shared loopback bus of a CPU host. :class:`Topology` maps a (src, dst) rank pair to the
+the one shared loopback bus of a CPU host.
+
+PCIe (fabric ``"pcie"``) is full duplex: every x16 link and switch uplink is two resources, one per
+direction, at ``Link.bw`` (the nominal rate each way). One peer-to-peer stream through PCIe switches
+reaches only ``Link.rate`` (``bw * efficiency``: ~13 of 25 GB/s on A10s, REFERENCE.md §6), which is a
+limit of the stream, not of the wire: each (src, dst) pair is its own resource at that rate, so two
+streams leaving one GPU for two peers share its link's full nominal rate instead of 13 GB/s. A transfer
+between switches climbs its switch's uplink and descends the other's; with ``p2p_via="root"`` (peer
+traffic forwarded by the CPU's root complex, nvidia-smi ``PHB``/``SYS``) it also crosses one
+root-complex resource per node shared by every cross-switch transfer in both directions; with
+``"switch"`` (``PIX``/``PXB``: a parent PCIe switch forwards it) it does not. :class:`Topology` maps a (src, dst) rank pair to the
 resources on its route and the route latency.
 
 :class:`FluidNetwork` moves bytes: a transfer crosses its route after the route latency (the
@@ -25,7 +35,7 @@ import numpy as np
 
 from tokenloom.simulator.hardware import Cluster
 
-_MAX_HOPS = 4  # resources on the longest route (PCIe across switches)
+_MAX_HOPS = 6  # resources on the longest route (PCIe across switches through the root complex)
 
 
 class Topology:
@@ -64,18 +74,20 @@ class Topology:
             return [self._res(("pair", src, dst), link.rate)], link.latency_s
         if node.fabric == "bus":
             return [self._res(("bus", self.cluster.node_of(src)), link.rate)], link.latency_s
-        # PCIe tree: GPU -> its switch -> (root -> other switch) -> GPU.
+        # PCIe tree: GPU -> its switch -> (root -> other switch) -> GPU; full duplex (module docstring).
         local = self.cluster.gpus_per_node
         sw_src = (src % local) // node.gpus_per_switch + local * self.cluster.node_of(src)
         sw_dst = (dst % local) // node.gpus_per_switch + local * self.cluster.node_of(dst)
-        res = [self._res(("gpu_up", src), link.rate)]
+        res = [self._res(("p2p", src, dst), link.rate), self._res(("gpu_up", src), link.bw)]
         lat = link.latency_s
         if sw_src != sw_dst:
             up = node.uplink
             assert up is not None
             res += [self._res(("sw_up", sw_src), up.rate), self._res(("sw_down", sw_dst), up.rate)]
+            if node.p2p_via == "root":
+                res.append(self._res(("root", self.cluster.node_of(src)), up.rate))
             lat += up.latency_s
-        res.append(self._res(("gpu_down", dst), link.rate))
+        res.append(self._res(("gpu_down", dst), link.bw))
         return res, lat
 
 
@@ -160,7 +172,8 @@ class FluidNetwork:
         self.peak_active = 0
 
     def set_flow(self, flow: int, route: tuple[int, ...], num_bytes: float) -> None:
-        self.routes[flow] = route
+        self.routes[flow, :len(route)] = route  # shorter routes (lockstep's two hops) padded with 0
+        self.routes[flow, len(route):] = 0
         self.remaining[flow] = num_bytes
 
     def advance(self, t: float) -> None:
