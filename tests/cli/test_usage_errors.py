@@ -6,7 +6,6 @@ ValueError (a bug: exit 1) and never a run that does not finish.
 from __future__ import annotations
 
 import os
-import time
 import types
 
 import pytest
@@ -16,7 +15,7 @@ from tokenloom.cli import main
 from tokenloom.comm.communicator import P2P, Communicator, resolve_group
 from tokenloom.comm.launch.local import spawn_ranks
 from tokenloom.common.errors import UsageError
-from bounds import NO_SPIN_S
+from no_work import no_work
 
 
 def run_main(argv: list[str]) -> int:
@@ -26,19 +25,19 @@ def run_main(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-def assert_refused(capsys, argv: list[str], *needles: str, budget_s: float = NO_SPIN_S) -> str:
-    """exit 2, nothing on stdout, ONE stderr line containing every needle, no traceback, quickly."""
-    start = time.monotonic()
-    code = run_main(argv)
-    elapsed = time.monotonic() - start
+def assert_refused(capsys, argv: list[str], *needles: str, work: tuple[str, ...] = ()) -> str:
+    """exit 2, nothing on stdout, ONE stderr line containing every needle, no traceback, and no
+    work started (:func:`no_work`; ``work``: more steps that must not run)."""
+    with no_work(work) as started:
+        code = run_main(argv)
     out, err = capsys.readouterr()
+    assert started == [], f"work started before the refusal: {started}"
     assert code == 2, (code, err)
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     for needle in needles:
         assert needle in err, (needle, err)
-    assert elapsed < budget_s, f"refusal took {elapsed:.1f} s"
     return err
 
 
@@ -189,11 +188,9 @@ def test_simulate_tokenweave_api_refuses_the_same_limits():
     layer = LayerShape(4096, 14336, 32, 8, 8)
     for kwargs, field in (({"num_layers": 10**8}, "layers"), ({"num_layers": 0}, "layers"),
                           ({"num_layers": 10**8, "comm_ctas": "auto"}, "layers")):
-        start = time.monotonic()
-        with pytest.raises(UsageError) as e:
+        with no_work() as started, pytest.raises(UsageError) as e:  # refused before planning or walking
             sim.simulate_tokenweave(cluster, layer, 4096, **kwargs)
-        assert e.value.field == field
-        assert time.monotonic() - start < NO_SPIN_S
+        assert e.value.field == field and started == []
     with pytest.raises(UsageError) as e:
         sim.simulate_tokenweave(cluster, layer, 1 << 30)
     assert e.value.field == "tokens"
@@ -250,8 +247,9 @@ def test_read_json_default_limit_is_256_mib(tmp_path):
 
 def test_placement_json_loaders_pass_a_limit(tmp_path, capsys):
     trace = _sparse(tmp_path / "trace.json", 300 << 20)
+    unread = ("pathlib.Path.read_text", "pathlib.Path.read_bytes")  # refused by its size, never read
     assert_refused(capsys, ["plan", "--trace", trace, "--gpus", "4", "--out", str(tmp_path / "p.json")],
-                   "--trace", "256.0 MiB")
+                   "--trace", "256.0 MiB", work=unread)
     plan = _sparse(tmp_path / "plan.json", 65 << 20)
-    assert_refused(capsys, ["evaluate", "--plan", plan, "--trace", trace], "--plan", "64.0 MiB")
+    assert_refused(capsys, ["evaluate", "--plan", plan, "--trace", trace], "--plan", "64.0 MiB", work=unread)
     assert sorted(os.listdir(tmp_path)) == ["plan.json", "trace.json"]  # nothing written
