@@ -18,8 +18,8 @@ from tokenloom.common.errors import UsageError
 from tokenloom.common.vocab import RING_STRATEGIES, STRATEGIES, Strategy
 from tokenloom.parallel.layout import SeqLayout, normalize_window
 
-__all__ = ["RING_STRATEGIES", "STRATEGIES", "AttentionProblem", "ParallelDims", "Strategy", "describe_strategy",
-           "effective_window", "hybrid_name", "kv_repeat_for", "parse_strategy"]
+__all__ = ["RING_STRATEGIES", "STRATEGIES", "AttentionProblem", "ParallelDims", "Strategy", "check_gqa",
+           "describe_strategy", "effective_window", "hybrid_name", "kv_repeat_for", "parse_strategy"]
 
 
 def hybrid_name(ulysses: int, ring_strategy: str) -> str:
@@ -38,6 +38,13 @@ def parse_strategy(name: str) -> tuple[str, int]:
         return ring, int(size)
     raise UsageError(f"strategy must be one of {STRATEGIES} or 'ulysses<N>+tokenring' / "
                      f"'ulysses<N>+ring' (2-D hybrid), got {name!r}", field="strategy")
+
+
+def check_gqa(heads: int, kv_heads: int | None) -> None:
+    """GQA: query heads a positive multiple of kv heads (None: as many); UsageError naming kv_heads."""
+    hkv = kv_heads if kv_heads is not None else heads
+    if heads < 1 or hkv < 1 or heads % hkv:
+        raise UsageError(f"kv_heads ({hkv}) must be >= 1 and divide heads ({heads})", field="kv_heads")
 
 
 def kv_repeat_for(kv_heads: int, head_shards: int) -> int:
@@ -96,10 +103,7 @@ class ParallelDims:
                              "dim; pass the ring dim's strategy, 'tokenring' or 'ring'")
         self.seq  # validates layout, ulysses and doc_lens
         if self.heads is not None:
-            hkv = self.kv_heads if self.kv_heads is not None else self.heads
-            if self.heads < 1 or hkv < 1 or self.heads % hkv:
-                raise UsageError(f"heads ({self.heads}) must be a positive multiple of kv heads ({hkv})",
-                                 field="kv_heads")
+            check_gqa(self.heads, self.kv_heads)
             if self.heads % self.head_shards:
                 what = "ulysses mesh dim size" if self.ulysses > 1 else "world_size"
                 raise UsageError(

@@ -30,7 +30,7 @@ import numpy as np
 
 from tokenloom.comm.topology import LAYOUTS, chunks_of_rank
 from tokenloom.common.errors import UsageError
-from tokenloom.parallel.dims import ParallelDims, kv_repeat_for
+from tokenloom.parallel.dims import ParallelDims, check_gqa, kv_repeat_for
 from tokenloom.parallel.schedule import WIRE_FIELDS, AllToAll, Block, Buf, Compute, Merge, Pack
 from tokenloom.simulator.hardware import Cluster
 from tokenloom.common.checks import check_choice, check_int
@@ -60,8 +60,7 @@ class AttentionShape:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         kv = check_int(self.num_kv_heads, "kv_heads", lo=1, hi=SHAPE_LIMITS["num_heads"])
         object.__setattr__(self, "num_kv_heads", kv)
-        if self.num_heads % kv:
-            raise UsageError(f"kv_heads ({kv}) must divide heads ({self.num_heads})", field="kv_heads")
+        check_gqa(self.num_heads, kv)  # the runtime's GQA rule (ParallelDims)
 
     @property
     def kv_heads(self) -> int:

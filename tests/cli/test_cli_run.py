@@ -44,7 +44,7 @@ def test_local_launcher_table(capsys):
 @pytest.mark.parametrize("args,message", [
     # the API's own rules (ParallelDims), the flag in front
     (["--seq", "100", "--world-size", "3"], "--seq: seq (100) must be a multiple of 2 * world_size = 6"),
-    (["--heads", "6", "--kv-heads", "4"], "--kv-heads: heads (6) must be a positive multiple of kv heads (4)"),
+    (["--heads", "6", "--kv-heads", "4"], "--kv-heads: kv_heads (4) must be >= 1 and divide heads (6)"),
     (["--strategy", "ulysses", "--heads", "3"], "--heads: ulysses needs heads (3) divisible by world_size (2)"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):

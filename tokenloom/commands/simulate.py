@@ -88,10 +88,12 @@ def problem_from_args(args: argparse.Namespace):
 
     hardware = args.hardware or detect_hardware()
     cluster = make_cluster(hardware, args.gpus, args.nodes, args.hardware_file)
-    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
-        raise UsageError(f"--kv-heads ({args.kv_heads}) must be >= 1 and divide --heads ({args.heads})",
-                         field="kv-heads")
-    shape = AttentionShape(args.seq, args.heads, args.head_dim, args.kv_heads, args.batch, _DTYPES[args.dtype])
+    try:  # the API's GQA rule, with the flag in front
+        shape = AttentionShape(args.seq, args.heads, args.head_dim, args.kv_heads, args.batch, _DTYPES[args.dtype])
+    except UsageError as exc:
+        if exc.field != "kv_heads":
+            raise
+        raise flag_error(exc) from None
     return cluster, shape
 
 
