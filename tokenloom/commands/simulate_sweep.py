@@ -98,7 +98,7 @@ def check_sweep_work(points: list[dict], limit: int | None = None) -> int:
         try:
             shape = AttentionShape(p["seq"], p["heads"], p["head_dim"], p["kv_heads"], p["batch"],
                                    _DTYPES[p["dtype"]])
-            check_feasible(p["strategy"], p["gpus"], shape)
+            check_feasible(p["strategy"], p["gpus"], shape, layout=p.get("layout", "zigzag"))
             check_work([run], limit=limit)
         except UsageError:
             continue  # skipped when it runs, before building anything
