@@ -8,10 +8,10 @@ parallelism is symmetric, so one rank's timeline stands for all).
 Cost model (REFERENCE.md §4; constants measured by the TokenWeave authors on 8xH100, bf16,
 hidden 8192, and scaled by the catalog's link and memory numbers for other hardware):
 
-- GEMM ``M x N x K``: ``launch + max(2MNK * waves * sms / (F * GEMM_EFF * tiles), bytes / HBM)``:
-  the per-tile time times the number of waves (wave quantisation: a half-empty last wave costs a
-  full one). Split pieces run on ``sms - comm_ctas`` SMs while the communication kernel holds the
-  rest. Attention: causal prefill FLOPs ``2 * heads/tp * d * (e^2 - s^2)`` for tokens ``[s, e)``
+- GEMM ``M x N x K``: :func:`tokenloom.simulator.gemm.gemm_seconds`, efficiency by shape (wave
+  quantisation over 64 x 128 tiles, a fixed cost per tile against the K loop) fitted to GEMMs of
+  these very projections measured on an H200 (docs/calibration.md). Split pieces run on
+  ``sms - comm_ctas`` SMs while the communication kernel holds the rest (more waves). Attention: causal prefill FLOPs ``2 * heads/tp * d * (e^2 - s^2)`` for tokens ``[s, e)``
   at ``attn_eff_fwd`` of peak, with the same wave factor over 128-row query tiles.
 - NCCL AllReduce ``64 us + M / 230 GB/s`` at TP 8 on H100 (``M`` activation bytes), i.e. the ring's
   ``2 (t-1)/t M`` bytes at ``1.75 * 230 GB/s`` of bus bandwidth; reduce-scatter and all-gather
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.tokenweave_schedule import Step, build_steps
 from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split
+from tokenloom.simulator.gemm import GEMM_TILE, gemm_seconds
 from tokenloom.simulator.hardware import Cluster, NodeSpec
 from tokenloom.common.checks import check_int
 
@@ -47,7 +48,6 @@ MODELS: dict[str, tuple[int, int, int, int, int, int, int]] = {
     "mixtral-8x22b": (6144, 16384, 48, 8, 8, 2, 56),
 }
 MULTIMEM_NODES = ("h100-sxm", "h200-sxm")  # NVSwitch with NVLink SHARP multicast (sm_90)
-GEMM_EFF = 0.75  # cuBLAS bf16 GEMMs reach ~70-80% of dense peak on H100 at large shapes
 ATTN_TILE = 128
 REF_LINK_RATE = 450e9 * 0.83  # the catalog's h100-sxm NVLink rate the constants were measured on
 REF_LINK_LATENCY = 6e-6
@@ -97,18 +97,6 @@ class ModeTimeline:
         return sum(s.end - s.start for s in self.spans if s.stream == stream and s.kind != "wait")
 
 
-def gemm_seconds(dev, m: int, n: int, k: int, *, sms: int | None = None, groups: int = 1, dtype_bytes: int = 2,
-                 tile: tuple[int, int] = (128, 128)) -> float:
-    """One (grouped) ``m x n x k`` GEMM: ``launch + max(2mnk * waves * SMs / (F * GEMM_EFF * tiles),
-    bytes / HBM)`` over ``sms`` SMs (wave quantisation; module docstring)."""
-    tiles = groups * math.ceil(m / tile[0]) * math.ceil(n / tile[1])
-    flops = 2.0 * groups * m * n * k
-    nbytes = groups * (m * k + k * n + m * n) * dtype_bytes
-    waves = math.ceil(tiles / (sms or dev.sms))
-    compute = flops * waves * dev.sms / (dev.flops * GEMM_EFF * tiles) if tiles else 0.0
-    return dev.launch_s + max(compute, nbytes / dev.hbm_bw)
-
-
 class Pricer:
     """Seconds of every step kind for one layer shape, token count and cluster."""
 
@@ -120,7 +108,9 @@ class Pricer:
         self.dev = cluster.node.device
         self.layer, self.tokens, self.b, self.comm_ctas = layer, tokens, dtype_bytes, comm_ctas
         self.tp = layer.tp
-        self.gpu = GpuShape(sms=self.dev.sms, comm_sms=comm_ctas if comm_ctas < self.dev.sms else 0)
+        # the planner's wave model uses the tiles the GEMM pricing was fitted with (simulator/gemm.py)
+        self.gpu = GpuShape(sms=self.dev.sms, comm_sms=comm_ctas if comm_ctas < self.dev.sms else 0,
+                            tile_m=GEMM_TILE[0], tile_n=GEMM_TILE[1])
         self.multimem = self.node.name in MULTIMEM_NODES
 
     # -- compute -----------------------------------------------------------------------------
@@ -136,8 +126,7 @@ class Pricer:
         out = {}
         for g in self.layer.gemms():
             m = math.ceil(rows * g.rows_scale) if g.groups > 1 else rows
-            out[g.name] = gemm_seconds(self.dev, m, g.cols, g.depth, sms=sms, groups=g.groups, dtype_bytes=self.b,
-                                       tile=(self.gpu.tile_m, self.gpu.tile_n))
+            out[g.name] = gemm_seconds(self.dev, m, g.cols, g.depth, sms=sms, groups=g.groups, dtype_bytes=self.b)
         return out
 
     def attention_s(self, start: int, end: int, overlapped: bool) -> float:

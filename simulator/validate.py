@@ -71,9 +71,11 @@ def predict(row: dict) -> float | None:
     if kind == "collective":
         return collectives.busbw(node, row["op"], row["bytes"], row["gpus"], row["algo"]) / 1e9
     if kind == "gemm":  # the GEMM model TokenWeave's layers are priced with
-        from tokenloom.simulator.tokenweave import gemm_seconds
+        from tokenloom.simulator.gemm import TIMED_CALL_S, gemm_seconds
 
-        return 2.0 * row["m"] * row["n"] * row["k"] / gemm_seconds(node.device, row["m"], row["n"], row["k"]) / 1e12
+        call = TIMED_CALL_S if row.get("timed") == "one call" else None  # events around one call
+        seconds = gemm_seconds(node.device, row["m"], row["n"], row["k"], call_s=call)
+        return 2.0 * row["m"] * row["n"] * row["k"] / seconds / 1e12
     if kind == "p2p_copy":
         return collectives.p2p_copy_bw(node, row["bytes"], row["both_directions"]) / 1e9
     raise ValueError(f"calibration row {row.get('id')}: unknown kind {kind!r}")
