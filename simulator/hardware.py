@@ -193,13 +193,19 @@ def _nvswitch(name: str, sms: int, tflops: float, hbm_gbs: float, nvlink_gbs: fl
 # on H100 (forward 0.39 / backward 0.34 of dense peak at long keys, the curve below for short ones and
 # causal masks) and NCCL-tests on 8 x H100 (NVLink 450 GB/s per direction at 0.83: ring busbw ~370).
 HOPPER_FA2 = {"attn_kv_half": 80.0, "attn_kv_half_bwd": 250.0, "attn_kv_half_causal": 300.0, "attn_causal_eff": 0.92}
+# H200: tokenloom's own kernel (block_attention over torch sdpa, bf16) measured on one H200 with
+# `tokenloom simulate calibrate --device cuda` (2026-12-04; rows h200-sdpa-* of the calibration set),
+# fitted by calibrate_gpu.fit_curve against the datasheet peak (worst 7.8 %). It reaches half its rate
+# at ~2K keys, not FlashAttention-2's 80: what the runtime runs there today, slower than the H100 entry's
+# published FlashAttention-2 curve at short sequences (70 vs ~190 TFLOP/s at 512 tokens).
+H200_SDPA = {"attn_kv_half": 2048.0, "attn_kv_half_bwd": 2435.0, "attn_kv_half_causal": 4871.0, "attn_causal_eff": 1.0}
 
 
 # Datasheet numbers (REFERENCE.md §6; AMD MI300X datasheet). NIC: 400 Gb/s per GPU for H100 and
 # MI300X nodes, 800 Gb/s for H200, 200 Gb/s HDR for A100.
 CATALOG: dict[str, NodeSpec] = {
     "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.39, 0.34), 0.83, HOPPER_FA2),
-    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.39, 0.34), 0.83, HOPPER_FA2),
+    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.373, 0.313), 0.83, H200_SDPA),
     "a100-sxm": _nvswitch("a100-sxm", 108, 312, 2039, 300, 25, (0.55, 0.45)),
     # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen by one peer
     # stream (REFERENCE.md §6); full duplex. The TokenRing authors' 4 x A10 box (ACA-Lab-SJTU/token-ring
