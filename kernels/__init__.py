@@ -119,16 +119,15 @@ def residual_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     return _norm.residual_rmsnorm(x, residual, weight, eps)
 
 
-def _route(q: torch.Tensor, impl: str | None, scale: float, mask, softcap) -> str:
+def _route(q: torch.Tensor, impl: str | None, scale: float, softcap) -> str:
     """The impl that runs a block with finite inputs: softmax_scale == 0 runs the reference (the
     fused ops multiply the masked -inf scores by 0 and return nan, where the exact answer is
-    uniform attention over the visible keys), and so does ``softcap`` (neither torch's fused ops
-    nor our Triton kernels can soft-cap scores); Triton has no position masks."""
+    uniform attention over the visible keys), and so does ``softcap`` where torch's fused ops were
+    chosen (they cannot soft-cap scores; the Triton kernels can)."""
     chosen = select_impl(q.device, impl)
-    if chosen == "triton" and mask is not None:
-        raise UsageError("impl='triton' does not support window_size yet; use impl='sdpa' or 'torch'",
-                         field="impl")
-    return "torch" if scale == 0.0 or softcap is not None else chosen
+    if scale == 0.0 or (softcap is not None and chosen == "sdpa"):
+        return "torch"
+    return chosen
 
 
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -147,17 +146,18 @@ def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if not all_finite(q, k, v):
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
         return exact_forward(q, k, v, vis, scale, softcap)
-    chosen = _route(q, impl, scale, mask, softcap)
+    chosen = _route(q, impl, scale, softcap)
+    if chosen == "triton":  # masks by position natively: skips hidden tiles itself
+        from tokenloom.kernels import triton_attention
+
+        return triton_attention.forward(q, k, v, causal=causal, softmax_scale=scale, mask=mask,
+                                        softcap=softcap)
     if mask is not None:
         return windowed.forward(lambda *a: _forward(chosen, *a, False, scale, softcap), q, k, v, mask)
     return _forward(chosen, q, k, v, None, causal, scale, softcap)
 
 
 def _forward(chosen: str, q, k, v, vis, causal: bool, scale: float, softcap: float | None = None):
-    if chosen == "triton":
-        from tokenloom.kernels import triton_attention
-
-        return triton_attention.forward(q, k, v, causal=causal, softmax_scale=scale)
     if chosen == "sdpa":
         from tokenloom.kernels import sdpa
 
@@ -180,7 +180,12 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     if not (all_finite(dout, q, k, v, delta) and lse_ok(lse)):
         vis = block_visible(q.shape[1], k.shape[1], causal, mask, q.device)
         return exact_backward(dout, q, k, v, lse, delta, vis, scale, softcap)
-    chosen = _route(q, impl, scale, mask, softcap)
+    chosen = _route(q, impl, scale, softcap)
+    if chosen == "triton":
+        from tokenloom.kernels import triton_attention
+
+        return triton_attention.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale,
+                                         mask=mask, softcap=softcap)
     if mask is not None:
         return windowed.backward(lambda *a: _backward(chosen, *a, False, scale, softcap), dout, q, k, v,
                                  lse, delta, mask)
@@ -189,10 +194,6 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 def _backward(chosen: str, dout, q, k, v, lse, delta, vis, causal: bool, scale: float,
               softcap: float | None = None):
-    if chosen == "triton":
-        from tokenloom.kernels import triton_attention
-
-        return triton_attention.backward(dout, q, k, v, lse, delta, causal=causal, softmax_scale=scale)
     if chosen == "sdpa":
         from tokenloom.kernels import sdpa
 

@@ -117,9 +117,6 @@ class AttentionPlan:
         self.scale = check_scale(a.softmax_scale, d)
         self.impl = resolve_impl(a.impl, a.device)
         self.softcap = check_softcap(a.softcap)
-        if window is not None and self.impl == "triton":
-            raise UsageError(f"{name}: impl='triton' has no sliding window yet (window_size="
-                             f"{a.window_size!r}); use impl='sdpa' or 'torch'", field="window_size")
         if window is not None:
             self.pdims = dataclasses.replace(self.pdims, window=window,
                                              seq_len=seq_len if doc_lens is None else None)

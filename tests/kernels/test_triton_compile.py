@@ -36,15 +36,17 @@ def _compile(fn, types, consts, arch, **opts):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_attention_kernels_compile_bf16_d128_causal(arch):
+@pytest.mark.parametrize("masked,softcap", [(True, False), (True, True), (False, False)])
+def test_attention_kernels_compile_bf16_d128(arch, masked, softcap):
+    """Every mask/softcap variant (causal and windows are MASKED; Gemma 2's cap is SOFTCAP)."""
     from tokenloom.kernels import triton_attention as T
 
     types = {n: "*bf16" for n in ("Q", "K", "V", "DO")}
-    types.update({n: "*fp32" for n in ("O", "LSE", "DELTA", "DK", "DV", "DQ")}, scale="fp32")
+    types.update({n: "*fp32" for n in ("O", "LSE", "DELTA", "DK", "DV", "DQ")}, scale="fp32", cap="fp32")
     for tiles, kernels in ((T._tiles(128, torch.bfloat16), (T._fwd_kernel,)),
                            (T._bwd_tiles(128, torch.bfloat16), (T._bwd_dkdv_kernel, T._bwd_dq_kernel))):
-        consts = dict(CAUSAL=True, IEEE=False, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
-                      BLOCK_D=tiles["BLOCK_D"])
+        consts = dict(MASKED=masked, SOFTCAP=softcap, IEEE=False, BLOCK_M=tiles["BLOCK_M"],
+                      BLOCK_N=tiles["BLOCK_N"], BLOCK_D=tiles["BLOCK_D"])
         for fn in kernels:
             _compile(fn, types, consts, arch, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
 

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from tokenloom.kernels import block_attention, block_backward, block_forward, merge_into_, residual_rmsnorm  # noqa: E402
+from tokenloom.kernels.masks import PositionMask  # noqa: E402
 from tokenloom.kernels.norm import residual_rmsnorm as norm_ref  # noqa: E402
 from tokenloom.kernels.reference import (  # noqa: E402
     attention_backward,
@@ -118,6 +119,148 @@ def test_selector_routes_to_triton_and_autograd(tk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def window_visible(sq, sk, mask):
+    """``(sq, sk)`` bool from global positions, written out here (independent of the kernels)."""
+    i = torch.arange(mask.q_start, mask.q_start + sq).unsqueeze(1)
+    j = torch.arange(mask.k_start, mask.k_start + sk).unsqueeze(0)
+    vis = torch.ones(sq, sk, dtype=torch.bool)
+    if mask.left >= 0:
+        vis &= j >= i - mask.left
+    if mask.right >= 0:
+        vis &= j <= i + mask.right
+    return vis
+
+
+def textbook(q, k, v, vis, softcap=None):
+    """Dense attention in the inputs' dtype (softmax in fp32 for low precision), differentiable:
+    ``(out, lse)``; rows that see no key give 0 and -inf."""
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(q.shape[-1])
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s if s.dtype == torch.float64 else s.float()
+    vis = vis.to(q.device)
+    has = vis.any(-1)
+    safe = torch.where(vis, s, float("-inf")).where(has[:, None], 0.0)
+    p = torch.where(vis & has[:, None], torch.softmax(safe, -1), 0.0)
+    lse = torch.where(has, torch.logsumexp(safe, -1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), vv), lse
+
+
+def check_masked(tk, sq, sk, hq, hkv, d, dtype, *, mask=None, causal=False, softcap=None, seed=0, amp=1.0):
+    """Triton forward and every gradient under ``mask``/``causal``/``softcap`` against fp64, within
+    2x the error of textbook attention in ``dtype`` plus the floor (fp32: the floor alone)."""
+    q, dout = rand(1, sq, hq, d, seed=seed, dtype=dtype) * amp, rand(1, sq, hq, d, seed=seed + 1, dtype=dtype)
+    k, v = rand(1, sk, hkv, d, seed=seed + 2, dtype=dtype) * amp, rand(1, sk, hkv, d, seed=seed + 3, dtype=dtype)
+    vis = window_visible(sq, sk, mask) if mask is not None else torch.ones(sq, sk, dtype=torch.bool)
+    if mask is None and causal:
+        vis = vis.tril(sk - sq)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = textbook(*leaves, vis, softcap)
+    ref_out.backward(dout.double())
+    refs = [ref_out.detach()] + [t.grad for t in leaves]
+    plain = [0.0] * 4
+    if dtype != torch.float32:
+        low = [t.clone().requires_grad_() for t in (q, k, v)]
+        out_low, _ = textbook(*low, vis, softcap)
+        out_low.backward(dout)
+        plain = [(a.double() - r).abs().max().item() for a, r in zip((out_low, *(t.grad for t in low)), refs)]
+    delta = (ref_out.detach() * dout.double()).sum(-1).transpose(1, 2)
+    out, lse = tk["attn"].forward(q, k, v, causal=causal, softmax_scale=None, mask=mask, softcap=softcap)
+    grads = tk["attn"].backward(dout, q, k, v, ref_lse.float(), delta.float(), causal=causal,
+                                softmax_scale=None, mask=mask, softcap=softcap)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty) and not torch.isnan(lse).any()
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    if (~empty).any():
+        assert (lse.double() - ref_lse)[~empty].abs().max() <= tolerance(torch.float32, 0.0, 10.0)
+    for name, got, ref, p in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, plain):
+        assert got.dtype == torch.float32 and got.shape == ref.shape, name
+        err = (got.double() - ref).abs().max().item()
+        assert err <= tolerance(dtype, p, ref.abs().max().item()), (name, err, p)
+
+
+# (seq_q, seq_k, mask): windows straddling the 16-row interpreter tiles, causal (right 0), left and
+# right, right only, left only, rows that see no key, a block wholly before its keys
+WINDOWS = [(40, 56, PositionMask(30, 14, 9, 0)), (33, 47, PositionMask(5, 0, 6, 11)),
+           (35, 35, PositionMask(0, 0, -1, 3)), (21, 50, PositionMask(20, 0, 4, -1)),
+           (30, 20, PositionMask(0, 20, 5, 2)), (16, 16, PositionMask(0, 40, 3, 0))]
+
+
+@pytest.mark.parametrize("sq,sk,mask", WINDOWS)
+def test_window_fp32_gqa(tk, sq, sk, mask):
+    check_masked(tk, sq, sk, 4, 2, 12, torch.float32, mask=mask)
+
+
+@pytest.mark.parametrize("sq,sk,mask,causal", [(24, 40, None, True), (21, 21, None, False),
+                                               (40, 56, PositionMask(30, 14, 9, 0), False)])
+def test_softcap_fp32_gqa(tk, sq, sk, mask, causal):
+    check_masked(tk, sq, sk, 4, 2, 12, torch.float32, mask=mask, causal=causal, softcap=1.5, amp=2.0)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_window_fp16(tk, softcap):
+    check_masked(tk, 48, 64, 4, 2, 64, torch.float16, mask=PositionMask(100, 84, 20, 0), softcap=softcap,
+                 seed=5, amp=2.0)
+
+
+def test_hidden_tiles_are_never_loaded(tk):
+    """Key tiles outside every row's window hold nan and must not reach any kernel (a loaded tile
+    leaks nan through ``0 * nan`` in P @ V even when masked); same for hidden query tiles in the
+    dk/dv kernel (rows before the window of every key of the block)."""
+    d = 8
+    q, dout = rand(1, 16, 2, d, seed=1, dtype=torch.float32), rand(1, 16, 2, d, seed=2, dtype=torch.float32)
+    k, v = rand(1, 256, 1, d, seed=3, dtype=torch.float32), rand(1, 256, 1, d, seed=4, dtype=torch.float32)
+    mask = PositionMask(200, 0, 20, 0)  # rows see keys 180..215: tiles [176, 224)
+    for t in (k, v):
+        t[:, :176] = float("nan")
+        t[:, 224:] = float("nan")
+    out, lse = tk["attn"].forward(q, k, v, causal=False, softmax_scale=None, mask=mask)
+    ref_out, ref_lse = textbook(q.double(), k[:, 176:224].double(), v[:, 176:224].double(),
+                                window_visible(16, 48, PositionMask(200, 176, 20, 0)))
+    assert (out.double() - ref_out).abs().max() < 1e-5
+    dq, dk, dv = tk["attn"].backward(dout, q, k, v, lse, attention_delta(out, dout), causal=False,
+                                     softmax_scale=None, mask=mask)
+    assert dq.isfinite().all() and dk[:, 176:224].isfinite().all() and dv[:, 176:224].isfinite().all()
+    # the transposed case: 256 query rows, 16 keys at positions 200..215
+    q2, do2 = rand(1, 256, 2, d, seed=5, dtype=torch.float32), rand(1, 256, 2, d, seed=6, dtype=torch.float32)
+    k2, v2 = k[:, 180:196].clone(), v[:, 180:196].clone()
+    mask2 = PositionMask(0, 200, 20, 0)  # rows 200..235 see some key: tiles [192, 240)
+    for t in (q2, do2):
+        t[:, :192] = float("nan")
+        t[:, 240:] = float("nan")
+    zeros = torch.zeros(1, 2, 256, device=dev())
+    dq2, dk2, dv2 = tk["attn"].backward(do2, q2, k2, v2, zeros, zeros, causal=False,
+                                        softmax_scale=None, mask=mask2)
+    assert dk2.isfinite().all() and dv2.isfinite().all() and (dq2[:, :192] == 0).all()
+
+
+def test_selector_sends_windows_and_softcap_to_triton(tk, monkeypatch):
+    """block_forward/backward with impl='triton' run the Triton kernels for a position mask and a
+    softcap (not the tiled torch path, not the reference); a nan input still takes the exact path."""
+    import tokenloom.kernels as K
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(tk["attn"], name)
+        monkeypatch.setattr(tk["attn"], name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    q, k, v, dout = (rand(1, 20, 2, 8, seed=s, dtype=torch.float32) for s in range(4))
+    mask = PositionMask(4, 0, 6, 1)
+    vis = window_visible(20, 20, mask)
+    ref_out, ref_lse = textbook(q.double(), k.double(), v.double(), vis, 1.2)
+    out, lse = block_forward(q, k, v, causal=True, softmax_scale=None, impl="triton", mask=mask, softcap=1.2)
+    assert (out.double() - ref_out).abs().max() < 2e-5
+    block_backward(dout, q, k, v, lse, attention_delta(out, dout), causal=True, softmax_scale=None,
+                   impl="triton", mask=mask, softcap=1.2)
+    assert calls == ["forward", "backward"]
+    bad = k.clone()
+    bad[:, 19] = float("nan")  # key 19 is seen by rows 14..19 (positions 18..23, window (6, 1))
+    out, _ = K.block_forward(q, bad, v, causal=False, softmax_scale=None, impl="triton", mask=mask)
+    assert calls == ["forward", "backward"]  # exact path
+    assert out[:, :14].isfinite().all() and out[:, 14:].isnan().all()
+
+
 def test_merge_in_place_into_a_zigzag_half(tk):
     """Merge a partial into the late half of the accumulators (views), empty sides included."""
     acc_out = rand(2, 12, 3, 10, seed=1, dtype=torch.float32)
@@ -174,6 +317,15 @@ def test_gpu_attention_large(tk, sq, sk, causal, d, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sq,sk,mask,softcap,d", [
+    (1024, 1024, PositionMask(0, 0, 255, 0), None, 128), (512, 1536, PositionMask(1024, 0, 700, 0), 30.0, 64),
+    (700, 900, PositionMask(100, 0, 300, 50), None, 80), (1024, 1024, PositionMask(4096, 4096, -1, 0), 50.0, 128)])
+def test_gpu_window_softcap_large(tk, sq, sk, mask, softcap, d, dtype):
+    check_masked(tk, sq, sk, 8, 2, d, dtype, mask=mask, softcap=softcap, amp=2.0)
+
+
+@pytest.mark.gpu
 def test_gpu_residual_rmsnorm_bf16(tk):
     x, r = rand(4096, 8192, seed=1, dtype=torch.bfloat16), rand(4096, 8192, seed=2, dtype=torch.bfloat16)
     w = rand(8192, seed=3, dtype=torch.bfloat16)
@@ -183,7 +335,7 @@ def test_gpu_residual_rmsnorm_bf16(tk):
     torch.testing.assert_close(normed, ref_n, rtol=1.6e-2, atol=1e-2)
 
 
-def _ring_with_triton(rank, n, strategy):
+def _ring_with_triton(rank, n, strategy, layout="zigzag", window=None, softcap=None):
     os.environ["TOKENLOOM_ATTN_IMPL"] = "triton"  # this rank only: merges go through Triton too
     from tokenloom.parallel import shard_sequence, sp_attention
 
@@ -191,21 +343,28 @@ def _ring_with_triton(rank, n, strategy):
     q, dout = (torch.randn(1, 16 * n, 4, 8, generator=g) for _ in range(2))
     k, v = (torch.randn(1, 16 * n, 2, 8, generator=g) for _ in range(2))
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, _ = attention_with_lse(q64, k64, v64, causal=True)
+    vis = torch.ones(16 * n, 16 * n, dtype=torch.bool).tril()
+    if window is not None:
+        vis &= window_visible(16 * n, 16 * n, PositionMask(0, 0, window[0], 0))
+    ref_out, _ = textbook(q64, k64, v64, vis, softcap)
     ref_out.backward(dout.double())
-    ql, kl, vl = (shard_sequence(t, rank, n, "zigzag").requires_grad_() for t in (q, k, v))
-    out = sp_attention(ql, kl, vl, strategy=strategy, causal=True, layout="zigzag")
-    out.backward(shard_sequence(dout, rank, n, "zigzag"))
-    return [(shard_sequence(r.detach(), rank, n, "zigzag") - got.double()).abs().max().item()
+    ql, kl, vl = (shard_sequence(t, rank, n, layout).requires_grad_() for t in (q, k, v))
+    out = sp_attention(ql, kl, vl, strategy=strategy, causal=True, layout=layout, window_size=window,
+                       softcap=softcap)
+    out.backward(shard_sequence(dout, rank, n, layout))
+    return [(shard_sequence(r.detach(), rank, n, layout) - got.double()).abs().max().item()
             for r, got in ((ref_out, out.detach()), (q64.grad, ql.grad), (k64.grad, kl.grad), (v64.grad, vl.grad))]
 
 
-@pytest.mark.parametrize("strategy", ["tokenring", "ring"])
-def test_strategies_on_triton_blocks(tk, strategy):
-    """The runtime on 2 gloo ranks with every block and merge in Triton (GQA, causal zigzag)."""
+@pytest.mark.parametrize("strategy,layout,window,softcap", [
+    ("tokenring", "zigzag", None, None), ("ring", "zigzag", None, None),
+    ("tokenring", "zigzag", (11, 0), 1.5), ("ring", "contiguous", (5, 0), None), ("ring", "zigzag", (9, 0), 2.0)])
+def test_strategies_on_triton_blocks(tk, strategy, layout, window, softcap):
+    """The runtime on 2 gloo ranks with every block and merge in Triton (GQA, causal), with windows
+    that straddle chunks and ranks, and soft-capping."""
     from tokenloom.comm.launch.local import spawn_ranks
 
     if torch.cuda.is_available():
         pytest.skip("gloo ranks hold CPU tensors")
-    for errs in spawn_ranks(2, _ring_with_triton, strategy, timeout=300):
+    for errs in spawn_ranks(2, _ring_with_triton, strategy, layout, window, softcap, timeout=300):
         assert max(errs) < 2e-5, errs

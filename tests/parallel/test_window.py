@@ -149,19 +149,6 @@ def test_bad_window_is_refused_naming_it(window):
     assert info.value.field == "window_size"
 
 
-def test_triton_with_a_window_is_refused_not_wrong(monkeypatch):
-    """Triton has no window yet: the call is refused (on every rank, via the agreement) rather
-    than computed with the window ignored. Triton cannot run on this CPU, so the selector's answer
-    is stood in."""
-    import tokenloom.parallel.attention_plan as plan
-
-    monkeypatch.setattr(plan, "resolve_impl", lambda impl, device: "triton")
-    q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(UsageError, match="impl='triton' has no sliding window") as info:
-        ring_attention(q, q, q, causal=True, window_size=(2, 0))
-    assert info.value.field == "window_size"
-
-
 def _disagree(rank, n):
     q = torch.randn(1, 8, 2, 4)
     try:
