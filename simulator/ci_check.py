@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from tokenloom.common.errors import UsageError
 from tokenloom.common.files import read_json
 from tokenloom.common.checks import check_choice, check_int, check_number
+from tokenloom.common.vocab import PREFERRED_LAYOUTS
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _REQUIRED = ("strategy", "hardware", "gpus", "seq", "heads", "head_dim", "accepted_ms")
@@ -103,7 +104,7 @@ def parse_config(spec: object, where: str, default_tolerance: float | None) -> C
         batch=check_int(spec.get("batch", 1), f"{where}.batch", lo=1, hi=1 << 20),
         dtype=check_choice(spec.get("dtype", "bf16"), f"{where}.dtype", tuple(DTYPES)),
         causal=_bool(spec, "causal", where, True), backward=_bool(spec, "backward", where, False),
-        layout=check_choice(spec.get("layout", "zigzag"), f"{where}.layout", ("zigzag", "contiguous")),
+        layout=check_choice(spec.get("layout", "zigzag"), f"{where}.layout", PREFERRED_LAYOUTS),
         accepted_ms=float(check_number(spec["accepted_ms"], f"{where}.accepted_ms", lo=0, lo_open=True, hi=1e15)),
         tolerance=float(check_number(tolerance, f"{where}.tolerance", lo=0, hi=10)))
 
