@@ -50,10 +50,11 @@ from typing import Any, Callable
 import torch
 
 from tokenloom.comm.topology import LAYOUTS
+from tokenloom.common.vocab import AUTO, STRATEGIES as SP_STRATEGIES
 from tokenloom.common.errors import UsageError
 from tokenloom.common.checks import check_choice
 
-STRATEGIES = ("auto", "tokenring", "ring", "ulysses")
+STRATEGIES = (AUTO,) + SP_STRATEGIES  # ("auto", "tokenring", "ring", "ulysses")
 DEFAULT_NAME = "tokenloom"
 IGNORE_INDEX = -100
 
