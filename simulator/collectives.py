@@ -5,8 +5,13 @@ Alpha-beta per message (Hockney 1994) over the node's per-direction link rate
 (``doc/PERFORMANCE.md`` there): ``algbw = bytes / time``; ``busbw`` = algbw times 2(n-1)/n for
 AllReduce, (n-1)/n for AllGather and ReduceScatter (``bytes`` = the full output), 1 for SendRecv.
 
-- Ring AllReduce: 2(n-1) steps, each moving bytes/n over every rank's link and paying one
-  message latency; AllGather/ReduceScatter: n-1 such steps; SendRecv: one message.
+- Ring AllReduce: 2(n-1) steps, each moving bytes/n over every rank's link; AllGather/ReduceScatter:
+  n-1 such steps; SendRecv: one message. The call pays the link's message latency once: NCCL's
+  low-latency protocols pipeline a ring's steps, so a 1 KB ring AllReduce on 4 GPUs took 3.5 us,
+  about one 1 KB SendRecv (3.7 us; NVIDIA/nccl#1984, 4 x H800, no CUDA graphs), not 6 of them.
+  A per-hop term that grows with n (NCCL's maintainer: ring latency is linear in n, nccl#757)
+  cannot be separated from one row and is left out: at the sizes the simulator prices (MBs and up)
+  it is < 1 % of the time.
 - NVLink SHARP (NVLS, "multimem"): the NVSwitch reduces and multicasts, so every GPU sends and
   receives its bytes once; the switch's reduction rate bounds it (:data:`NVLS_ALGBW`, fitted to
   the published 8-GPU H100 figure, docs/calibration.md). NCCL runs whichever of ring and NVLS is
@@ -24,6 +29,9 @@ from tokenloom.simulator.hardware import NodeSpec
 # calibration set: NCCL maintainer, NVIDIA/nccl-tests#212 ("peak busBw ~480GB/s (algbw ~275GB/s)"
 # on 8 x H100) and NVIDIA/nccl#1455 (algbw 258-273 GB/s on 5-8 H100s); H200 shares the switch.
 NVLS_ALGBW = {"h100-sxm": 270e9, "h200-sxm": 270e9}
+# Small-message NVLS AllReduce time: "approximately 6us" for 128 B - 64 KB on 2 x H100 with CUDA
+# graphs (NVIDIA/nccl#1259, NCCL 2.20.5, NCCL_ALGO=NVLSTree): the switch's multicast round trip.
+NVLS_LATENCY_S = 6e-6
 OPS = ("allreduce", "allgather", "reducescatter", "sendrecv")
 
 
@@ -44,7 +52,7 @@ def ring_time(node: NodeSpec, op: str, nbytes: float, gpus: int) -> float:
     if gpus < 2:
         return 0.0
     steps = 2 * (gpus - 1) if op == "allreduce" else gpus - 1
-    return steps * (lat + nbytes / gpus / rate)
+    return lat + steps * nbytes / gpus / rate
 
 
 def nvls_time(node: NodeSpec, nbytes: float, gpus: int) -> float | None:
@@ -52,7 +60,7 @@ def nvls_time(node: NodeSpec, nbytes: float, gpus: int) -> float | None:
     bw = NVLS_ALGBW.get(node.name)
     if bw is None or gpus < 2:
         return None
-    return node.link.latency_s + nbytes / min(bw, _rate(node))
+    return NVLS_LATENCY_S + nbytes / min(bw, _rate(node))
 
 
 def allreduce_time(node: NodeSpec, nbytes: float, gpus: int) -> float:
@@ -68,6 +76,18 @@ def bus_factor(op: str, gpus: int) -> float:
     if op in ("allgather", "reducescatter"):
         return (gpus - 1) / gpus
     return 1.0
+
+
+def op_time(node: NodeSpec, op: str, nbytes: float, gpus: int, algo: str = "ring") -> float:
+    """Seconds of one NCCL-tests ``op`` call; ``algo`` "ring", "nvls" or "auto" (AllReduce only)."""
+    if op == "allreduce" and algo == "auto":
+        return allreduce_time(node, nbytes, gpus)
+    if op == "allreduce" and algo == "nvls":
+        t = nvls_time(node, nbytes, gpus)
+        if t is None:
+            raise UsageError(f"collective model: {node.name} has no NVLS", field="algo")
+        return t
+    return ring_time(node, op, nbytes, gpus)
 
 
 def busbw(node: NodeSpec, op: str, nbytes: float, gpus: int, algo: str = "ring") -> float:

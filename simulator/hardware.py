@@ -184,14 +184,18 @@ class Cluster:
 
 
 def _nvswitch(name: str, sms: int, tflops: float, hbm_gbs: float, nvlink_gbs: float, nic_gbs: float,
-              eff: tuple[float, float], link_eff: float = 0.8, curve: dict | None = None) -> NodeSpec:
+              eff: tuple[float, float], link_eff: float = 0.8, curve: dict | None = None,
+              nvlink_latency: float = 6e-6) -> NodeSpec:
     return NodeSpec(name, Device(name, sms, tflops * 1e12, hbm_gbs * 1e9, *eff, **(curve or {})), 8, "switch",
-                    link=Link(nvlink_gbs * 1e9, 6e-6, link_eff), nic=Link(nic_gbs * 1e9, 12e-6, 0.9))
+                    link=Link(nvlink_gbs * 1e9, nvlink_latency, link_eff), nic=Link(nic_gbs * 1e9, 12e-6, 0.9))
 
 
 # Fitted to the calibration set (simulator/data/calibration.json, docs/calibration.md): FlashAttention-2
 # on H100 (forward 0.39 / backward 0.34 of dense peak at long keys, the curve below for short ones and
 # causal masks) and NCCL-tests on 8 x H100 (NVLink 450 GB/s per direction at 0.83: ring busbw ~370).
+# Per-message latency on NVSwitch-3 nodes: a 1 KB sendrecv_perf call took 3.7 us on 4 x H800 (the same
+# NVSwitch; NVIDIA/nccl#1984, no CUDA graphs). A100 and the others keep the 6 us estimate.
+HOPPER_MSG_LATENCY = 3.7e-6
 HOPPER_FA2 = {"attn_kv_half": 80.0, "attn_kv_half_bwd": 250.0, "attn_kv_half_causal": 300.0, "attn_causal_eff": 0.92}
 # H200: tokenloom's own kernel (block_attention over torch sdpa, bf16) measured on one H200 with
 # `tokenloom simulate calibrate --device cuda` (2026-12-04; rows h200-sdpa-* of the calibration set),
@@ -204,8 +208,9 @@ H200_SDPA = {"attn_kv_half": 2048.0, "attn_kv_half_bwd": 2435.0, "attn_kv_half_c
 # Datasheet numbers (REFERENCE.md §6; AMD MI300X datasheet). NIC: 400 Gb/s per GPU for H100 and
 # MI300X nodes, 800 Gb/s for H200, 200 Gb/s HDR for A100.
 CATALOG: dict[str, NodeSpec] = {
-    "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.39, 0.34), 0.83, HOPPER_FA2),
-    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.373, 0.313), 0.83, H200_SDPA),
+    "h100-sxm": _nvswitch("h100-sxm", 132, 989, 3350, 450, 50, (0.39, 0.34), 0.83, HOPPER_FA2, HOPPER_MSG_LATENCY),
+    "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.373, 0.313), 0.83, H200_SDPA,
+                          HOPPER_MSG_LATENCY),
     "a100-sxm": _nvswitch("a100-sxm", 108, 312, 2039, 300, 25, (0.55, 0.45)),
     # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen by one peer
     # stream (REFERENCE.md §6); full duplex. The TokenRing authors' 4 x A10 box (ACA-Lab-SJTU/token-ring

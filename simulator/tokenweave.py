@@ -37,7 +37,7 @@ from tokenloom.common.errors import UsageError
 from tokenloom.parallel.tokenweave_schedule import Step, build_steps
 from tokenloom.parallel.tokenweave_split import GpuShape, LayerShape, SplitPlan, plan_split
 from tokenloom.simulator.gemm import GEMM_TILE, gemm_seconds
-from tokenloom.simulator.hardware import Cluster, NodeSpec
+from tokenloom.simulator.hardware import HOPPER_MSG_LATENCY, Cluster, NodeSpec
 from tokenloom.common.checks import check_int
 
 # name: (hidden, ffn, heads, kv_heads, num_experts, top_k, layers) from the public configs
@@ -50,7 +50,7 @@ MODELS: dict[str, tuple[int, int, int, int, int, int, int]] = {
 MULTIMEM_NODES = ("h100-sxm", "h200-sxm")  # NVSwitch with NVLink SHARP multicast (sm_90)
 ATTN_TILE = 128
 REF_LINK_RATE = 450e9 * 0.83  # the catalog's h100-sxm NVLink rate the constants were measured on
-REF_LINK_LATENCY = 6e-6
+REF_LINK_LATENCY = HOPPER_MSG_LATENCY  # the catalog's h100-sxm per-message latency
 REF_HBM = 3350e9
 AR_LAT, AR_BW = 64e-6, 230e9
 MM_LAT, MM_BW = 14e-6, 276e9

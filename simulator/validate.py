@@ -5,6 +5,8 @@ Rows live in ``simulator/data/calibration.json`` (one citation each; docs/calibr
 
 - ``collective``: an NCCL-tests bus bandwidth on one node (:mod:`.collectives`);
 - ``p2p_copy``: a peer-to-peer copy bandwidth, one or both directions (:mod:`.collectives`);
+- ``collective_latency``: the time of one small NCCL-tests call in microseconds (:mod:`.collectives`),
+  what the per-message latencies are calibrated to;
 - ``gemm``: a bf16 GEMM's TFLOP/s, priced as TokenWeave's layers price theirs;
 - ``attention``: a single-GPU attention kernel's TFLOP/s, priced by the engine's own cost model
   (:meth:`CostModel.compute_s` on one whole-sequence block), FLOPs counted the FlashAttention way;
@@ -65,9 +67,11 @@ def predict(row: dict) -> float | None:
         return attention_tflops(row)
     if kind == "moe_dispatch":
         return moe_bottleneck_gbs(row)
-    if row.get("hardware") not in CATALOG:
+    if row.get("hardware") not in CATALOG and row.get("hardware") != "h800":
         return None
-    node = CATALOG[row["hardware"]]
+    node = h800() if row["hardware"] == "h800" else CATALOG[row["hardware"]]
+    if kind == "collective_latency":
+        return collectives.op_time(node, row["op"], row["bytes"], row["gpus"], row["algo"]) * 1e6
     if kind == "collective":
         return collectives.busbw(node, row["op"], row["bytes"], row["gpus"], row["algo"]) / 1e9
     if kind == "gemm":  # the GEMM model TokenWeave's layers are priced with

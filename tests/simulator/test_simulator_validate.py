@@ -32,10 +32,25 @@ def test_every_row_cites_a_source_and_has_a_unit():
 def test_ring_busbw_is_the_alpha_beta_formula():
     node = CATALOG["h100-sxm"]
     nbytes, n = 4 << 30, 8
-    t = 2 * (n - 1) * (node.link.latency_s + nbytes / n / (node.link.bw * node.link.efficiency))
+    # one message latency per call (NCCL pipelines the ring's steps), then 2(n-1) steps of bytes/n
+    t = node.link.latency_s + 2 * (n - 1) * nbytes / n / (node.link.bw * node.link.efficiency)
     assert collectives.busbw(node, "allreduce", nbytes, n) == pytest.approx(nbytes / t * 2 * (n - 1) / n, rel=1e-12)
-    t_ag = (n - 1) * (node.link.latency_s + nbytes / n / node.link.rate)
+    t_ag = node.link.latency_s + (n - 1) * nbytes / n / node.link.rate
     assert collectives.busbw(node, "allgather", nbytes, n) == pytest.approx(nbytes / t_ag * (n - 1) / n, rel=1e-12)
+
+
+def test_small_messages_cost_the_calibrated_latencies():
+    """Per-message latency from small-message rows (nccl#1984: 1 KB sendrecv 3.7 us on H800's
+    NVSwitch; nccl#1259: NVLS AllReduce ~6 us on 2 x H100), not a guess."""
+    h100 = CATALOG["h100-sxm"]
+    assert h100.link.latency_s == CATALOG["h200-sxm"].link.latency_s == pytest.approx(3.7e-6)
+    assert collectives.op_time(h100, "sendrecv", 8, 2) == pytest.approx(3.7e-6 + 8 / h100.link.rate)
+    assert collectives.op_time(h100, "allreduce", 128, 2, "nvls") == pytest.approx(6e-6 + 128 / 270e9)
+    # a 4-rank ring AllReduce of 1 KB: one latency plus 6 steps of 256 B
+    assert collectives.op_time(h100, "allreduce", 1024, 4) == pytest.approx(3.7e-6 + 6 * 256 / h100.link.rate)
+    for r in validate()["results"]:
+        if r["unit"] == "us":
+            assert abs(r["rel_error"]) < 0.1, r["id"]
 
 
 def test_nvls_only_where_it_beats_the_ring_and_only_on_nvswitch_3():
