@@ -15,6 +15,10 @@ Formulas (``c`` tokens per chunk, ``B`` batch, ``H`` query heads of the op, ``d`
   bytes / HBM)`` where ``F`` is peak dense FLOP/s, ``eff`` the achieved attention fraction, and
   ``util = tiles / (waves * SMs)`` for ``tiles = ceil(q_tokens / 128) * H * B`` thread blocks of
   128 query rows (FlashAttention's tiling) run in ``waves = ceil(tiles / SMs)`` waves.
+- SMs lent to communication: with ``comm_sms`` > 0 the waves are counted over ``SMs - comm_sms``
+  (communication kernels hold their CTAs' SMs while they overlap compute; TokenWeave's fused
+  kernel 2-8 CTAs, its comm slowdown measured per CTA count: REFERENCE.md §4), at the same per-SM
+  rate: ``util = tiles / (ceil(tiles / (SMs - comm_sms)) * SMs)``.
 - Memory-bound ops (merge of partials, packing ``qg``): ``launch + bytes moved / HBM``; a merge
   reads the partial and the accumulator and writes the accumulator (3x the partial's bytes).
 - A CPU profile (``host_cores`` > 0) whose node runs more ranks than cores slows every kernel by
@@ -75,7 +79,8 @@ class CostModel:
     """Prices schedule ops for one shape on one cluster with a given layout (results cached)."""
 
     def __init__(self, shape: AttentionShape, cluster: Cluster, layout: str,
-                 head_shards: int | None = None, window: tuple[int, int] | None = None) -> None:
+                 head_shards: int | None = None, window: tuple[int, int] | None = None, *,
+                 comm_sms: int = 0) -> None:
         self.shape = shape
         self.window = window  # sliding window (left, right) of the schedules priced: masked blocks
         self.cluster = cluster
@@ -90,6 +95,10 @@ class CostModel:
         self.device = cluster.node.device
         cores = cluster.node.host_cores
         self.slowdown = max(1.0, cluster.gpus_per_node / cores) if cores else 1.0
+        # SMs held by communication kernels while kernels run (module docstring); 0: none. NCCL's
+        # point-to-point kernels also hold SMs, but no sourced count per transfer was found, so the
+        # attention schedules are priced with 0 unless a caller sets it
+        self.comm_sms = check_int(comm_sms, "comm_sms", lo=0, hi=max(0, self.device.sms - 1))
         self._cache: dict[tuple, float] = {}
 
     @classmethod
@@ -157,7 +166,8 @@ class CostModel:
                   shape_eff: float = 1.0) -> float:
         dev = self.device
         tiles = math.ceil(q_tokens / TILE_ROWS) * heads * self.shape.batch
-        util = tiles / (math.ceil(tiles / dev.sms) * dev.sms) if tiles else 1.0
+        free = max(1, dev.sms - self.comm_sms)
+        util = tiles / (math.ceil(tiles / free) * dev.sms) if tiles else 1.0
         eff = (dev.attn_eff_bwd if backward else dev.attn_eff_fwd) * shape_eff
         busy = max(flops / (dev.flops * eff * util), num_bytes / dev.hbm_bw)
         return (dev.launch_s + busy) * self.slowdown
