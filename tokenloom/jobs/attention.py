@@ -94,15 +94,12 @@ def job(comm, cfg: AttentionRun) -> dict:
     import torch
 
     from tokenloom.comm import health
-    from tokenloom.kernels import select_impl
     from tokenloom.parallel import gather_sequence, shard_sequence, sp_attention
 
     rank, world_size, device = comm.rank, comm.world_size, comm.device
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch_dtype(dtype_name)
     strategy = _strategy(cfg, world_size, dtype)
-    # the Triton block kernel has no window yet: a windowed run takes torch's SDPA on the GPU
-    impl = "sdpa" if cfg.window is not None and select_impl(device) == "triton" else None
     hkv = cfg.kv_heads or cfg.heads
     gen = torch.Generator().manual_seed(cfg.seed)  # same full tensors on every rank
     shapes = [(cfg.batch, cfg.seq, cfg.heads, cfg.head_dim), (cfg.batch, cfg.seq, hkv, cfg.head_dim),
@@ -116,7 +113,7 @@ def job(comm, cfg: AttentionRun) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         out, lse = sp_attention(q, k, v, strategy=strategy, causal=cfg.causal, layout=cfg.layout,
-                                return_lse=True, window_size=cfg.window, impl=impl)
+                                return_lse=True, window_size=cfg.window)
         _sync(device)
         t1 = time.perf_counter()
         if cfg.backward:
