@@ -77,7 +77,7 @@ def _advise(args: argparse.Namespace) -> int:
         return 0
     print(f"{cluster.describe()}: seq {shape.seq_len}, heads {shape.num_heads}/{shape.kv_heads} kv, head_dim "
           f"{shape.head_dim}, {'causal' if args.causal else 'full'}"
-          f"{f', window {args.window}' if args.window else ''}, "
+          f"{f', window {advice.winner.window}' if advice.winner.window else ''}, "
           f"{'forward+backward' if args.backward else 'forward'}")
     print(f"  {'strategy':<20}{'layout':<12}{'total ms':>10}{'compute':>10}{'exposed':>10}{'overlap':>9}"
           f"{'GB/rank':>10}")

@@ -71,7 +71,7 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
     shape.add_argument("--causal", action="store_true", help="causal mask (default: full attention)")
     shape.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
-                       help=WINDOW_HELP + "; priced block by block (priced on the event engine)")
+                       help=WINDOW_HELP + "; hidden blocks cost nothing, masked ones their visible share (event engine)")
     shape.add_argument("--backward", action="store_true",
                        help="also simulate the backward pass (after the forward pass)")
     p.add_argument("--max-transfers", type=arg_int(1, MAX_TRANSFERS_CEILING), default=None, metavar="N",
