@@ -59,3 +59,11 @@ def test_tokenring_readme_per_step_times_on_4_a10():
     assert ring[1] == pytest.approx(7.6, rel=0.05)  # K+V, 98.3 MB at 13 GB/s = 7.56 ms
     assert max(token[:4]) < 0.75 * ring[1]  # TokenRing clearly faster per step, as measured
     assert token[2] < 1.1 * token[1]  # outputs no longer halve the queries' rate (was 1.6x)
+
+
+def test_advise_ranks_tokenring_over_ring_where_the_readme_measured_it():
+    from tokenloom.simulator import advise_attention
+
+    res = advise_attention(make_cluster("a10-pcie", 4), AttentionShape(24000, 32, 128), causal=True, backward=False,
+                           strategies=("tokenring", "ring"), layouts=("zigzag",))
+    assert res.winner.strategy == "tokenring"
