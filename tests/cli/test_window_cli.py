@@ -83,3 +83,14 @@ def test_simulate_prices_the_window(capsys):
     assert "window" not in full and windowed["window"] == [256, 0]  # causal folds the right side
     # causal work is S^2/2 token pairs, a 256 window about 256 S: the compute shrinks by > 10x
     assert windowed["compute_ms"] < full["compute_ms"] / 10
+
+
+def test_advise_ranks_by_the_windowed_price(capsys):
+    """8 H100s, 16K causal, 8 heads: Ulysses wins without a window; a 256-token window hides most
+    blocks, so a ring that only talks to its neighbours wins (the simulator's own prices decide)."""
+    def winner(*extra):
+        assert _main(["advise", "attention", *SIM, "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["winner"]["strategy"]
+
+    assert winner() == "ulysses"
+    assert winner("--window", "256") in ("tokenring", "ring")
