@@ -174,11 +174,12 @@ def _drop(*path: str):
 
 
 _GOOD = json.dumps({"mine": _spec()})
+_LAT = f'"latency_s": {json.dumps(_spec()["link"]["latency_s"])}'  # the first latency field of _GOOD
 HW_ROWS = [
     # (id, file content: str | bytes | callable, words the error must contain)
-    ("nan latency", _GOOD.replace('"latency_s": 6e-06', '"latency_s": NaN', 1), ["NaN"]),
-    ("infinity", _GOOD.replace('"latency_s": 6e-06', '"latency_s": -Infinity', 1), ["Infinity"]),
-    ("1e400", _GOOD.replace('"latency_s": 6e-06', '"latency_s": 1e400', 1), ["1e400"]),
+    ("nan latency", _GOOD.replace(_LAT, '"latency_s": NaN', 1), ["NaN"]),
+    ("infinity", _GOOD.replace(_LAT, '"latency_s": -Infinity', 1), ["Infinity"]),
+    ("1e400", _GOOD.replace(_LAT, '"latency_s": 1e400', 1), ["1e400"]),
     ("null bw", _edit(["link", "bw"], None), ["mine.link.bw", "null"]),
     ("list bw", _edit(["link", "bw"], [1, 2]), ["mine.link.bw", "list"]),
     ("string bw", _edit(["link", "bw"], "fast"), ["mine.link.bw", "fast"]),
@@ -346,7 +347,7 @@ def _cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def test_entry_point_nan_hardware_file_does_not_spin(tmp_path):
     hw = tmp_path / "hw.json"
-    hw.write_text(_GOOD.replace('"latency_s": 6e-06', '"latency_s": NaN', 1))
+    hw.write_text(_GOOD.replace(_LAT, '"latency_s": NaN', 1))
     res = _cli(*_with(SIM, hardware="mine"), "--hardware-file", str(hw), timeout=60)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "--hardware-file" in res.stderr and "NaN" in res.stderr
