@@ -23,7 +23,7 @@ from tokenloom.simulator.lockstep import lockstep_supported, simulate_plan
 from tokenloom.simulator.ringfast import compile_ring
 from tokenloom.simulator.timeline import Timeline
 from tokenloom.common.checks import check_choice, check_int
-from tokenloom.common.vocab import LAYOUTS
+from tokenloom.common.vocab import LAYOUTS, Strategy
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _schedule(dims: ParallelDims, causal: bool, backward: bool) -> Schedule:
 # route, price, record; measured on one 2.x GHz core), so 1024 GPUs would take many minutes and
 # gigabytes. Refuse up front instead; the limit admits 256 GPUs for one forward pass (~25 s here).
 MAX_SIM_TRANSFERS = 150_000
-_TRANSFERS_PER_RANK_SQUARED = {"tokenring": 2, "ring": 2, "ulysses": 3}
+_TRANSFERS_PER_RANK_SQUARED = {Strategy.TOKENRING: 2, Strategy.RING: 2, Strategy.ULYSSES: 3}
 
 
 def estimated_transfers(strategy: str, world_size: int, backward: bool) -> int:
