@@ -61,3 +61,12 @@ def test_the_curve_fits_the_measured_h200_rows():
     assert gemm_seconds(dev, 128, 1280, 8192, call_s=TIMED_CALL_S) - gemm_seconds(dev, 128, 1280, 8192) == \
         pytest.approx(TIMED_CALL_S - dev.launch_s)
     assert not math.isnan(errors[0])
+
+
+def test_the_committed_constants_are_what_the_fit_finds_on_the_rows():
+    from tokenloom.simulator.gemm import GEMM_TILE, fit_gemm_curve
+
+    rows = [(r["m"], r["n"], r["k"], r["published"]) for r in load_rows() if r["id"].startswith("h200-gemm-")]
+    fit, worst = fit_gemm_curve(CATALOG["h200-sxm"].device, rows)
+    assert (fit["eff"], fit["k_half"], fit["tile"]) == (GEMM_EFF, GEMM_K_HALF, GEMM_TILE)
+    assert fit["call_s"] == pytest.approx(TIMED_CALL_S) and worst < 0.17
