@@ -8,7 +8,10 @@ What is measured (CUDA events, median of a few calls after a warm-up), on one GP
   bf16); TFLOP/s counted the FlashAttention way (4 b s^2 h d, half causal, backward 2.5x);
 - GEMM: bf16 ``torch.matmul`` of n x n x n for n in 1K..8K; the best is taken as the achievable
   dense peak (``device.flops``), so the attention efficiencies are shares of what this GPU reaches;
-- memory bandwidth: a copy of a 1 GiB tensor (read + write).
+- memory bandwidth: a copy of a 1 GiB tensor (read + write);
+- GEMM shapes: the four Llama-3.3-70B TP8 projections at 128..32K tokens, one call at a time, fitted
+  with :func:`tokenloom.simulator.gemm.fit_gemm_curve` and reported (``measured.gemm_curve``) beside
+  the constants simulator/gemm.py prices with (informational: the catalog's curve is not per GPU).
 
 Then :func:`fit_curve` fits the cost model's attention efficiency curve (``attn_eff_fwd/bwd``,
 ``attn_kv_half*``, ``attn_causal_eff``; :meth:`CostModel.shape_efficiency`) to the attention rows by
@@ -149,6 +152,26 @@ def measure_gemm(sizes: tuple[int, ...] = GEMM_SIZES) -> dict[int, float]:
     return out
 
 
+# The four projections of one Llama-3.3-70B layer at TP 8, (K, N): what simulate tokenweave prices
+GEMM_SHAPES = ((8192, 1280), (1024, 8192), (8192, 7168), (3584, 8192))
+GEMM_TOKENS = (128, 512, 2048, 8192, 32768)
+
+
+def measure_gemm_shapes(tokens: tuple[int, ...] = GEMM_TOKENS) -> list[tuple[int, int, int, float]]:
+    """(m, n, k, TFLOP/s) of ``x @ w`` for :data:`GEMM_SHAPES`, timed one call at a time (as the
+    calibration set's h200-gemm rows were, so :func:`~tokenloom.simulator.gemm.fit_gemm_curve`
+    applies)."""
+    import torch
+
+    rows = []
+    for k, n in GEMM_SHAPES:
+        w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            rows.append((m, n, k, 2.0 * m * n * k / time_ms(lambda: x @ w) / 1e9))
+    return rows
+
+
 def measure_hbm(nbytes: int = 1 << 30) -> float:
     import torch
 
@@ -181,10 +204,17 @@ def measure_cuda_profile(*, quick: bool = False) -> dict:
                      hbm_bw=hbm)
     fitted, worst = fit_curve(device, rows)
     node = replace(base, name="this-gpu", device=fitted, gpus_per_node=max(1, torch.cuda.device_count()))
+    from tokenloom.simulator.gemm import fit_gemm_curve
+
+    shapes = measure_gemm_shapes(GEMM_TOKENS[1::2] if quick else GEMM_TOKENS)
+    gemm_fit, gemm_worst = fit_gemm_curve(replace(fitted, flops=base.device.flops), shapes)
     entry = node_to_dict(node)
     entry["measured"] = {"gpu": props.name, "gemm_tflops": {str(k): v for k, v in gemm.items()}, "hbm_gbs": hbm / 1e9,
                          "attention_tflops": [{"pass": p, "causal": c, "seq": s, "tflops": t} for p, c, s, t in rows],
-                         "fit_worst_rel_error": worst}
+                         "fit_worst_rel_error": worst,
+                         # against the datasheet peak, as simulator/gemm.py's constants are (informational)
+                         "gemm_shapes": [{"m": m, "n": n, "k": k, "tflops": t} for m, n, k, t in shapes],
+                         "gemm_curve": {**gemm_fit, "tile": list(gemm_fit["tile"]), "worst_rel_error": gemm_worst}}
     return entry
 
 
@@ -197,5 +227,10 @@ def format_profile(entry: dict) -> str:
              f"  {'pass':<5}{'mask':<8}{'seq':>7}{'TFLOP/s':>10}"]
     for r in m["attention_tflops"]:
         lines.append(f"  {r['pass']:<5}{'causal' if r['causal'] else 'full':<8}{r['seq']:>7}{r['tflops']:>10.1f}")
+    g = m.get("gemm_curve")
+    if g:
+        lines.append(f"  GEMM curve (simulator/gemm.py form): eff {g['eff']:.2f} of datasheet peak, K half {g['k_half']:.0f}, "
+                     f"tile {g['tile'][0]}x{g['tile'][1]}, one-call cost {g['call_s'] * 1e6:.0f} us; "
+                     f"worst error {g['worst_rel_error']:.1%} over {len(m['gemm_shapes'])} shapes")
     return "\n".join(lines)
 

@@ -69,3 +69,21 @@ def test_cuda_calibration_measures_and_fits(tmp_path, capsys):
     assert entry["measured"]["fit_worst_rel_error"] < 0.25 and entry["device"]["flops"] > 1e12
     assert main(["simulate", "attention", "--hardware-file", str(out), "--hardware", "this-gpu", "--gpus", "1",
                  "--seq", "8K", "--heads", "16", "--head-dim", "128", "--causal", "--json"]) == 0
+
+
+def test_profile_report_includes_the_gemm_curve_fitted_to_its_shapes():
+    from tokenloom.simulator.calibrate_gpu import GEMM_SHAPES, GEMM_TOKENS, format_profile
+    from tokenloom.simulator.gemm import TIMED_CALL_S, fit_gemm_curve, gemm_seconds
+
+    dev = CATALOG["h100-sxm"].device
+    shapes = [(m, n, k, 2.0 * m * n * k / gemm_seconds(dev, m, n, k, call_s=TIMED_CALL_S) / 1e12)
+              for k, n in GEMM_SHAPES for m in GEMM_TOKENS]
+    fit, worst = fit_gemm_curve(dev, shapes)  # rows made by the model itself: recovered exactly
+    assert worst < 1e-9 and fit["eff"] == 0.88 and fit["tile"] == (64, 128)
+    entry = {"device": {"attn_eff_fwd": 0.4, "attn_kv_half": 2048, "attn_eff_bwd": 0.3, "attn_kv_half_bwd": 2048,
+                        "attn_causal_eff": 1.0, "attn_kv_half_causal": 4096},
+             "measured": {"gpu": "test", "gemm_tflops": {"8192": 800.0}, "hbm_gbs": 4190.0, "attention_tflops": [],
+                          "fit_worst_rel_error": 0.05,
+                          "gemm_shapes": [{"m": m, "n": n, "k": k, "tflops": t} for m, n, k, t in shapes],
+                          "gemm_curve": {**fit, "tile": list(fit["tile"]), "worst_rel_error": worst}}}
+    assert "GEMM curve (simulator/gemm.py form): eff 0.88" in format_profile(entry)
