@@ -21,6 +21,7 @@ import time
 import torch
 
 from tokenloom.comm.launch.local import spawn_ranks
+from tokenloom.common.vocab import STRATEGIES
 
 
 def _inputs(seq, heads, head_dim, seed=0):
@@ -93,7 +94,7 @@ def main() -> None:
             1, _single, "block_attention", impl, *shape, timeout=1800, threads=cores)[0]
     threads = max(1, cores // args.world_size)
     for impl in impls:
-        for strategy in ("tokenring", "ring", "ulysses"):
+        for strategy in STRATEGIES:
             times = spawn_ranks(args.world_size, _distributed, strategy, impl, *shape, timeout=1800,
                                 threads=threads)
             rows[(f"{strategy}, {args.world_size} ranks", impl)] = (max(t[0] for t in times),

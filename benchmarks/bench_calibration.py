@@ -21,6 +21,7 @@ import time
 import torch
 
 from tokenloom.comm.launch.local import spawn_ranks
+from tokenloom.common.vocab import STRATEGIES
 from tokenloom.simulator.cost import AttentionShape
 from tokenloom.simulator.hardware import PROFILE_ENV, cpu_profile_path, make_cluster
 from tokenloom.simulator.scenario import simulate_attention
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--strategies", nargs="+", default=["tokenring", "ring", "ulysses"])
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     args = p.parse_args(argv)
     if args.calibrate:
         from tokenloom.simulator.calibrate import calibrate

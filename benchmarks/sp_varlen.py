@@ -16,6 +16,7 @@ import time
 import torch
 
 from tokenloom.comm.launch.local import spawn_ranks
+from tokenloom.common.vocab import STRATEGIES
 
 DOCS = (1, 4, 16, 64)
 
@@ -51,7 +52,7 @@ def main() -> None:
     print(f"| {args.world_size} gloo ranks, seq {args.seq}, 8 heads x 64, causal fwd+bwd | "
           + " | ".join("dense" if d == 1 else f"{d} docs" for d in DOCS) + " |")
     print("|---|" + "---:|" * len(DOCS))
-    for strategy in ("tokenring", "ring", "ulysses"):
+    for strategy in STRATEGIES:
         t = max((r for r in spawn_ranks(args.world_size, _measure, args.seq, args.iters, strategy,
                                         timeout=600)), key=lambda r: r[1])
         cells = [f"{t[d] * 1e3:.0f} ms" + ("" if d == 1 else f" ({t[d] / t[1]:.2f}x)") for d in DOCS]
