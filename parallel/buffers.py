@@ -63,6 +63,9 @@ class Held:
 
     chunks: tuple[int, ...]
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a fold destination: chunks nothing was folded into yet (still zeros / lse = -inf), where the
+    # first fold is a copy instead of a merge or an add (None: not a fold destination)
+    untouched: set[int] | None = None
 
 
 def seq_dim(width: str) -> int:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 
-from tokenloom.comm.topology import causal_pair_kind
 from tokenloom.common.errors import UsageError
+from tokenloom.parallel.blocks import make_blocks, ordered as _ordered, window_blocks
 from tokenloom.parallel.dims import STRATEGIES, ParallelDims, describe_strategy, hybrid_name, parse_strategy
 from tokenloom.parallel.layout import SeqLayout, normalize_window
 from tokenloom.parallel.schedule import (
@@ -51,68 +51,6 @@ from tokenloom.parallel.schedule import (
 
 __all__ = ["STRATEGIES", "ParallelDims", "build_schedule", "describe_strategy", "hybrid_name", "make_blocks",
            "parse_strategy", "schedule_for", "window_blocks"]
-
-
-def _ordered(chunks: set[int], order: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(c for c in order if c in chunks)
-
-
-def make_blocks(pairs: list[tuple[int, int]], q_order: tuple[int, ...], kv_order: tuple[int, ...],
-                causal: bool) -> tuple[Block, ...]:
-    """Group pairs into as few kernel calls as the masks allow.
-
-    Each query chunk takes its key chunks in buffer order; a causal list must be
-    ``full..., diag`` so that one bottom-right causal mask covers it. Query chunks with the same
-    all-visible key list share one call.
-    """
-    by_q: dict[int, list[int]] = defaultdict(list)
-    for qc, kc in pairs:
-        by_q[qc].append(kc)
-    groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
-    for qc in q_order:
-        if qc not in by_q:
-            continue
-        kvs = _ordered(set(by_q[qc]), kv_order)
-        kinds = [causal_pair_kind(qc, kc) if causal else "full" for kc in kvs]
-        is_causal = kinds[-1] == "diag"
-        assert all(k == "full" for k in kinds[:-1]), (qc, kvs, kinds)
-        groups.setdefault((kvs, is_causal), []).append(qc)
-    blocks = []
-    for (kvs, is_causal), qcs in groups.items():
-        if is_causal:
-            blocks.extend(Block((qc,), kvs, True) for qc in qcs)
-        else:
-            blocks.append(Block(tuple(qcs), kvs, False))
-    return _join_diagonals(blocks)
-
-
-def window_blocks(pairs: list[tuple[int, int]], q_order: tuple[int, ...], kv_order: tuple[int, ...],
-                  seq: SeqLayout) -> tuple[Block, ...]:
-    """Blocks under a sliding window: pairs the window shows whole are grouped as in
-    :func:`make_blocks` (no mask); each pair it shows in part is its own ``masked`` block."""
-    full = [(qc, kc) for qc, kc in pairs if seq.pair_kind(qc, kc) == "full"]
-    partial = [(qc, kc) for qc, kc in pairs if seq.pair_kind(qc, kc) == "partial"]
-    blocks = list(make_blocks(full, q_order, kv_order, False)) if full else []
-    order_q, order_kv = {c: i for i, c in enumerate(q_order)}, {c: i for i, c in enumerate(kv_order)}
-    for qc, kc in sorted(partial, key=lambda p: (order_q[p[0]], order_kv[p[1]])):
-        blocks.append(Block((qc,), (kc,), False, masked=True))
-    return tuple(blocks)
-
-
-def _join_diagonals(blocks: list[Block]) -> tuple[Block, ...]:
-    """Merge causal blocks ``q=(c,), kv=P+(c,)`` and ``q=(c+1,), kv=P+(c, c+1)`` into one causal
-    block ``q=(c, c+1), kv=P+(c, c+1)``: bottom-right alignment over the concatenation is exactly
-    the pair mask then, and one kernel call replaces several (a whole Ulysses pass is one)."""
-    out: list[Block] = []
-    for blk in blocks:
-        prev = out[-1] if out else None
-        qc = blk.q_chunks[0] if blk.causal else None
-        if (prev is not None and prev.causal and blk.causal and qc == prev.q_chunks[-1] + 1
-                and blk.kv_chunks == prev.kv_chunks + (qc,)):
-            out[-1] = Block(prev.q_chunks + (qc,), blk.kv_chunks, True)
-        else:
-            out.append(blk)
-    return tuple(out)
 
 
 class _Steps:

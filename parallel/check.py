@@ -186,7 +186,7 @@ def check_schedule(sched: Schedule) -> None:
                 if not set(blk.q_chunks) <= set(op.q_src.chunks) or not set(blk.kv_chunks) <= set(op.kv_src.chunks):
                     _fail(sched, r, s, f"block {blk} outside its sources {op.q_src}, {op.kv_src}")
                 _check_block_mask(sched, r, s, blk)
-                pairs |= {(qc, kc, op.head_shard[0]) for qc, kc in blk.pairs()}
+                pairs |= {(qc, kc, op.head_shard[0]) for qc, kc in _computed_pairs(sched, blk)}
             if pairs & computed:
                 _fail(sched, r, s, f"pairs {sorted(pairs & computed)[:4]} computed twice")
             computed.update(pairs)
@@ -273,12 +273,29 @@ def _window_sees(q_span: tuple[int, int], k_span: tuple[int, int], window: tuple
     return max(lo_off, lo_ok) <= min(hi_off, hi_ok), lo_ok <= lo_off and hi_off <= hi_ok
 
 
+def _computed_pairs(sched: Schedule, blk) -> list[tuple[int, int]]:
+    """The pairs a block computes: a masked block (a run of chunks against a run) only those its
+    window shows some token of, from the positions (hidden pairs of the rectangle cost nothing)."""
+    if not blk.masked:
+        return blk.pairs()
+    seq = sched.seq_layout
+    out = []
+    for qc, kc in blk.pairs():
+        q_spans, k_spans = seq.spans(qc), seq.spans(kc)
+        if any(_window_sees(q_spans[d], k_spans[d], seq.window, sched.causal)[0]
+               for d in q_spans.keys() & k_spans.keys()):
+            out.append((qc, kc))
+    return out
+
+
 def _check_block_mask(sched: Schedule, rank: int, step: int, blk) -> None:
     """Under a window, a block without a mask must only hold pairs the window shows whole."""
     seq = sched.seq_layout
     if seq.window is None or blk.masked:
-        if blk.masked and (len(blk.q_chunks), len(blk.kv_chunks)) != (1, 1):
-            _fail(sched, rank, step, f"masked block {blk} must be one chunk against one chunk")
+        runs = all(c == (cs[0] + i) for cs in (blk.q_chunks, blk.kv_chunks) for i, c in enumerate(cs))
+        if blk.masked and (seq.window is None or not runs):
+            _fail(sched, rank, step, f"masked block {blk} must be a run of consecutive query chunks "
+                  "against a run of consecutive key chunks, under a window")
         return
     for qc in blk.q_chunks:
         q_spans, k_spans = seq.spans(qc), None

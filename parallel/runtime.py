@@ -83,6 +83,13 @@ class Groups:
         return sp_rank // self.ulysses
 
 
+def _run_start(seq, segs: list[Segment]) -> int:
+    """Global position of the first token of ``segs``, which must be consecutive positions."""
+    starts = [seq.global_pos(c, o) for c, o, _ in segs]
+    assert all(a + n == b for a, (_, _, n), b in zip(starts, segs, starts[1:])), segs
+    return starts[0]
+
+
 class StepError(RuntimeError):
     """A step failed for a reason other than communication; the message marks the step."""
 
@@ -139,7 +146,7 @@ class Runner:
         """The fold destination ``buf``, created empty (zeros, lse = -inf) when absent."""
         held = store.get(buf.key)
         if held is None:
-            held = store[buf.key] = Held(buf.chunks, alloc(buf, self.dims, fill=True))
+            held = store[buf.key] = Held(buf.chunks, alloc(buf, self.dims, fill=True), set(buf.chunks))
         else:
             assert set(buf.chunks) <= set(held.chunks), (self.rank, buf, held.chunks)
         return held
@@ -153,6 +160,15 @@ class Runner:
     def _fold(self, dst: Held, segs: list[Segment], fields: dict[str, torch.Tensor]) -> None:
         """Fold a partial over ``segs`` into ``dst``: lse-merge for outputs, sum for grads."""
         ranges = seg_ranges(self.dims.chunk_lens, dst.chunks, segs)
+        fresh = dst.untouched is not None and all(c in dst.untouched for c, _, _ in segs)
+        if dst.untouched is not None:
+            dst.untouched.difference_update(c for c, _, _ in segs)
+        if fresh:  # rows still at zeros / -inf: the merge or sum would return the partial itself
+            for name, value in fields.items():
+                dim = 2 if name == "lse" else 1
+                for view, j, n in place(dst.fields[name], dim, ranges):
+                    view.copy_(value.narrow(dim, j, n))
+            return
         if "lse" in fields:
             for (o_view, j, n), (l_view, _, _) in zip(place(dst.fields["out"], 1, ranges),
                                                       place(dst.fields["lse"], 2, ranges)):
@@ -191,13 +207,12 @@ class Runner:
                 self._fold(dst_kv, kv_segs, {"dk": dk.to(d.acc), "dv": dv.to(d.acc)})
 
     def _position_mask(self, q_segs: list[Segment], kv_segs: list[Segment]) -> PositionMask:
-        """A masked block (sliding window) is one run of query positions against one run of key
-        positions: their starts and the schedule's window."""
-        assert len(q_segs) == 1 and len(kv_segs) == 1, (q_segs, kv_segs)
+        """A masked block (sliding window) is one run of consecutive query positions against one
+        run of key positions (segments of consecutive chunks of one document): their starts and
+        the schedule's window."""
         seq = self.schedule.seq_layout
         assert seq.window is not None, "a masked block in a schedule without a window"
-        (qc, qo, _), (kc, ko, _) = q_segs[0], kv_segs[0]
-        return PositionMask(seq.global_pos(qc, qo), seq.global_pos(kc, ko), *seq.window)
+        return PositionMask(_run_start(seq, q_segs), _run_start(seq, kv_segs), *seq.window)
 
     def _pack(self, store: dict, op: Pack) -> None:
         by_kind = {b.kind: self._get(store, b) for b in op.srcs}

@@ -193,8 +193,9 @@ class Block:
 
     ``causal`` means the bottom-right-aligned causal mask over the concatenated chunks; the
     builder only emits it when that equals the per-pair chunk mask. ``masked`` (sliding windows):
-    one query chunk against one key chunk that the window shows only in part; the runtime masks it
-    by token position (printed ``w``).
+    a run of consecutive query chunks against a run of consecutive key chunks (often one against
+    one) that the window shows only in part; the runtime masks it by token position and computes
+    only the pairs the window shows (printed ``w``).
     """
 
     q_chunks: tuple[int, ...]

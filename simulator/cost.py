@@ -142,8 +142,10 @@ class CostModel:
             q = np.asarray(block.q_chunks)[:, None]
             k = np.asarray(block.kv_chunks)[None, :]
             n_full, n_diag = int((k < q).sum()), int((k == q).sum())
-        elif block.masked and self.window is not None:  # a window pair: priced by its visible share
-            n_full, n_diag = window_share(block.kv_chunks[0] - block.q_chunks[0], self.chunk, self.window), 0
+        elif block.masked and self.window is not None:  # window pairs: priced by their visible share
+            n_full = sum(window_share(kc - qc, self.chunk, self.window) for qc in block.q_chunks
+                         for kc in block.kv_chunks)
+            n_diag = 0
         else:
             n_full, n_diag = len(block.q_chunks) * len(block.kv_chunks), 0
         s = self.shape
