@@ -7,15 +7,32 @@ a kv head are folded into query rows, so K and V are never copied or repeated (G
 
 :func:`cache_block` takes q ``(batch, t, heads, head_dim)`` (BSHD, as everywhere) and k/v BHSD, and
 returns ``(out, lse)`` like :func:`tokenloom.kernels.block_forward`: ``out`` ``(batch, t, heads,
-head_dim)`` in the accumulation dtype, ``lse`` ``(batch, heads, t)``. On CPU it calls the fused op
-that returns the log-sum-exp; elsewhere, and for the causal square of the new tokens against
-themselves (small), the dispatched block kernel on transposed views.
+head_dim)`` in the accumulation dtype, ``lse`` ``(batch, heads, t)``.
+
+Paths:
+
+* a full block (no window, no soft-cap): on CPU the fused op that returns the log-sum-exp, on CUDA
+  torch's fused SDPA ops (:mod:`tokenloom.kernels.sdpa`). **Non-finite inputs** (the guarantee of
+  :mod:`tokenloom.kernels.masks`) are caught without scanning the cache, which would double a
+  memory-bound step: in a block with no masked pair the fused result equals plain softmax
+  attention whenever it is finite, and a nan or inf that reaches any visible pair makes ``out`` or
+  ``lse`` non-finite (or, on the CPU op, a row whose scores are all -inf comes back as exact
+  zeros); so the small q, ``out`` and ``lse`` are checked and only such a result reruns the block
+  on the exact visible-pairs path.
+* the causal square of the new tokens against themselves and soft-capped blocks: the dispatched
+  block kernel (:func:`tokenloom.kernels.block_forward`, which scans its inputs itself).
+* a sliding window (``left >= 0``; decode is causal, so a query at position i sees keys at
+  positions ``i - left .. i``): keys are chosen by their stored positions. Keys no row sees are
+  never read (a rank whose whole shard is outside the window returns an empty partial at once);
+  keys every row sees run the full-block path; a block whose rows see different keys runs with an
+  explicit visibility matrix (the exact path when an input is non-finite).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tokenloom.kernels.masks import all_finite, exact_forward
 from tokenloom.kernels.reference import acc_dtype
 
 _CPU_FUSED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -35,19 +52,88 @@ def _unfold(out: torch.Tensor, lse: torch.Tensor, t: int) -> tuple[torch.Tensor,
     return out, lse.reshape(b, hkv * g, t)
 
 
-def cache_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-                impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of new queries over cached keys (see module docstring). ``causal``: the
-    bottom-right causal mask (the new tokens against themselves)."""
+def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = acc_dtype(q.dtype)
-    t = q.shape[1]
-    if (not causal and q.device.type == "cpu" and q.dtype in _CPU_FUSED and scale != 0.0
-            and impl in (None, "sdpa") and k.stride(-1) == 1):
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out, lse = op(_fold(q, k.shape[1]), k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
-        out, lse = _unfold(out, lse, t)
-        return out.to(acc), lse.to(acc)
+    b, t, h, d = q.shape
+    return (torch.zeros(b, t, h, d, dtype=acc, device=q.device),
+            torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device))
+
+
+def cache_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                impl: str | None = None, softcap: float | None = None, q_pos: int = 0,
+                k_pos: torch.Tensor | None = None, left: int = -1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of new queries over cached keys (see module docstring). ``causal``: the
+    bottom-right causal mask (the new tokens against themselves). ``left >= 0``: a causal sliding
+    window; ``q_pos`` is the position of query row 0 (rows consecutive) and ``k_pos`` ``(seq_k,)``
+    int64 the keys' positions (``causal`` is then implied by the positions)."""
+    if left >= 0:
+        return _windowed(q, k, v, scale, impl, softcap, q_pos, k_pos, left)
+    if causal or softcap is not None or scale == 0.0:
+        return _dispatched(q, k, v, causal, scale, impl, softcap)
+    return _full(q, k, v, scale, impl)
+
+
+def _dispatched(q, k, v, causal, scale, impl, softcap):
     from tokenloom import kernels
 
     return kernels.block_forward(q, k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                                 softmax_scale=scale, impl=impl)
+                                 softmax_scale=scale, impl=impl, softcap=softcap)
+
+
+def _full(q, k, v, scale, impl) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query sees every key: a fused op, its result checked instead of its inputs."""
+    from tokenloom import kernels
+    from tokenloom.kernels import sdpa
+
+    if kernels.select_impl(q.device, impl) != "sdpa" or not sdpa.supported(q) or not k.shape[2]:
+        return _dispatched(q, k, v, False, scale, impl, None)
+    acc = acc_dtype(q.dtype)
+    if q.device.type == "cpu" and q.dtype in _CPU_FUSED and k.stride(-1) == 1:
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = op(_fold(q, k.shape[1]), k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
+        out, lse = _unfold(out, lse, q.shape[1])
+        out, lse = out.to(acc), lse.to(acc)
+    else:
+        out, lse = sdpa.forward(q, k.transpose(1, 2), v.transpose(1, 2), causal=False,
+                                softmax_scale=scale)
+    # finite and not an all-zero row: the CPU op answers a row whose scores are all -inf (infinite
+    # keys) with out = 0, lse = 0 where plain softmax gives nan; a zero row reruns exactly (right,
+    # only slower, for a real zero)
+    if all_finite(q, out, lse) and not bool((out == 0).all(-1).any()):
+        return out, lse
+    vis = torch.ones(q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)
+    return exact_forward(q, k.transpose(1, 2), v.transpose(1, 2), vis, scale)
+
+
+def _keys(t: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """``t[:, :, sel]`` (BHSD) as a view when the selected keys are one run, else a copy."""
+    idx = sel.nonzero().view(-1)
+    a, b = int(idx[0]), int(idx[-1]) + 1
+    return t[:, :, a:b] if b - a == idx.numel() else t.index_select(2, idx)
+
+
+def _windowed(q, k, v, scale, impl, softcap, q_pos: int, k_pos: torch.Tensor, left: int):
+    t = q.shape[1]
+    if k_pos is None or k_pos.shape != (k.shape[2],):
+        raise AssertionError("a windowed decode block needs one position per key")
+    sel = (k_pos >= q_pos - left) & (k_pos <= q_pos + t - 1)  # keys some row sees
+    if not bool(sel.any()):
+        return _empty(q)  # the whole block is outside the window: nothing read
+    if not bool(sel.all()):
+        k, v, k_pos = _keys(k, sel), _keys(v, sel), k_pos[sel]
+    qp = torch.arange(q_pos, q_pos + t, device=k_pos.device)[:, None]
+    vis = (k_pos[None, :] <= qp) & (k_pos[None, :] >= qp - left)
+    if bool(vis.all()):
+        return cache_block(q, k, v, causal=False, scale=scale, impl=impl, softcap=softcap)
+    vis = vis.to(q.device)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    if not all_finite(q, k, v):
+        return exact_forward(q, kt, vt, vis, scale, softcap)
+    from tokenloom import kernels
+    from tokenloom.kernels import reference, sdpa
+
+    if softcap is None and scale != 0.0 and kernels.select_impl(q.device, impl) == "sdpa":
+        return sdpa.forward(q, kt, vt, causal=False, softmax_scale=scale, mask=vis)
+    return reference.attention_with_lse(q, kt, vt, causal=False, softmax_scale=scale,
+                                        out_dtype=acc_dtype(q.dtype), mask=vis, softcap=softcap)

@@ -31,22 +31,20 @@ import torch
 
 from tokenloom.comm.communicator import Communicator
 from tokenloom.common.errors import UsageError
-from tokenloom.parallel.agree import check_scale, code_of, float_code
-from tokenloom.parallel.decode_agree import FIELDS, describe, identity, post_agreement, wait_agreement
-from tokenloom.parallel.decode_check import check_decode_schedule
-from tokenloom.parallel.decode_runtime import DecodeRunner, Held, Shape, Timing
-from tokenloom.parallel.decode_schedule import (
-    DECODE_STRATEGIES, build_decode_schedule, part_lens, part_of, part_range,
-    part_rank)
+from tokenloom.kernels.masks import poison_dead_rows
+from tokenloom.parallel.agree import check_scale, check_softcap, code_of, float_code
+from tokenloom.parallel.decode_agree import (
+    FIELDS, describe, identity, payload_fits, payload_of, post_agreement, wait_agreement)
+from tokenloom.parallel.decode_call import Call, new_token_part
+from tokenloom.parallel.decode_runtime import Timing
+from tokenloom.parallel.decode_schedule import DECODE_STRATEGIES, part_lens, part_of
 from tokenloom.parallel.kv_cache import ShardedKVCache
+from tokenloom.parallel.layout import normalize_window
+from tokenloom.parallel.sinks import apply_sinks, sinks_problem
+
+__all__ = ["QUERY_MODES", "cached_attention", "choose_strategy", "gather_cache", "new_token_part"]
 
 QUERY_MODES = ("replicated", "sharded")
-
-
-def new_token_part(rank: int, world_size: int, start: int, count: int) -> tuple[int, int]:
-    """``[lo, hi)`` offsets, within a call's ``count`` new tokens starting at position ``start``,
-    of the tokens ``rank`` holds (and appends): what it passes with ``queries="sharded"``."""
-    return part_range(part_of(rank, world_size, start), count, world_size)
 
 
 def choose_strategy(*, world_size: int, cached: int, new_tokens: int, heads: int, kv_heads: int,
@@ -88,18 +86,6 @@ def _priced_choice(hardware: str, n: int, cached: int, new: int, heads: int, kv_
     return simulate_decode(cluster, shape, "auto", replicated=queries == "replicated").strategy
 
 
-@functools.lru_cache(maxsize=256)
-def _checked_schedule(strategy: str, world_size: int, rot: int, replicated: bool):
-    """The schedule, proved once per shape by the checker (chunks all non-empty: empty ones only
-    remove pairs, which the runtime skips)."""
-    sched = build_decode_schedule(strategy, world_size, start=rot, replicated=replicated)
-    n = world_size
-    spans: dict[int, tuple[int, int] | None] = {r: (0, 0) for r in range(n)}
-    spans.update({n + j: (1 + j, 1 + j) for j in range(n)})
-    check_decode_schedule(sched, spans)
-    return sched
-
-
 def _validate(q, k, v, cache, layer, comm, start, queries, strategy) -> tuple[int, int]:
     """This rank's own checks (raise UsageError); returns ``(start, my new-token count)``."""
     if not isinstance(cache, ShardedKVCache):
@@ -135,7 +121,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
                      queries: str = "replicated", start: int | None = None,
                      softmax_scale: float | None = None, impl: str | None = None,
                      timing: Timing | None = None, return_lse: bool = False,
-                     hardware: str | None = None):
+                     hardware: str | None = None, window_size: Any = None,
+                     softcap: float | None = None, sinks: torch.Tensor | None = None):
     """Append the new tokens to ``cache`` and attend their queries over it (causal).
 
     q ``(batch, t, heads, head_dim)``, k/v ``(batch, t, kv_heads, head_dim)``: all new tokens
@@ -144,26 +131,35 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
     shaped like q (``(out, lse)`` with ``return_lse``). ``timing``: filled with this rank's split
     between attention and communication (and the strategy run). ``hardware``: a simulator catalog
     name for ``strategy="auto"`` to price the strategies on (None: a byte-count rule).
+    ``window_size``: a sliding window ``(left, right)`` (flash-attn's convention; causal, so
+    ``right`` is 0): keys outside it are never read, a rank whose shard is wholly outside skips its
+    work. ``softcap``: scores -> ``softcap * tanh(scores / softcap)``. ``sinks``: ``(heads,)`` one
+    logit per head in every query's softmax denominator (applied once, after the merge).
     """
     comm = group if isinstance(group, Communicator) else Communicator(group)
-    mine, error, start_ok, count, scale = _local_vector(q, k, v, cache, layer, comm, start, queries,
-                                                        strategy, softmax_scale, impl, hardware)
+    mine, error, start_ok, count, scale, masks = _local_vector(
+        q, k, v, cache, layer, comm, start, queries, strategy, softmax_scale, impl, hardware,
+        window_size, softcap, sinks)
     local = describe(cache, layer)
     n = comm.world_size
-    t0 = time.perf_counter()
-    posted = post_agreement(comm, mine)
-    agree_s = time.perf_counter() - t0
-    call = None
+    call, payload = None, None
     if error is None:
-        call = _Call(q, k, v, cache, layer, comm, queries, start_ok, scale, impl, timing)
+        call = Call(q, k, v, cache, layer, comm, queries, start_ok, scale, impl, timing, masks)
         if queries == "replicated" and n > 1 and \
                 _local_choice(strategy, n, start_ok, q, k, hardware) == "gather":
-            # the agreement is in flight: attend this rank's shard meanwhile (local work only;
-            # the append is undone below if any rank refused)
+            # attend this rank's shard before the agreement (local work only; the append is undone
+            # below if any rank refused); its partial rides the agreement message when it fits
             own = [cache.local_len(layer) if r == comm.rank else 0 for r in range(n)]
-            call.prepare("gather", count, own)  # only this rank's own lengths are read here
-            call.steps(0, 1)
+            try:
+                call.prepare("gather", count, own)  # only this rank's own lengths are read here
+                call.steps(0, 1)
+            except BaseException:
+                call.rollback()
+                raise
+            partial = call.own_partial()
+            payload = partial if payload_fits(partial) else None
     t0 = time.perf_counter()
+    posted = post_agreement(comm, mine, payload)
     try:
         every = wait_agreement(comm, mine, error, local, posted)
     except BaseException:
@@ -171,41 +167,68 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
             call.rollback()
         raise
     if timing is not None:
-        timing.agree_s += agree_s + time.perf_counter() - t0
-        timing.comm_s += agree_s + time.perf_counter() - t0
+        timing.agree_s += time.perf_counter() - t0
+        timing.comm_s += time.perf_counter() - t0
     assert call is not None
-    old = [row[-1] for row in every]
-    total = sum(row[7] for row in every) if queries == "sharded" else count
-    if queries == "sharded":
-        want = [part_lens(total, n)[part_of(r, n, start_ok)] for r in range(n)]
-        got = [row[7] for row in every]
-        if got != want:
-            raise UsageError(f"cached_attention: ranks disagree on the new tokens' count: rank parts "
-                             f"{got}, but {total} new tokens from position {start_ok} split as "
-                             f"{want} (see new_token_part)", field="new_tokens")
-    if strategy == "auto":
-        strategy = _auto(n, start_ok, total, q, k, queries, hardware)
-    if timing is not None:
-        timing.strategy = strategy
     try:
-        if call.runner is None:
-            call.prepare(strategy, total, old)
-        call.steps(1 if call.started else 0, None)
-        out, lse = call.result()
+        if payload is not None:  # the gather's second step rode the agreement
+            if timing is not None:
+                timing.strategy = "gather"
+            parts = [payload if r == comm.rank else payload_of(posted, r, payload) for r in range(n)]
+            out, lse = call.merge_payloads(parts)
+        else:
+            out, lse = _finish(call, every, strategy, n, start_ok, count, q, k, queries, hardware,
+                               timing)
     except BaseException:
         call.rollback()
         raise
+    out, lse = poison_dead_rows(out, lse)  # rows whose every score was -inf (infinite inputs)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
+def _finish(call, every, strategy, n, start, count, q, k, queries, hardware, timing):
+    """The rest of the schedule after the agreement: ``(out, lse)`` in the accumulation dtype."""
+    old = [row[-1] for row in every]
+    total = sum(row[FIELDS.index("new_tokens")] for row in every) if queries == "sharded" else count
+    if queries == "sharded":
+        want = [part_lens(total, n)[part_of(r, n, start)] for r in range(n)]
+        got = [row[FIELDS.index("new_tokens")] for row in every]
+        if got != want:
+            raise UsageError(f"cached_attention: ranks disagree on the new tokens' count: rank parts "
+                             f"{got}, but {total} new tokens from position {start} split as "
+                             f"{want} (see new_token_part)", field="new_tokens")
+    if strategy == "auto":
+        strategy = _auto(n, start, total, q, k, queries, hardware)
+    if timing is not None:
+        timing.strategy = strategy
+    if call.runner is None:
+        call.prepare(strategy, total, old)
+    call.steps(1 if call.started else 0, None)
+    return call.result()
+
+
+def _sinks_code(sinks: Any, q: torch.Tensor) -> int:
+    if sinks is None:
+        return 0
+    problem = sinks_problem(sinks, q.shape[2], q)
+    if problem is not None:
+        raise UsageError(f"cached_attention: {problem}", field="sinks")
+    return code_of(repr(sinks.detach().to("cpu", torch.float64).tolist()))
+
+
 def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax_scale, impl,
-                  hardware) -> tuple[list[int], UsageError | None, int, int, float]:
+                  hardware, window_size, softcap, sinks):
     """This rank's checks, as the vector it contributes to the agreement: ``(vector, its own
-    error or None, start, new-token count, scale)``. Room for its new tokens is reserved here, so
-    a memory or max_tokens refusal travels in the agreement too."""
+    error or None, start, new-token count, scale, (softcap, window left))``. Room for its new
+    tokens is reserved here, so a memory or max_tokens refusal travels in the agreement too."""
     try:
         start_ok, count = _validate(q, k, v, cache, layer, comm, start, queries, strategy)
+        window = normalize_window(window_size, True)
+        cap = check_softcap(softcap)
+        sink_code = _sinks_code(sinks, q)
         if queries == "replicated" and start_ok + count > cache.max_tokens:
             raise UsageError(f"the sequence would reach {start_ok + count} tokens, beyond this "
                              f"cache's max_tokens={cache.max_tokens}", field="max_tokens")
@@ -217,12 +240,13 @@ def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax
             kernels.select_impl(q.device, impl)
     except UsageError as exc:
         code = FIELDS.index(exc.field if exc.field in FIELDS else "arguments") + 1
-        return [code] + [0] * len(FIELDS), exc, 0, 0, 0.0
+        return [code] + [0] * len(FIELDS), exc, 0, 0, 0.0, (None, -1)
     ident, model = identity(cache)
     mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
             start_ok, count, q.shape[2], code_of(f"{strategy}|{hardware}"), QUERY_MODES.index(queries),
-            float_code(scale), code_of(repr(impl)), cache.local_len(layer)]
-    return mine, None, start_ok, count, scale
+            float_code(scale), code_of(repr(impl)), code_of(repr(window)), float_code(cap or 0.0),
+            sink_code, cache.local_len(layer)]
+    return mine, None, start_ok, count, scale, (cap, window[0] if window else -1)
 
 
 def _local_choice(strategy: str, n: int, start: int, q: torch.Tensor, k: torch.Tensor,
@@ -237,82 +261,6 @@ def _auto(n: int, cached: int, new: int, q: torch.Tensor, k: torch.Tensor, queri
     return choose_strategy(world_size=n, cached=cached, new_tokens=new, heads=q.shape[2],
                            kv_heads=k.shape[2], queries=queries, head_dim=q.shape[3],
                            dtype_bytes=q.element_size(), batch=q.shape[0], hardware=hardware)
-
-
-class _Call:
-    """One call after this rank's own checks: append its new tokens, walk the schedule (possibly
-    in two parts around the agreement), undo the append on any failure."""
-
-    def __init__(self, q, k, v, cache, layer, comm, queries, start, scale, impl, timing) -> None:
-        self.q, self.k, self.v, self.cache, self.layer, self.comm = q, k, v, cache, layer, comm
-        self.queries, self.start, self.scale, self.impl, self.timing = queries, start, scale, impl, timing
-        self.before = (cache.local_len(layer), cache.seq_len(layer))
-        self.appended, self.started = False, False
-        self.runner: DecodeRunner | None = None
-
-    def prepare(self, strategy: str, total: int, old: list[int]) -> None:
-        """Append this rank's part of the ``total`` new tokens; build the schedule's store."""
-        n, rank, start = self.comm.world_size, self.comm.rank, self.start
-        lo, hi = new_token_part(rank, n, start, total)
-        self.replicated = self.queries == "replicated"
-        self.native = self.replicated and strategy == "gather"
-        self.total, self.lo, self.hi = total, lo, hi
-        k, v = (self.k[:, lo:hi], self.v[:, lo:hi]) if self.replicated else (self.k, self.v)
-        self.cache.append(self.layer, k, v, torch.arange(start + lo, start + hi), start + total)
-        self.appended = True
-        q = self.q if self.native or not self.replicated else self.q[:, lo:hi]
-        self.sched = _checked_schedule(strategy, n, start % n, self.native)
-        lens = {r: old[r] for r in range(n)}
-        lens.update({n + j: c for j, c in enumerate(part_lens(total, n))})
-        sh = Shape(lens, q.shape[0], q.shape[2], self.cache.spec.kv_heads, q.shape[3], q.dtype,
-                   q.device, self.scale, self.impl)
-        self.store = {}
-        for buf in self.sched.inputs[rank]:
-            tensors = ({"k": self.cache.keys_heads_first(self.layer),
-                        "v": self.cache.values_heads_first(self.layer)} if buf.kind == "kv" else {"q": q})
-            self.store[buf.key] = Held(buf.chunks, tensors)
-        self.runner = DecodeRunner(self.sched, self.comm, sh)
-
-    def steps(self, first: int, stop: int | None) -> None:
-        assert self.runner is not None
-        self.started = True
-        t = self.runner.timing
-        before = (t.attention_s, t.comm_s, len(t.steps))
-        self.store = self.runner.run(self.store, first, stop)
-        if self.timing is not None:
-            self.timing.attention_s += t.attention_s - before[0]
-            self.timing.comm_s += t.comm_s - before[1]
-            self.timing.steps.extend(t.steps[before[2]:])
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        held = self.store[self.sched.outputs[self.comm.rank]["out"].key]
-        out, lse = held.tensors["out"], held.tensors["lse"]
-        if self.replicated and not self.native:
-            t0 = time.perf_counter()
-            out, lse = _gather_parts(out, lse, self.comm, self.start, self.total)
-            if self.timing is not None:
-                self.timing.comm_s += time.perf_counter() - t0
-        return out, lse
-
-    def rollback(self) -> None:
-        if self.appended:
-            self.cache.truncate(self.layer, *self.before)
-            self.appended = False
-
-
-def _gather_parts(out: torch.Tensor, lse: torch.Tensor, comm: Communicator, start: int, total: int):
-    """Every rank's part of the outputs, in sequence order, on every rank (uneven parts padded)."""
-    n = comm.world_size
-    lens = part_lens(total, n)
-    width = max(lens)
-    b, _, h, d = out.shape
-    pad = torch.zeros(b, width, h, d + 1, dtype=out.dtype, device=out.device)
-    pad[:, :out.shape[1], :, :d] = out
-    pad[:, :out.shape[1], :, d] = lse.transpose(1, 2)
-    every = comm.all_gather(pad, what="decode output gather") if n > 1 else pad.unsqueeze(0)
-    parts = [every[part_rank(j, n, start), :, :lens[j]] for j in range(n)]
-    full = torch.cat(parts, dim=1)
-    return full[..., :d], full[..., d].transpose(1, 2).contiguous()
 
 
 def gather_cache(cache: ShardedKVCache, layer: int, *, group: Any = None

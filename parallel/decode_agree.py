@@ -6,6 +6,14 @@ the vectors travel. Then every rank sees every rank's values and raises the same
 bad argument raises its own message, the others name the ranks that refused; a disagreement names
 the field, each rank's value and what it means (a cache from another layout, model, world size; a
 rank lacking the layer). Fixed size, so a disagreement can never turn into a size mismatch.
+
+The message is :data:`MESSAGE_BYTES` long whatever the arguments: the vector, then room for a
+*payload*. Decode (replicated queries, pass-Q gather) puts its own partial ``(out, lse)`` there
+when it fits, so one round trip both agrees the arguments and exchanges the partials (the gather
+schedule's second step rides on the agreement message): a decode step pays one message latency,
+not two. Whether a payload rides is decided from agreed values only (shapes, strategy), so every
+rank decides alike whenever the arguments agree, and a rank that disagrees raises before it reads
+a payload.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from tokenloom.parallel.agree import code_of
 from tokenloom.parallel.kv_cache import ShardedKVCache
 
 FIELDS = ("arguments", "world_size", "cache", "model", "layer_present", "seq_len", "start",
-          "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl")
+          "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl", "window_size",
+          "softcap", "sinks")
+MESSAGE_BYTES = 1 << 16  # the vector plus a decode step's partials for up to ~120 heads x d=128
+_HEADER = 8 * (len(FIELDS) + 1)
 
 
 def identity(cache: ShardedKVCache) -> tuple[int, int]:
@@ -41,16 +52,39 @@ def describe(cache: Any, layer: Any) -> str:
             f"{cache.seq_len(layer)} tokens")
 
 
-def post_agreement(comm: Communicator, mine: list[int]) -> Any:
-    """Post the exchange of every rank's fixed-size vector (one message to and from each peer; an
-    all-gather that returns a handle, so this rank can work while it is in flight)."""
+def payload_fits(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` ride in the agreement message (by shape and dtype only)."""
+    return _HEADER + sum(t.numel() * t.element_size() for t in tensors) <= MESSAGE_BYTES
+
+
+def post_agreement(comm: Communicator, mine: list[int],
+                   payload: list[torch.Tensor] | None = None) -> Any:
+    """Post the exchange of every rank's fixed-size message (one to and from each peer; an
+    all-gather that returns a handle, so this rank can work while it is in flight). ``payload``:
+    tensors that fit (:func:`payload_fits`), carried after the vector."""
     if comm.world_size == 1:
         return None
-    vec = torch.tensor(mine, dtype=torch.int64, device=comm.device)
-    rows = [vec if r == comm.rank else torch.empty_like(vec) for r in range(comm.world_size)]
+    msg = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=comm.device)
+    msg[:_HEADER].view(torch.int64).copy_(torch.tensor(mine, dtype=torch.int64))
+    at = _HEADER
+    for t in payload or ():
+        nbytes = t.numel() * t.element_size()
+        msg[at:at + nbytes].view(t.dtype).copy_(t.reshape(-1))
+        at += nbytes
+    rows = [msg if r == comm.rank else torch.empty_like(msg) for r in range(comm.world_size)]
     peers = [p for p in range(comm.world_size) if p != comm.rank]
-    ops = [P2P("send", p, vec) for p in peers] + [P2P("recv", p, rows[p]) for p in peers]
+    ops = [P2P("send", p, msg) for p in peers] + [P2P("recv", p, rows[p]) for p in peers]
     return comm.batch_p2p(ops, what="cached_attention agreement"), rows
+
+
+def payload_of(posted: Any, rank: int, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank ``rank``'s payload (after :func:`wait_agreement`), as views shaped like ``like``."""
+    msg, at, out = posted[1][rank], _HEADER, []
+    for t in like:
+        nbytes = t.numel() * t.element_size()
+        out.append(msg[at:at + nbytes].view(t.dtype).view(t.shape))
+        at += nbytes
+    return out
 
 
 def wait_agreement(comm: Communicator, mine: list[int], error: UsageError | None, local: str = "",
@@ -63,7 +97,7 @@ def wait_agreement(comm: Communicator, mine: list[int], error: UsageError | None
         return [mine]
     handle, rows = posted
     handle.wait()
-    every = [row.cpu().tolist() for row in rows]
+    every = [row[:_HEADER].view(torch.int64).cpu().tolist() for row in rows]
     failed = {r: FIELDS[row[0] - 1] for r, row in enumerate(every) if row[0]}
     if failed:
         if error is not None:

@@ -44,6 +44,14 @@ class Shape:
     device: torch.device
     scale: float
     impl: str | None
+    softcap: float | None = None
+    left: int = -1  # a causal sliding window's left reach (-1: none); kv buffers then carry "pos"
+    start: int = 0  # position of the call's first new token
+
+    def q_position(self, chunks: tuple[int, ...]) -> int:
+        """Position of the first row of a query buffer (its parts are consecutive new tokens)."""
+        n = len(self.lens) // 2
+        return self.start + sum(self.lens[n + j] for j in range(chunks[0] - n))
 
     def offsets(self, chunks: tuple[int, ...]) -> dict[int, tuple[int, int]]:
         out, at = {}, 0
@@ -74,14 +82,19 @@ def _alloc(buf: Buf, sh: Shape) -> dict[str, torch.Tensor]:
         return {"q": torch.empty(sh.batch, n, sh.heads, sh.head_dim, dtype=sh.dtype, device=sh.device)}
     if buf.kind == "kv":
         shape = (sh.batch, sh.kv_heads, n, sh.head_dim)
-        return {"k": torch.empty(shape, dtype=sh.dtype, device=sh.device),
-                "v": torch.empty(shape, dtype=sh.dtype, device=sh.device)}
+        kv = {"k": torch.empty(shape, dtype=sh.dtype, device=sh.device),
+              "v": torch.empty(shape, dtype=sh.dtype, device=sh.device)}
+        if sh.left >= 0:
+            kv["pos"] = torch.empty(n, dtype=torch.int64, device=sh.device)
+        return kv
     assert buf.kind == "out", buf
     return {"out": torch.zeros(sh.batch, n, sh.heads, sh.head_dim, dtype=acc, device=sh.device),
             "lse": torch.full((sh.batch, sh.heads, n), float("-inf"), dtype=acc, device=sh.device)}
 
 
 def _rows(t: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
+    if name == "pos":
+        return t[a:b]
     return t[:, :, a:b] if name in ("lse", "k", "v") else t[:, a:b]
 
 
@@ -147,10 +160,12 @@ class DecodeRunner:
         if op.dst.key not in store:  # exists (empty) even when every block is empty
             store[op.dst.key] = Held(op.dst.chunks, _alloc(op.dst, sh))
         q_offs, kv_offs = sh.offsets(q_held.chunks), sh.offsets(kv_held.chunks)
+        q0, pos = sh.q_position(q_held.chunks), kv_held.tensors.get("pos")
         for (qa, qb), (ka, kb), causal in _calls(op.blocks, q_offs, kv_offs):
             out, lse = cache_block(q_held.tensors["q"][:, qa:qb], kv_held.tensors["k"][:, :, ka:kb],
                                    kv_held.tensors["v"][:, :, ka:kb], causal=causal, scale=sh.scale,
-                                   impl=sh.impl)
+                                   impl=sh.impl, softcap=sh.softcap, q_pos=q0 + qa,
+                                   k_pos=None if pos is None else pos[ka:kb], left=sh.left)
             self._fold_rows(store[op.dst.key], op.dst, q_offs, qa, qb, out, lse)
 
     def _fold_rows(self, dst: Held, buf: Buf, q_offs, qa: int, qb: int, out, lse) -> None:

@@ -1,0 +1,140 @@
+"""Sliding windows, soft-capping, sinks and non-finite inputs in decode and chunked prefill, on 1-3
+gloo ranks and every decode strategy, against an fp64 single-process reference written out here
+(scores, soft-cap, causal window by position, the sink column, softmax over the visible pairs)."""
+
+import math
+
+import pytest
+import torch
+
+from tokenloom.comm.launch.local import spawn_ranks
+from tokenloom.common.errors import UsageError
+from tokenloom.parallel.decode import cached_attention, new_token_part
+from tokenloom.parallel.decode_runtime import Timing
+from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
+
+B, H, HKV, D = 1, 4, 2, 8
+
+
+def reference(q, k, v, q0, left, softcap, sinks):
+    """fp64 attention of queries at positions ``q0..`` over keys at ``0..``: causal, the window
+    ``left`` (-1: none), soft-cap, sinks; masked pairs contribute exact zeros whatever they hold."""
+    q, k, v = (t.double() for t in (q, k, v))
+    g = H // HKV
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    qp = torch.arange(q0, q0 + q.shape[1])[:, None]
+    kp = torch.arange(k.shape[1])[None, :]
+    vis = (kp <= qp) & ((kp >= qp - left) if left >= 0 else True)
+    prod = torch.where(vis[None, :, None, :, None], q[:, :, :, None] * k.permute(0, 2, 1, 3)[:, None], 0.0)
+    s = prod.permute(0, 2, 1, 3, 4).sum(-1) / math.sqrt(D)  # (b, h, t, s)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = torch.where(vis, s, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().view(1, H, 1, 1).expand(B, H, s.shape[2], 1)], -1)
+    p = torch.softmax(s, -1)[..., :k.shape[1]]
+    w = torch.where(vis[None, None, :, :, None], p[..., None] * v.permute(0, 2, 1, 3)[:, :, None], 0.0)
+    return w.sum(-2).transpose(1, 2)  # (b, t, h, d)
+
+
+def _seq(total, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, total, h, D, generator=g, dtype=torch.float64) for h in (H, HKV, HKV))
+
+
+def _run(rank, n, strategy, queries, steps, left, softcap, use_sinks, poison):
+    total = sum(steps)
+    q, k, v = _seq(total, seed=3 + n)
+    for where, what in poison:  # (position, "k"/"v"/"nan"/"inf")
+        (k if what[0] == "k" else v)[0, where, 0, 0] = float("nan") if what[1:] == "nan" else float("inf")
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0]) if use_sinks else None
+    ql, kl, vl = (t.float() for t in (q, k, v))
+    cache = ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, n, rank), 512)
+    window = None if left < 0 else (left, -1)
+    errs, at, ran = [], 0, []
+    for t in steps:
+        lo, hi = new_token_part(rank, n, at, t) if queries == "sharded" else (0, t)
+        sl = slice(at + lo, at + hi)
+        timing = Timing()
+        out = cached_attention(ql[:, sl], kl[:, sl], vl[:, sl], cache, 0, strategy=strategy,
+                               queries=queries, window_size=window, softcap=softcap, sinks=sinks,
+                               timing=timing)
+        ran.append(timing.strategy)
+        ref = reference(q[:, sl], k[:, :sl.stop], v[:, :sl.stop], sl.start, left, softcap, sinks)
+        fin = torch.isfinite(ref)  # non-finite exactly where plain attention is (as test_nan.py)
+        assert torch.equal(torch.isfinite(out), fin), (sl, (torch.isfinite(out) != fin).nonzero())
+        errs.append(float((out.double()[fin] - ref[fin]).abs().max()) if fin.any() else 0.0)
+        at += t
+    return errs, ran
+
+
+CASES = [("gather", "replicated"), ("gather", "sharded"), ("ring", "sharded"), ("passkv", "sharded"),
+         ("ring", "replicated"), ("passkv", "replicated")]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("strategy,queries", CASES)
+def test_window_softcap_sinks_match_fp64(world_size, strategy, queries):
+    steps = [19, 1, 1, 6, 1]  # a chunked prefill, decode steps, a chunk, decode
+    for left, softcap, sinks in ((4, None, False), (7, 3.0, True), (-1, 2.0, False), (0, None, True)):
+        for errs, ran in spawn_ranks(world_size, _run, strategy, queries, steps, left, softcap, sinks,
+                                     (), timeout=60):
+            assert max(errs) < 2e-5, (left, softcap, sinks, errs)
+            assert set(ran) == {strategy}, ran
+
+
+@pytest.mark.parametrize("strategy,queries", CASES[:4])
+def test_non_finite_inputs_poison_exactly_what_they_reach(strategy, queries):
+    """A nan/inf in a cached key or value poisons the rows that see it and no other: outside the
+    window (hidden) it changes nothing; in the fast full-block path it poisons every later row."""
+    steps = [12, 1, 1, 5, 1]
+    for poison, left in ((((2, "knan"),), 3), (((2, "vinf"),), 3), (((5, "vnan"),), -1),
+                         (((13, "kinf"),), 2), (((0, "vnan"), (14, "knan")), 4)):
+        for errs, _ in spawn_ranks(2, _run, strategy, queries, steps, left, None, False, poison,
+                                   timeout=60):
+            assert max(errs) < 2e-5, (poison, left, errs)
+
+
+def test_window_skips_shards_outside_it():
+    """Decode with a window shorter than a rank's distance: the kernel reads no key of a shard
+    wholly outside the window (an empty partial), and the answer is still exact."""
+    from tokenloom.kernels.decode import cache_block
+
+    q = torch.randn(1, 1, H, D)
+    k = torch.full((1, HKV, 6, D), float("nan"))  # would poison anything that read it
+    out, lse = cache_block(q, k, k, causal=False, scale=0.3, q_pos=100, k_pos=torch.arange(6), left=50)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("case", ["all_keys_neg_inf", "v_inf_behind_neg_inf_score", "q_nan", "finite"])
+def test_full_block_kernel_is_exact_on_non_finite_inputs(case):
+    """The fast path checks its result instead of scanning the cache: every case equals the exact
+    visible-pairs path (the CPU op alone answers all -inf scores with 0 and lse 0: swallowed)."""
+    from tokenloom.kernels.decode import cache_block
+    from tokenloom.kernels.masks import exact_forward
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, H, D, generator=g).abs()
+    k, v = torch.randn(2, 1, HKV, 300, D, generator=g)
+    if case == "all_keys_neg_inf":
+        k[..., 0] = float("-inf")
+    elif case == "v_inf_behind_neg_inf_score":
+        k[0, 0, 7, 0], v[0, 0, 7, 3] = float("-inf"), float("inf")
+    elif case == "q_nan":
+        q[0, 1, 2, 5] = float("nan")
+    out, lse = cache_block(q, k, v, causal=False, scale=0.4)
+    vis = torch.ones(2, 300, dtype=torch.bool)
+    want, want_lse = exact_forward(q, k.transpose(1, 2), v.transpose(1, 2), vis, 0.4)
+    torch.testing.assert_close(out, want, equal_nan=True)
+    torch.testing.assert_close(lse, want_lse, equal_nan=True)
+
+
+def test_bad_mask_arguments_are_named():
+    cache = ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, 1, 0), 64)
+    q, k, v = (t.float() for t in _seq(3, 0))
+    for kwargs, field in (({"window_size": (-2, 0)}, "window_size"), ({"softcap": -1.0}, "softcap"),
+                          ({"sinks": torch.zeros(3)}, "sinks")):
+        with pytest.raises(UsageError) as e:
+            cached_attention(q, k, v, cache, 0, **kwargs)
+        assert e.value.field == field
+        assert cache.seq_len(0) == 0  # nothing appended
