@@ -6,8 +6,11 @@
 Forward+backward, fp32, sdpa blocks, every contender on the same inputs in the same run (forked
 processes: the ranks get one intra-op thread each, the single-process baselines all cores).
 Reported per contender: wall ms of the slowest rank, its ratio to the windowed TokenRing, and per
-rank the CPU ms of the step (process time) and the share of visible (query, key) pairs its query
-tokens hold (the ideal work split). Imbalance = max/min - 1 of the per-rank CPU ms.
+rank the CPU ms of the step (process time), the ms it spent off the CPU (wall - CPU: waiting for
+the other rank, or for a core other jobs hold) and the share of visible (query, key) pairs its
+query tokens hold (the ideal work split). Imbalance = max/min - 1 of the per-rank CPU ms. The
+goals (issue 18) are printed below the table: the window's wall speedup over the same call without
+one, and the zigzag layout's imbalance, with the load average, since the machine may be shared.
 
 Single-process torch baselines for the same windowed attention: torch's SDPA with a dense boolean
 mask (computes every pair, masks most), and SDPA per query tile of ``--tile`` rows against only the
@@ -96,28 +99,46 @@ def main() -> None:
     n, threads = args.world_size, max(1, cores // args.world_size)
     shape = (args.seq, args.heads, args.head_dim, args.iters)
     rows = []
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     for strategy, layout, window in [("tokenring", "zigzag", args.window), ("ring", "zigzag", args.window),
                                      ("ring", "contiguous", args.window), ("ulysses", "zigzag", args.window),
                                      ("tokenring", "zigzag", -1), ("ring", "zigzag", -1)]:
         res = spawn_ranks(n, _distributed, strategy, layout, window, *shape, timeout=3600, threads=threads)
         name = f"{strategy} {layout}, {n} ranks, " + (f"window {window}" if window >= 0 else "no window")
         share = _visible_share(n, layout, args.seq, window if window >= 0 else args.seq)
-        rows.append((name, max(w for w, _ in res), [c for _, c in res], share))
+        rows.append((name, max(w for w, _ in res), [c for _, c in res], [w - c for w, c in res], share))
     for which in ("tiled", "dense"):
         wall, cpu = spawn_ranks(1, _single, which, args.window, *shape, args.tile, timeout=3600,
                                 threads=cores)[0]
         label = (f"1 process, torch SDPA per {args.tile}-query tile + window keys" if which == "tiled"
                  else "1 process, torch SDPA with a dense window mask")
-        rows.append((label, wall, [cpu], [1.0]))
+        rows.append((label, wall, [cpu], [], [1.0]))
     base = rows[0][1]
     print(f"S={args.seq}, {args.heads} heads x {args.head_dim}, causal, left window {args.window}, fwd+bwd "
-          f"fp32, sdpa blocks, {cores} cores")
-    print("| contender | wall ms | vs windowed tokenring | CPU ms per rank | imbalance | visible pairs per rank |")
-    print("|---|---:|---:|---|---:|---|")
-    for name, wall, cpus, share in rows:
+          f"fp32, sdpa blocks, {cores} cores, load average {load_before} before, "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} after")
+    print("| contender | wall ms | vs windowed tokenring | CPU ms per rank | off-CPU ms per rank | imbalance "
+          "| visible pairs per rank |")
+    print("|---|---:|---:|---|---|---:|---|")
+    for name, wall, cpus, idle, share in rows:
         imb = max(cpus) / max(min(cpus), 1e-9) - 1 if len(cpus) > 1 else 0.0
         print(f"| {name} | {wall:.0f} | {wall / base:.2f}x | {', '.join(f'{c:.0f}' for c in cpus)} | "
-              f"{imb:.1%} | {', '.join(f'{s:.1%}' for s in share)} |")
+              f"{', '.join(f'{i:.0f}' for i in idle) or '-'} | {imb:.1%} | {', '.join(f'{s:.1%}' for s in share)} |")
+    _goals(rows, n)
+
+
+def _goals(rows, n) -> None:
+    """The issue's goals, from the rows above: wall speedup of the window for each strategy that
+    also ran without one (goal >= 5x), and the zigzag layout's imbalance (goal <= 10%)."""
+    by_name = {r[0]: r for r in rows}
+    for strategy in ("tokenring", "ring"):
+        win = next(r for name, r in by_name.items() if name.startswith(f"{strategy} zigzag") and "no window" not in name)
+        full = by_name[f"{strategy} zigzag, {n} ranks, no window"]
+        cpus = win[2]
+        print(f"- {strategy} zigzag: window speedup {full[1] / win[1]:.2f}x wall, "
+              f"{max(full[2]) / max(cpus):.2f}x slowest-rank CPU (goal >= 5x); imbalance "
+              f"{max(cpus) / min(cpus) - 1:.1%} CPU, {max(win[4]) / min(win[4]) - 1:.1%} in visible pairs "
+              f"(goal <= 10%)")
 
 
 if __name__ == "__main__":
