@@ -19,9 +19,16 @@ For long prompts, :func:`prefill` runs the prompt sequence-parallel first (each 
 TokenRing/Ring/Ulysses attention) and fills the cache from the K/V each attention call received;
 ``generate`` then starts from the last prompt token.
 
-Limits (refused, on every rank, with a UsageError naming the argument): padding masks (a batch
-must be unpadded: pass no ``attention_mask`` or an all-ones one), sliding windows, soft-capping and
-attention sinks. Beam search and cropping are not supported (greedy and sampling are).
+Per-layer sliding windows (Gemma 2/3, GPT-OSS: transformers passes each layer's
+``sliding_window``, None on its global layers), logit soft-capping (Gemma 2) and attention sinks
+(GPT-OSS ``s_aux``) go to :func:`~tokenloom.parallel.decode.cached_attention`, which masks by the
+cached tokens' positions; the mask transformers builds for a layer must be exactly causal (plus
+that layer's window).
+
+Limits (refused, on every rank, with a one-line UsageError naming what is unsupported): padding
+masks, left padding included (a batch must be unpadded: pass no ``attention_mask`` or an all-ones
+one), beam search (``num_beams > 1``: the cache would be reordered across beams) and any other change
+of the batch, cropping. Greedy decoding and sampling are supported.
 
 transformers is imported only when a function here is called.
 """
@@ -37,8 +44,8 @@ import torch
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
 
-_REFUSED = {"softcap": "logit soft-capping", "s_aux": "attention sinks",
-            "sliding_window": "sliding windows"}
+_BEAMS = ("TokenloomCache: beam search (num_beams > 1) is not supported: a sharded cache is not "
+          "reordered across beams; use greedy decoding or sampling")
 
 
 def _base_classes() -> tuple[type, type]:
@@ -82,6 +89,15 @@ def _layer_class() -> type:
 
         def reset(self) -> None:
             self.owner.truncate(self.layer, 0, 0)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
 
     return ShardedLayer
 
@@ -145,6 +161,19 @@ def _cache_class() -> type:
         def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
             return self.sharded.seq_len(layer_idx)
 
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            raise UsageError(_BEAMS, field="num_beams")
+
+        def crop(self, max_length: int) -> None:
+            raise UsageError("TokenloomCache: cropping a sharded cache is not supported (assisted "
+                             "or speculative decoding)", field="crop")
+
         @contextlib.contextmanager
         def attached(self, model: Any) -> Iterator[None]:
             """Run ``model`` with this cache's attention function, restoring the old one after."""
@@ -158,20 +187,24 @@ def _cache_class() -> type:
         def _attention(self, module: Any, query: torch.Tensor, key: torch.Tensor,
                        value: torch.Tensor, attention_mask: Any, *, scaling: float | None = None,
                        dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            from tokenloom.integrations.hf import window_size_of
             from tokenloom.parallel.decode import cached_attention
 
-            for name, what in _REFUSED.items():
-                if kwargs.get(name) is not None:
-                    raise UsageError(f"TokenloomCache: {what} ({name}) are not supported",
-                                     field=name)
+            if query.shape[0] != self.sharded.spec.batch:
+                raise UsageError(f"TokenloomCache was built for batch {self.sharded.spec.batch} but "
+                                 f"the model runs batch {query.shape[0]}: beam search (num_beams > "
+                                 f"1) and batch changes are not supported", field="batch")
+            window = window_size_of(kwargs.get("sliding_window"), True)
             _check_causal_mask(attention_mask, query.shape[2], key.shape[2],
-                               self.sharded.seq_len(module.layer_idx))
+                               self.sharded.seq_len(module.layer_idx), window[0] if window else -1)
             if dropout:
                 raise UsageError("TokenloomCache: attention dropout is not supported (call "
                                  "model.eval())", field="dropout")
             out = cached_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                    self.sharded, module.layer_idx, group=self.comm,
-                                   strategy=self.strategy, softmax_scale=scaling, impl=self.impl)
+                                   strategy=self.strategy, softmax_scale=scaling, impl=self.impl,
+                                   window_size=window, softcap=kwargs.get("softcap"),
+                                   sinks=kwargs.get("s_aux"))
             return out, None
 
     return _TokenloomCache
@@ -182,9 +215,10 @@ def _user_mask(*, attention_mask: torch.Tensor | None = None, **_: Any) -> torch
     return attention_mask
 
 
-def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int) -> None:
-    """Refuse a mask that hides more than the causal mask (padding): it cannot be honoured over a
-    sharded cache. Every rank holds the same mask (replicated queries), so all refuse alike."""
+def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int, left: int = -1) -> None:
+    """Refuse a mask that hides more than the causal mask (with the layer's window ``left``:
+    padding): it cannot be honoured over a sharded cache. Every rank holds the same mask
+    (replicated queries), so all refuse alike."""
     if not isinstance(mask, torch.Tensor):
         return
     total = cached + num_new
@@ -192,7 +226,8 @@ def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int) -> N
         raise UsageError(f"TokenloomCache: an attention mask of shape {tuple(mask.shape)} does not "
                          f"cover {total} keys for {num_new} queries", field="attention_mask")
     rows = torch.arange(num_new, device=mask.device)[:, None] + cached
-    visible = torch.arange(total, device=mask.device)[None, :] <= rows
+    keys = torch.arange(total, device=mask.device)[None, :]
+    visible = (keys <= rows) & ((keys >= rows - left) if left >= 0 else True)
     m = mask[..., :total]
     seen = m if m.dtype == torch.bool else m == 0
     if not bool((seen == visible).all()):
@@ -204,10 +239,12 @@ def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int) -> N
 def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy: str = "auto",
              max_new_tokens: int = 16, memory_limit: int | None = None, **kwargs: Any) -> torch.Tensor:
     """``model.generate`` with a fresh :func:`TokenloomCache` (the same tokens on every rank)."""
+    if kwargs.get("num_beams", 1) != 1:
+        raise UsageError(_BEAMS, field="num_beams")
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool((mask == 1).all()):
-        raise UsageError("generate: a padding attention_mask cannot be honoured over a sharded "
-                         "cache; pass unpadded prompts", field="attention_mask")
+        raise UsageError("generate: a padding attention_mask (left padding included) is not "
+                         "supported over a sharded cache; pass unpadded prompts", field="attention_mask")
     if input_ids.dim() != 2:
         raise UsageError(f"input_ids must be (batch, seq), got {tuple(input_ids.shape)}",
                          field="input_ids")
