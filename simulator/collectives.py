@@ -18,12 +18,19 @@ AllReduce, (n-1)/n for AllGather and ReduceScatter (``bytes`` = the full output)
   faster (its tuner does; forcing NVLS on 2-4 GPUs published ring-like numbers).
 - Point-to-point copies (cudaMemcpyPeer): one direction at the link rate; both directions at
   once do not interfere (the two directions are separate resources, as in the engine).
+- PCIe nodes: a ring step's rate is the slowest of its n concurrent transfers r -> r+1 routed and
+  shared by the engine's own topology (:class:`~tokenloom.simulator.network.Topology`: x16 links,
+  switch uplinks, the root complex, or host memory when peer-to-peer is off), so a ring that crosses
+  the CPU root complex shares it n ways; the latency is the link's plus the uplink's.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from tokenloom.common.errors import UsageError
-from tokenloom.simulator.hardware import NodeSpec
+from tokenloom.simulator.hardware import Cluster, NodeSpec
+from tokenloom.simulator.network import Topology, max_min_rates
 
 # Achieved NVLS AllReduce algorithm bandwidth (bytes/s) of NVSwitch-3 nodes (sm_90). Fitted to the
 # calibration set: NCCL maintainer, NVIDIA/nccl-tests#212 ("peak busBw ~480GB/s (algbw ~275GB/s)"
@@ -35,18 +42,32 @@ NVLS_LATENCY_S = 6e-6
 OPS = ("allreduce", "allgather", "reducescatter", "sendrecv")
 
 
-def _rate(node: NodeSpec) -> float:
-    if node.fabric != "switch":
-        raise UsageError(f"collective model: only NVSwitch nodes are priced, {node.name} is {node.fabric}",
-                         field="hardware")
-    return node.link.rate
+def _rate(node: NodeSpec, gpus: int = 2, both_ways: bool = True) -> float:
+    """Per-rank link rate of a ring step: the NVSwitch port's, or on PCIe the slowest of the ring's
+    concurrent transfers r -> r+1 under the engine's own topology and max-min sharing (:mod:`.network`;
+    ``both_ways=False``: one transfer 0 -> 1 alone, a one-way peer copy)."""
+    if node.fabric == "switch":
+        return node.link.rate
+    if node.fabric != "pcie":
+        raise UsageError(f"collective model: only NVSwitch and PCIe nodes are priced, {node.name} is "
+                         f"{node.fabric}", field="hardware")
+    gpus = max(gpus, 2)
+    topo = Topology(Cluster(node, gpus))
+    pairs = [(r, (r + 1) % gpus) for r in range(gpus)] if both_ways else [(0, 1)]
+    routes = np.array([topo.route(a, b)[0] for a, b in pairs], dtype=np.int64)
+    return float(max_min_rates(routes, np.asarray(topo.capacity)).min())
+
+
+def _latency(node: NodeSpec) -> float:
+    up = node.uplink.latency_s if node.fabric == "pcie" and node.uplink is not None else 0.0
+    return node.link.latency_s + up
 
 
 def ring_time(node: NodeSpec, op: str, nbytes: float, gpus: int) -> float:
     """Seconds of a ring ``op`` of ``nbytes`` (the full buffer) over ``gpus`` ranks of ``node``."""
     if op not in OPS:
         raise UsageError(f"op must be one of {', '.join(OPS)}, got {op!r}", field="op")
-    rate, lat = _rate(node), node.link.latency_s
+    rate, lat = _rate(node, gpus), _latency(node)
     if op == "sendrecv":
         return lat + nbytes / rate
     if gpus < 2:
@@ -60,7 +81,7 @@ def nvls_time(node: NodeSpec, nbytes: float, gpus: int) -> float | None:
     bw = NVLS_ALGBW.get(node.name)
     if bw is None or gpus < 2:
         return None
-    return NVLS_LATENCY_S + nbytes / min(bw, _rate(node))
+    return NVLS_LATENCY_S + nbytes / min(bw, node.link.rate)
 
 
 def allreduce_time(node: NodeSpec, nbytes: float, gpus: int) -> float:
@@ -99,6 +120,6 @@ def busbw(node: NodeSpec, op: str, nbytes: float, gpus: int, algo: str = "ring")
 
 def p2p_copy_bw(node: NodeSpec, nbytes: float, both_directions: bool) -> float:
     """Bytes/s of a peer copy of ``nbytes`` (summed over directions when both run at once)."""
-    rate = _rate(node)
-    one = nbytes / (node.link.latency_s + nbytes / rate)
+    rate = _rate(node, 2, both_directions)
+    one = nbytes / (_latency(node) + nbytes / rate)
     return 2 * one if both_directions else one

@@ -17,8 +17,10 @@ A :class:`NodeSpec` is one server: ``gpus_per_node`` identical devices joined by
 - ``"pcie"``: GPUs behind PCIe switches of ``gpus_per_switch`` each (``link``: GPU to switch, its
   ``bw`` the x16 link's nominal rate each way and ``rate`` what one peer stream reaches; ``uplink``:
   switch upward, shared by its GPUs). Full duplex. ``p2p_via`` says how peer traffic between
-  switches travels: ``"switch"`` through a parent PCIe switch (nvidia-smi PIX/PXB) or ``"root"``
-  through the CPU root complex (PHB/SYS), which all such traffic shares (:mod:`.network`);
+  switches travels: ``"switch"`` through a parent PCIe switch (nvidia-smi PIX/PXB), ``"root"``
+  through the CPU root complex (PHB/SYS), which all such traffic shares (:mod:`.network`), or
+  ``"host"``: no GPU peer-to-peer at all (NCCL_P2P_DISABLE=1, NCCL's SHM path), every transfer
+  bounces through host memory;
 - ``"bus"``: one shared medium for all transfers (gloo over loopback on one host).
 
 Between nodes every GPU has its own NIC (``nic``). ``host_cores`` > 0 marks a CPU profile whose
@@ -28,7 +30,7 @@ ranks share that many cores, so compute slows when ranks outnumber cores.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tokenloom.common.errors import UsageError
@@ -36,7 +38,7 @@ from tokenloom.common.files import read_json
 from tokenloom.common.checks import check_choice, check_int, check_number
 
 FABRICS = ("switch", "mesh", "pcie", "bus")
-P2P_VIA = ("switch", "root")
+P2P_VIA = ("switch", "root", "host")
 LOCAL_CPU = "local-cpu"
 PROFILE_ENV = "TOKENLOOM_CPU_PROFILE"  # path of the calibrated local-cpu profile
 _SHIPPED_PROFILE = Path(__file__).parent / "data" / "local-cpu.json"
@@ -205,6 +207,29 @@ HOPPER_FA2 = {"attn_kv_half": 80.0, "attn_kv_half_bwd": 250.0, "attn_kv_half_cau
 H200_SDPA = {"attn_kv_half": 2048.0, "attn_kv_half_bwd": 2435.0, "attn_kv_half_causal": 4871.0, "attn_causal_eff": 1.0}
 
 
+# PCIe Gen4, fitted to NCCL-tests rows of the calibration set (docs/calibration.md, "PCIe"):
+# - PCIE4_X16_RATE: what an NCCL ring moves per direction over a GPU's x16 link with peer-to-peer
+#   through a PCIe switch: busbw 25.72-25.95 GB/s, 256 MB-1 GB, 4 x RTX 4090 (tinygrad/open-gpu-kernel-
+#   modules#36), the minimax rate of those rows;
+# - PCIE_ROOT_RATE: the CPU root complex forwarding peer traffic between root ports, shared by every
+#   such transfer in both directions: 4 x RTX 4090 without a PCIe switch, AllReduce busbw 22 GB/s with
+#   P2P through the CPU (NVIDIA/nccl#1603): 4 ring streams x 22 GB/s (one row: an estimate);
+# - PCIE_HOST_COPY_RATE: one transfer bounced through host memory (no peer-to-peer): the minimax rate of
+#   NCCL's SHM AllReduce (busbw 18 GB/s, nccl#1603) and a P2P-disabled cudaMemcpyPeer (22.16 GB/s,
+#   6 x RTX 4090, NVIDIA/nccl#814).
+PCIE4_X16_RATE = 25.8e9
+PCIE_ROOT_RATE = 88e9
+PCIE_HOST_COPY_RATE = 19.9e9
+
+
+def pcie_box(gpus: int, gpus_per_switch: int, p2p_via: str, name: str = "pcie-gen4") -> NodeSpec:
+    """A generic PCIe Gen4 x16 node of ``gpus`` GPUs (an A10 device: collectives do not use it), ``gpus_per_switch``
+    behind each switch (1: every GPU on its own root port): the boxes of the PCIe calibration rows."""
+    link = Link(PCIE4_X16_RATE, 10e-6, 1.0)
+    return NodeSpec(name, CATALOG["a10-pcie"].device, gpus, "pcie", link=link, uplink=replace(link, latency_s=2e-6),
+                    gpus_per_switch=gpus_per_switch, nic=Link(25e9, 15e-6, 0.9), p2p_via=p2p_via)
+
+
 # Datasheet numbers (REFERENCE.md §6; AMD MI300X datasheet). NIC: 400 Gb/s per GPU for H100 and
 # MI300X nodes, 800 Gb/s for H200, 200 Gb/s HDR for A100.
 CATALOG: dict[str, NodeSpec] = {
@@ -212,11 +237,12 @@ CATALOG: dict[str, NodeSpec] = {
     "h200-sxm": _nvswitch("h200-sxm", 132, 989, 4800, 450, 100, (0.373, 0.313), 0.83, H200_SDPA,
                           HOPPER_MSG_LATENCY),
     "a100-sxm": _nvswitch("a100-sxm", 108, 312, 2039, 300, 25, (0.55, 0.45)),
-    # 4 x A10 behind 2 PCIe Gen4 switches: ~25 GB/s per direction nominal, ~13 GB/s seen by one peer
-    # stream (REFERENCE.md §6); full duplex. The TokenRing authors' 4 x A10 box (ACA-Lab-SJTU/token-ring
-    # README) pairs GPUs on a switch (PIX) and joins the switches without the host bridge (PXB).
+    # 4 x A10 behind 2 PCIe Gen4 switches: the fitted Gen4 x16 rate each way, ~13 GB/s seen by one peer
+    # stream (REFERENCE.md §6; not fitted: no A10 transfer row); full duplex. The TokenRing authors' 4 x A10
+    # box (ACA-Lab-SJTU/token-ring README) pairs GPUs on a switch (PIX) and joins them without the host bridge (PXB).
     "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.50, 0.40, 8e-6), 4, "pcie",
-                         link=Link(25e9, 10e-6, 0.52), uplink=Link(25e9, 2e-6, 1.0),
+                         link=Link(PCIE4_X16_RATE, 10e-6, 13e9 / PCIE4_X16_RATE),
+                         uplink=Link(PCIE4_X16_RATE, 2e-6, 1.0),
                          gpus_per_switch=2, nic=Link(25e9, 15e-6, 0.9), p2p_via="switch"),
     # MI300X: 8 GPUs, 7 Infinity Fabric links each, 64 GB/s per direction per link.
     "mi300x": NodeSpec("mi300x", Device("mi300x", 304, 1307e12, 5300e9, 0.35, 0.25, 8e-6), 8, "mesh",

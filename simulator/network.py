@@ -13,7 +13,10 @@ streams leaving one GPU for two peers share its link's full nominal rate instead
 between switches climbs its switch's uplink and descends the other's; with ``p2p_via="root"`` (peer
 traffic forwarded by the CPU's root complex, nvidia-smi ``PHB``/``SYS``) it also crosses one
 root-complex resource per node shared by every cross-switch transfer in both directions; with
-``"switch"`` (``PIX``/``PXB``: a parent PCIe switch forwards it) it does not. :class:`Topology` maps a (src, dst) rank pair to the
+``"switch"`` (``PIX``/``PXB``: a parent PCIe switch forwards it) it does not. The root complex
+forwards :data:`~tokenloom.simulator.hardware.PCIE_ROOT_RATE` in all (fitted, docs/calibration.md).
+With ``"host"`` (no peer-to-peer, NCCL's SHM path) every transfer, same switch or not, climbs to the
+root and is capped per stream at ``PCIE_HOST_COPY_RATE``. :class:`Topology` maps a (src, dst) rank pair to the
 resources on its route and the route latency.
 
 :class:`FluidNetwork` moves bytes: a transfer crosses its route after the route latency (the
@@ -33,7 +36,7 @@ import math
 
 import numpy as np
 
-from tokenloom.simulator.hardware import Cluster
+from tokenloom.simulator.hardware import PCIE_HOST_COPY_RATE, PCIE_ROOT_RATE, Cluster
 
 _MAX_HOPS = 6  # resources on the longest route (PCIe across switches through the root complex)
 
@@ -78,14 +81,16 @@ class Topology:
         local = self.cluster.gpus_per_node
         sw_src = (src % local) // node.gpus_per_switch + local * self.cluster.node_of(src)
         sw_dst = (dst % local) // node.gpus_per_switch + local * self.cluster.node_of(dst)
-        res = [self._res(("p2p", src, dst), link.rate), self._res(("gpu_up", src), link.bw)]
+        host = node.p2p_via == "host"  # no peer-to-peer: every transfer bounces through host memory
+        stream = min(link.rate, PCIE_HOST_COPY_RATE) if host else link.rate
+        res = [self._res(("p2p", src, dst), stream), self._res(("gpu_up", src), link.bw)]
         lat = link.latency_s
-        if sw_src != sw_dst:
+        if sw_src != sw_dst or host:
             up = node.uplink
             assert up is not None
             res += [self._res(("sw_up", sw_src), up.rate), self._res(("sw_down", sw_dst), up.rate)]
-            if node.p2p_via == "root":
-                res.append(self._res(("root", self.cluster.node_of(src)), up.rate))
+            if node.p2p_via in ("root", "host"):
+                res.append(self._res(("root", self.cluster.node_of(src)), PCIE_ROOT_RATE))
             lat += up.latency_s
         res.append(self._res(("gpu_down", dst), link.bw))
         return res, lat

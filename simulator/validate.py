@@ -3,7 +3,8 @@ what the simulator predicts for each, with the relative error and a summary.
 
 Rows live in ``simulator/data/calibration.json`` (one citation each; docs/calibration.md). Kinds:
 
-- ``collective``: an NCCL-tests bus bandwidth on one node (:mod:`.collectives`);
+- ``collective``: an NCCL-tests bus bandwidth on one node (:mod:`.collectives`); ``hardware``
+  ``"pcie-gen4"`` is a generic PCIe Gen4 box with the row's ``gpus_per_switch`` and ``p2p_via``;
 - ``p2p_copy``: a peer-to-peer copy bandwidth, one or both directions (:mod:`.collectives`);
 - ``collective_latency``: the time of one small NCCL-tests call in microseconds (:mod:`.collectives`),
   what the per-message latencies are calibrated to;
@@ -24,7 +25,7 @@ from pathlib import Path
 from tokenloom.parallel.schedule import Block, Buf, Compute
 from tokenloom.simulator import collectives
 from tokenloom.simulator.cost import BWD_FLOP_FACTOR, AttentionShape, CostModel
-from tokenloom.simulator.hardware import CATALOG, NodeSpec, make_cluster
+from tokenloom.simulator.hardware import CATALOG, NodeSpec, make_cluster, pcie_box
 
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.json"
 GOAL = 0.15  # issue 20: every calibration row within +-15%
@@ -53,6 +54,17 @@ def h800() -> NodeSpec:
     return replace(h100, name="h800-sxm", link=replace(h100.link, bw=200e9))
 
 
+def row_node(row: dict) -> NodeSpec | None:
+    """The node a row was measured on: a catalog entry, the H800, or a generic PCIe Gen4 box built
+    from the row's stated topology (``gpus``, ``gpus_per_switch``, ``p2p_via``)."""
+    name = row.get("hardware")
+    if name == "h800":
+        return h800()
+    if name == "pcie-gen4":
+        return pcie_box(row["gpus"], row["gpus_per_switch"], row["p2p_via"])
+    return CATALOG.get(name)
+
+
 def moe_bottleneck_gbs(row: dict) -> float:
     """DeepEP's 'bottleneck bandwidth' at a large batch is the rate of the link that bounds it:
     NVLink inside a node (EP 8), the NIC across nodes (:mod:`.moe` prices by the busiest NIC)."""
@@ -67,9 +79,9 @@ def predict(row: dict) -> float | None:
         return attention_tflops(row)
     if kind == "moe_dispatch":
         return moe_bottleneck_gbs(row)
-    if row.get("hardware") not in CATALOG and row.get("hardware") != "h800":
+    node = row_node(row)
+    if node is None:
         return None
-    node = h800() if row["hardware"] == "h800" else CATALOG[row["hardware"]]
     if kind == "collective_latency":
         return collectives.op_time(node, row["op"], row["bytes"], row["gpus"], row["algo"]) * 1e6
     if kind == "collective":

@@ -41,6 +41,8 @@ def test_discovered_nodes_are_priced_as_found():
                                  causal=True, hardware=name)
         assert pcie[0] == "tokenring"  # MHA over PCIe switches: both directions of every link work
         assert nvlink[0] in ("tokenring", "ring", "ulysses")
-        assert _time(name) < 0.8 * pcie_s  # all-to-all over NVLink, not PCIe switches
+        # all-to-all over NVLink, not PCIe: the root complex forwards 88 GB/s in all (fitted to
+        # NVIDIA/nccl#1603, docs/calibration.md), so PCIe pays ~25 % over NVLink's compute-bound time
+        assert _time(name) < 0.9 * pcie_s
     finally:
         CATALOG.pop("this-node", None)
