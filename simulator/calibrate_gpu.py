@@ -69,20 +69,22 @@ def _minimax_scale(ratios: list[float]) -> float:
     return 2 * lo * hi / (lo + hi)
 
 
-def fit_curve(device: Device, rows: list[tuple[str, bool, int, float]]) -> tuple[Device, float]:
+def fit_curve(device: Device, rows: list[tuple[str, bool, int, float]],
+              head_dim: int = HEAD_DIM) -> tuple[Device, float]:
     """Fit ``device``'s attention curve to ``rows`` of (pass "fwd"|"bwd", causal, seq, TFLOP/s);
     return (fitted device, worst relative error). Forward and backward unmasked first, then the
-    causal pair. For each half-rate key count of :data:`HALF_GRID` the efficiency is the minimax one
-    (predicted TFLOP/s is nearly proportional to it), nudged on :data:`SCALE_GRID` for the launch
+    causal pair (rows of ``head_dim``, the benchmark's heads x head_dim = 2048). For each half-rate
+    key count of :data:`HALF_GRID` the efficiency is the minimax one (predicted TFLOP/s is nearly proportional to it), nudged on :data:`SCALE_GRID` for the launch
     cost; the pair with the smallest worst relative error wins."""
     def worst(dev: Device, subset) -> float:
-        return max((abs(predicted_tflops(dev, s, c, p == "bwd") / t - 1) for p, c, s, t in subset), default=0.0)
+        return max((abs(predicted_tflops(dev, s, c, p == "bwd", head_dim) / t - 1) for p, c, s, t in subset),
+                   default=0.0)
 
     def fit_pair(dev: Device, subset, field_scale: str, field_half: str, hi: float) -> Device:
         best = (math.inf, dev)
         for half in HALF_GRID:
             probe = replace(dev, **{field_scale: 1.0, field_half: half})
-            ratios = [t / predicted_tflops(probe, s, c, p == "bwd") for p, c, s, t in subset]
+            ratios = [t / predicted_tflops(probe, s, c, p == "bwd", head_dim) for p, c, s, t in subset]
             x = _minimax_scale(ratios)
             for f in SCALE_GRID:
                 cand = replace(dev, **{field_scale: min(x * f, hi), field_half: half})

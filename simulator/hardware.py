@@ -230,6 +230,14 @@ def pcie_box(gpus: int, gpus_per_switch: int, p2p_via: str, name: str = "pcie-ge
                     gpus_per_switch=gpus_per_switch, nic=Link(25e9, 15e-6, 0.9), p2p_via=p2p_via)
 
 
+# A10 (GA102): FlashAttention-2 on an RTX A5000, the same die with 64 of its 72 SMs at the same clock
+# (gpu-mode/ring-attention#10: head dim 64, no mask, 512-8K tokens, fwd 81-84 / bwd 53-77 TFLOP/s of
+# 111.1), fitted by calibrate_gpu.fit_curve (worst 2.7 %). The efficiencies are quoted at head dim 128,
+# reached through HEAD_DIM_EFF's H100 ratio (0.88 at 64), unverified on GA102; no causal GA102 rows,
+# so causal blocks get no short-key penalty (docs/calibration.md).
+GA102_FA2 = {"attn_kv_half": 8.0, "attn_kv_half_bwd": 256.0}
+
+
 # Datasheet numbers (REFERENCE.md §6; AMD MI300X datasheet). NIC: 400 Gb/s per GPU for H100 and
 # MI300X nodes, 800 Gb/s for H200, 200 Gb/s HDR for A100.
 CATALOG: dict[str, NodeSpec] = {
@@ -240,7 +248,7 @@ CATALOG: dict[str, NodeSpec] = {
     # 4 x A10 behind 2 PCIe Gen4 switches: the fitted Gen4 x16 rate each way, ~13 GB/s seen by one peer
     # stream (REFERENCE.md §6; not fitted: no A10 transfer row); full duplex. The TokenRing authors' 4 x A10
     # box (ACA-Lab-SJTU/token-ring README) pairs GPUs on a switch (PIX) and joins them without the host bridge (PXB).
-    "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.50, 0.40, 8e-6), 4, "pcie",
+    "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.86, 0.81, 8e-6, **GA102_FA2), 4, "pcie",
                          link=Link(PCIE4_X16_RATE, 10e-6, 13e9 / PCIE4_X16_RATE),
                          uplink=Link(PCIE4_X16_RATE, 2e-6, 1.0),
                          gpus_per_switch=2, nic=Link(25e9, 15e-6, 0.9), p2p_via="switch"),

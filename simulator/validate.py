@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenloom.parallel.schedule import Block, Buf, Compute
 from tokenloom.simulator import collectives
 from tokenloom.simulator.cost import BWD_FLOP_FACTOR, AttentionShape, CostModel
-from tokenloom.simulator.hardware import CATALOG, NodeSpec, make_cluster, pcie_box
+from tokenloom.simulator.hardware import CATALOG, Cluster, NodeSpec, pcie_box
 
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.json"
 GOAL = 0.15  # issue 20: every calibration row within +-15%
@@ -40,7 +40,9 @@ def attention_tflops(row: dict) -> float:
     """TFLOP/s of one attention call of the row's shape on one GPU of the row's hardware."""
     seq, batch, heads, d = row["seq"], row["batch"], row["heads"], row["head_dim"]
     backward, causal = row["pass"] == "bwd", bool(row["causal"])
-    cost = CostModel(AttentionShape(seq, heads, d, batch=batch), make_cluster(row["hardware"], 1), "contiguous")
+    node = row_node(row)
+    assert node is not None, row["id"]
+    cost = CostModel(AttentionShape(seq, heads, d, batch=batch), Cluster(node, 1), "contiguous")
     q = Buf("qg" if backward else "q", 0, (0,))
     op = Compute(q, Buf("kv", 0, (0,)), (Block((0,), (0,), causal),), Buf("dq" if backward else "out", 0, (0,), at=0))
     flops = 4.0 * batch * seq * seq * heads * d * (0.5 if causal else 1.0) * (BWD_FLOP_FACTOR if backward else 1.0)
@@ -54,6 +56,14 @@ def h800() -> NodeSpec:
     return replace(h100, name="h800-sxm", link=replace(h100.link, bw=200e9))
 
 
+def a5000() -> NodeSpec:
+    """RTX A5000: the A10's die (GA102) with 64 of its 72 SMs at the same 1695 MHz boost, so
+    111.1 TFLOP/s dense (datasheet: 222.2 with sparsity) and the A10's efficiencies: the rows that
+    calibrate the A10's attention curve (docs/calibration.md)."""
+    a10 = CATALOG["a10-pcie"]
+    return replace(a10, name="rtx-a5000", device=replace(a10.device, name="rtx-a5000", sms=64, flops=111.1e12))
+
+
 def row_node(row: dict) -> NodeSpec | None:
     """The node a row was measured on: a catalog entry, the H800, or a generic PCIe Gen4 box built
     from the row's stated topology (``gpus``, ``gpus_per_switch``, ``p2p_via``)."""
@@ -62,6 +72,8 @@ def row_node(row: dict) -> NodeSpec | None:
         return h800()
     if name == "pcie-gen4":
         return pcie_box(row["gpus"], row["gpus_per_switch"], row["p2p_via"])
+    if name == "rtx-a5000":
+        return a5000()
     return CATALOG.get(name)
 
 

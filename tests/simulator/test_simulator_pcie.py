@@ -89,7 +89,10 @@ def test_tokenring_readme_per_step_times_on_4_a10():
     token = simulate_attention("tokenring", cluster, shape, causal=True, layout="zigzag").summary()["step_ms"]
     assert ring[1] == pytest.approx(7.6, rel=0.05)  # K+V, 98.3 MB at 13 GB/s = 7.56 ms
     assert max(token[:4]) < 0.75 * ring[1]  # TokenRing clearly faster per step, as measured
-    assert token[2] < 1.1 * token[1]  # outputs no longer halve the queries' rate (was 1.6x)
+    # outputs no longer halve the queries' rate: step 2 / step 1 is 1.34 (README 4.6 / 3.5 = 1.31;
+    # 1.62 before the duplex model); steps 0-1 are the 49 MB query transfer at 13 GB/s = 3.78 ms
+    assert token[2] < 1.45 * token[1]
+    assert token[1] == pytest.approx(49.152e6 / 13e9 * 1e3, rel=0.01)
 
 
 def test_advise_ranks_tokenring_over_ring_where_the_readme_measured_it():
