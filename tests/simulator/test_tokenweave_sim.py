@@ -134,3 +134,22 @@ def test_auto_comm_ctas_is_the_best_fixed_count():
         assert auto.modes["tokenweave"].total_s == min(r.modes["tokenweave"].total_s for r in fixed)
     # long prompts: lending fewer SMs to communication that hides anyway keeps TokenWeave ahead
     assert auto.comm_ctas < 8 and auto.summary()["speedup"] > 1
+
+
+def test_prefill_attention_priced_at_the_causal_curve_of_the_calibration_rows():
+    """TokenWeave's causal prefill attention uses the device's causal curve, as the attention engine
+    does (H100: FlashAttention-2 causal, 333 TFLOP/s at 8K keys in the calibration set): at 8192 keys
+    0.39 x 8192 / (8192 + 300) x 0.92 of 989 TFLOP/s = 339 TFLOP/s, not the flat 0.39 (386)."""
+    from tokenloom.simulator.tokenweave import Pricer, causal_shape_eff
+
+    h100 = CATALOG["h100-sxm"].device
+    assert causal_shape_eff(h100, 8192, 128) == pytest.approx(8192 / 8492 * 0.92)
+    assert causal_shape_eff(h100, 8192, 64) == pytest.approx(8192 / 8492 * 0.92 * 0.88)
+    assert causal_shape_eff(CATALOG["mi300x"].device, 8192, 128) == 1.0  # no curve: flat
+    layer, _ = model_shape("llama-3.3-70b", 8)
+    pricer = Pricer(make_cluster("h100-sxm", 8), layer, 8192)
+    flops = 2.0 * 8 * 128 * 8192 ** 2  # 8 heads per GPU, causal
+    tiles = 64 * 8  # 128-row query tiles x heads: 512 tiles on 132 SMs = 4 waves
+    eff = 0.39 * 8192 / 8492 * 0.92
+    expected = h100.launch_s + flops * 4 * 132 / (989e12 * eff * tiles)
+    assert pricer.attention_s(0, 8192, False) == pytest.approx(expected)
