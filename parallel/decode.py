@@ -59,7 +59,7 @@ def choose_strategy(*, world_size: int, cached: int, new_tokens: int, heads: int
     for long sharded chunks on 3+ ranks."""
     if world_size == 1:
         return "gather"
-    if hardware is not None and world_size <= 256:
+    if hardware is not None and world_size <= 64:  # the engine prices up to 64 ranks in ~1 s
         return _priced_choice(hardware, world_size, _pow2(cached), _pow2(new_tokens), heads,
                               kv_heads, head_dim, dtype_bytes, batch, queries)
     if queries == "sharded" and new_tokens * heads >= (cached + new_tokens) * kv_heads:

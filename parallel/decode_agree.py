@@ -54,7 +54,11 @@ def describe(cache: Any, layer: Any) -> str:
 
 def payload_fits(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` ride in the agreement message (by shape and dtype only)."""
-    return _HEADER + sum(t.numel() * t.element_size() for t in tensors) <= MESSAGE_BYTES
+    return payload_fits_bytes(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def payload_fits_bytes(num_bytes: float) -> bool:
+    return _HEADER + num_bytes <= MESSAGE_BYTES
 
 
 def post_agreement(comm: Communicator, mine: list[int],

@@ -1,13 +1,20 @@
 """Decode scenario: one step of new tokens over a sharded KV cache, priced from the runtime's own
-decode schedules (:mod:`tokenloom.parallel.decode_schedule`).
+decode schedules (:mod:`tokenloom.parallel.decode_schedule`) by the shared discrete-event engine
+(:func:`tokenloom.simulator.engine.simulate`: the same step phases, P2P rendezvous, link latencies
+and fluid link sharing as every training schedule), with :class:`DecodeCost` pricing its ops.
 
-Decode is memory-bound: a step reads every cached key and value once, so a rank's block time is
-``max(bytes read / HBM bandwidth, FLOPs / (peak * attention efficiency)) + launch``. Each step of the
-schedule runs in lockstep: its time is the slowest rank's ``max(compute, communication)`` plus its
-merges, where communication is the per-message latency of the link plus the larger of the bytes it
-sends and receives over that link's rate (NVLink/NVSwitch inside a node, the NIC across nodes).
-Every call also pays one small argument all-gather (the runtime agrees arguments before any
-transfer), and ring/pass-KV on replicated queries an output all-gather. Layers multiply.
+Decode is memory-bound: a kernel over ``nk`` cached keys streams their K and V once. Its time is
+``max(FLOPs / (peak * attention efficiency), read)`` where ``read`` combines a fixed cost F with
+the streaming time ``bytes / (HBM bandwidth * e)`` as a p-norm, ``(F^p + stream^p)^(1/p)``: short
+contexts are dominated by F, long ones stream at ``e`` of the datasheet bandwidth, in between the
+two overlap. F, e and p are :data:`DECODE_FIXED_S`, :data:`DECODE_HBM_EFF`, :data:`DECODE_OVERLAP_P`,
+fitted (:func:`fit_decode_kernel`) to :data:`H200_DECODE_ROWS`, torch SDPA decode steps measured on
+one H200 (``benchmarks/gpu_shapes.py``); docs/decode.md lists the rows and the fit's error.
+Messages: the engine's links (NVLink/NVSwitch inside a node, the NIC across nodes). Every call also
+agrees its arguments in one fixed-size message; for replicated queries under pass-Q gather the
+partials ride that message, so the agreement costs nothing beyond the schedule's exchange (as the
+runtime does, :mod:`tokenloom.parallel.decode_agree`); ring/pass-KV on replicated queries add an
+output all-gather. Layers multiply.
 
 :func:`min_gpus_for` answers the capacity question: the fewest GPUs whose per-token time meets a
 target and whose cache share fits in memory.
@@ -20,12 +27,26 @@ from dataclasses import asdict, dataclass
 
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.decode_schedule import DECODE_STRATEGIES, build_decode_schedule, part_lens, part_of
-from tokenloom.parallel.schedule import Compute, Recv, Send
-from tokenloom.simulator.hardware import Cluster
+from tokenloom.parallel.decode_agree import MESSAGE_BYTES, payload_fits_bytes
+from tokenloom.parallel.schedule import Compute, Merge
+from tokenloom.simulator.engine import simulate
+from tokenloom.simulator.hardware import Cluster, Device
+from tokenloom.simulator.lockstep import lockstep_supported, plan_from_schedule, simulate_plan
 
 # HBM per GPU in GB (datasheets); the catalog's Device has no capacity field
 HBM_GB = {"h100-sxm": 80, "h200-sxm": 141, "a100-sxm": 80, "a10-pcie": 24, "mi300x": 192}
 MAX_CONTEXT = 1 << 34
+
+# One decode step (1 new token, batch 1, 8 query = 8 kv heads, head_dim 128, bf16) of torch 2.11
+# SDPA on one NVIDIA H200, measured 2026-12-04 with benchmarks/gpu_shapes.py (copy bandwidth
+# 4167 GB/s measured the same day): (cached tokens, ms)
+H200_DECODE_ROWS = ((4096, 0.0355), (16384, 0.0426), (65536, 0.0849), (262144, 0.2597),
+                    (1048576, 0.9971))
+H200_DECODE_SHAPE = dict(heads=8, kv_heads=8, head_dim=128, batch=1, dtype_bytes=2)
+# fit_decode_kernel on the rows at 4K, 64K and 1M (16K and 256K held out; docs/decode.md)
+DECODE_FIXED_S = 33.75e-6  # F: launch, split-KV combine and dispatch of one decode kernel call
+DECODE_HBM_EFF = 0.902  # e: share of the datasheet HBM bandwidth a long decode read streams at
+DECODE_OVERLAP_P = 1.25  # p: how F and the stream overlap (1: added, inf: fully overlapped)
 
 
 @dataclass(frozen=True)
@@ -71,56 +92,86 @@ class DecodeResult:
         return asdict(self)
 
 
-def _link(cluster: Cluster, a: int, b: int):
-    node = cluster.node
-    return node.link if cluster.node_of(a) == cluster.node_of(b) else node.nic
+def read_s(num_bytes: float, dev: Device, fixed_s: float = DECODE_FIXED_S,
+           eff: float = DECODE_HBM_EFF, p: float = DECODE_OVERLAP_P) -> float:
+    """Seconds of one decode kernel that streams ``num_bytes`` (module docstring)."""
+    stream = num_bytes / (dev.hbm_bw * eff)
+    return (fixed_s ** p + stream ** p) ** (1.0 / p)
 
 
-def _buf_bytes(buf, lens: dict[int, int], sh: DecodeShape, memo: dict | None = None) -> float:
-    key = (buf.kind, buf.chunks)
-    if memo is not None and key in memo:  # replicated buffers name all N chunks: N^3 without this
-        return memo[key]
+def fit_decode_kernel(rows, dev: Device, shape: dict = H200_DECODE_SHAPE) -> tuple[float, float, float, float]:
+    """``(F, e, p, worst relative error)`` minimising the worst error of :func:`read_s` over
+    ``rows`` ((cached tokens, ms)) on a grid: how the committed constants were found."""
+    best = None
+    for p in (1.0, 1.25, 1.5, 1.75, 2.0):
+        for fi in range(80):
+            fixed = 20e-6 + fi * 0.25e-6
+            for ei in range(100):
+                eff = 0.80 + ei * 0.002
+                worst = max(abs(read_s(_kv_bytes(ctx, shape), dev, fixed, eff, p) * 1e3 / ms - 1)
+                            for ctx, ms in rows)
+                if best is None or worst < best[3] - 1e-12:
+                    best = (fixed, eff, p, worst)
+    return best
+
+
+def _kv_bytes(tokens: int, shape: dict) -> float:
+    return 2.0 * tokens * shape["batch"] * shape["kv_heads"] * shape["head_dim"] * shape["dtype_bytes"]
+
+
+def _buf_bytes(buf, lens: dict[int, int], sh: DecodeShape) -> float:
     n = sum(lens[c] for c in buf.chunks)
     per = sh.batch * sh.head_dim
     if buf.kind == "q":
-        size = n * per * sh.heads * sh.dtype_bytes
-    elif buf.kind == "kv":
-        size = 2 * n * per * sh.kv_heads * sh.dtype_bytes
-    else:
-        size = n * sh.batch * sh.heads * (sh.head_dim + 1) * 4  # out + lse travel in fp32
-    if memo is not None:
-        memo[key] = size
-    return size
+        return n * per * sh.heads * sh.dtype_bytes
+    if buf.kind == "kv":
+        return 2 * n * per * sh.kv_heads * sh.dtype_bytes
+    return n * sh.batch * sh.heads * (sh.head_dim + 1) * 4  # out + lse travel in fp32
 
 
-def _compute_s(op: Compute, lens: dict[int, int], sh: DecodeShape, cluster: Cluster) -> float:
-    dev = cluster.node.device
-    total = 0.0
-    for blk in op.blocks:
-        nq = sum(lens[c] for c in blk.q_chunks)
-        nk = sum(lens[c] for c in blk.kv_chunks)
-        if not nq or not nk:
-            continue
-        read = 2 * nk * sh.batch * sh.kv_heads * sh.head_dim * sh.dtype_bytes
-        read += 2 * nq * sh.batch * sh.heads * sh.head_dim * sh.dtype_bytes
-        flops = 4.0 * nq * nk * sh.batch * sh.heads * sh.head_dim * (0.5 if blk.causal else 1.0)
-        total += max(read / dev.hbm_bw, flops / (dev.flops * dev.attn_eff_fwd)) + dev.launch_s
-    return total
+class DecodeCost:
+    """The engine's cost model for a decode schedule (the interface of
+    :class:`~tokenloom.simulator.cost.CostModel` the engine calls): chunk lengths are the agreed
+    per-call sizes (old shards, new-token parts), not one dense chunk length."""
 
+    def __init__(self, sh: DecodeShape, cluster: Cluster, lens: dict[int, int]) -> None:
+        self.shape, self.cluster, self.lens = sh, cluster, lens
+        self.world_size = cluster.num_gpus
+        self._memo: dict = {}
 
-def _comm_s(ops, rank: int, lens, sh: DecodeShape, cluster: Cluster, memo: dict) -> float:
-    out: dict[int, float] = {}
-    inn: dict[int, float] = {}
-    latency = 0.0
-    for op in ops:
-        if not isinstance(op, (Send, Recv)) or op.peer == rank:
-            continue
-        link = _link(cluster, rank, op.peer)
-        side = out if isinstance(op, Send) else inn
-        side[id(link)] = side.get(id(link), 0.0) + _buf_bytes(op.buf, lens, sh, memo) / link.rate
-        latency = max(latency, link.latency_s)
-    busiest = max([*out.values(), *inn.values(), 0.0])
-    return latency + busiest if (out or inn) else 0.0
+    def buf_bytes(self, buf, kv_repeat: int = 1) -> float:
+        key = (buf.kind, buf.chunks)
+        if key not in self._memo:  # replicated buffers name all N chunks: N^3 without this
+            self._memo[key] = _buf_bytes(buf, self.lens, self.shape)
+        return self._memo[key]
+
+    def compute_s(self, op: Compute) -> float:
+        """One kernel per runtime call: full blocks of the same queries over adjacent keys are one
+        read of the shard (:func:`tokenloom.parallel.decode_runtime._calls`)."""
+        sh, dev, lens = self.shape, self.cluster.node.device, self.lens
+        calls: dict = {}  # kernel call -> [query tokens, key tokens, flops]
+        for i, blk in enumerate(op.blocks):
+            nq = sum(lens[c] for c in blk.q_chunks)
+            nk = sum(lens[c] for c in blk.kv_chunks)
+            if not nq or not nk:
+                continue
+            causal = blk.causal and nq > 1
+            rows = tuple(c for c in blk.q_chunks if lens[c])  # the runtime merges by row range
+            call = calls.setdefault(i if causal else rows, [nq, 0, 0.0])
+            call[1] += nk
+            call[2] += 4.0 * nq * nk * sh.batch * sh.heads * sh.head_dim * (0.5 if causal else 1.0)
+        total = 0.0
+        for nq, nk, flops in calls.values():
+            read = 2 * (nk * sh.kv_heads + nq * sh.heads) * sh.batch * sh.head_dim * sh.dtype_bytes
+            total += max(read_s(read, dev), flops / (dev.flops * dev.attn_eff_fwd))
+        return total
+
+    def merge_s(self, op: Merge) -> float:
+        dev = self.cluster.node.device
+        return dev.launch_s + 3 * self.buf_bytes(op.src) / dev.hbm_bw
+
+    def a2a_pair_bytes(self, op) -> float:
+        raise AssertionError("decode schedules have no all-to-all")
 
 
 def _allgather_s(bytes_each: float, cluster: Cluster) -> float:
@@ -143,25 +194,17 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
     old = part_lens(sh.context, n)
     lens = {r: old[part_of(r, n, 0)] for r in range(n)}
     lens.update({n + j: c for j, c in enumerate(part_lens(sh.new_tokens, n))})
-    compute = comm = step = 0.0
-    memo: dict = {}
+    cost = DecodeCost(sh, cluster, lens)
+    plan = plan_from_schedule(sched, cost) if lockstep_supported(cluster) else None
+    step = (simulate_plan(plan, cluster, cost) if plan is not None else simulate(sched, cost)).total_s
+    compute = 0.0  # along the steps: each step's busiest rank (computes and merges)
     for s in range(sched.num_steps):
-        worst = (0.0, 0.0, 0.0)
-        for r in range(n):
-            steps = sched.ranks[r]
-            if s >= len(steps):
-                continue
-            c = sum(_compute_s(op, lens, sh, cluster) for op in steps[s].computes)
-            m = _comm_s(steps[s].comms, r, lens, sh, cluster, memo)
-            merge = len(steps[s].merges) * sh.new_tokens * sh.batch * sh.heads * sh.head_dim * 12 \
-                / cluster.node.device.hbm_bw
-            t = max(c, m) + merge
-            if t > worst[0]:
-                worst = (t, c, m)
-        step += worst[0]
-        compute += worst[1]
-        comm += worst[2]
-    extra = _allgather_s(14 * 8, cluster)  # the argument agreement
+        compute += max((sum(cost.compute_s(op) for op in steps[s].computes)
+                        + sum(cost.merge_s(m) for m in steps[s].merges))
+                       for steps in sched.ranks if s < len(steps))
+    partial = sh.new_tokens * sh.batch * sh.heads * (sh.head_dim + 1) * 4
+    rides = native and n > 1 and payload_fits_bytes(partial)
+    extra = 0.0 if rides else _allgather_s(MESSAGE_BYTES if n > 1 else 0, cluster)  # the agreement
     if replicated and not native:
         extra += _allgather_s(max(part_lens(sh.new_tokens, n)) * sh.batch * sh.heads
                               * (sh.head_dim + 1) * 4, cluster)
@@ -169,8 +212,8 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
     per_gpu = sh.cache_bytes(math.ceil((sh.context + sh.new_tokens) / n))
     hbm = HBM_GB.get(cluster.node.name)
     return DecodeResult(strategy, cluster.node.name, n, (step + extra) * layers * 1e3,
-                        compute * layers * 1e3, (comm + extra) * layers * 1e3, per_gpu / 1e9,
-                        hbm is None or per_gpu <= 0.9 * hbm * 1e9)
+                        compute * layers * 1e3, (max(0.0, step - compute) + extra) * layers * 1e3,
+                        per_gpu / 1e9, hbm is None or per_gpu <= 0.9 * hbm * 1e9)
 
 
 def min_gpus_for(make_cluster, sh: DecodeShape, target_ms: float, *, strategy: str = "auto",

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from tokenloom.cli import main
-from tokenloom.simulator.decode import DecodeShape, min_gpus_for, simulate_decode
+from tokenloom.simulator.decode import (
+    DECODE_FIXED_S, DECODE_HBM_EFF, DECODE_OVERLAP_P, H200_DECODE_ROWS, H200_DECODE_SHAPE, DecodeShape,
+    fit_decode_kernel, min_gpus_for, read_s, simulate_decode)
 from tokenloom.simulator.hardware import make_cluster
 
 LLAMA70 = dict(heads=64, kv_heads=8, head_dim=128, layers=80)
@@ -16,14 +18,53 @@ def _cluster(n, hw="h100-sxm"):
     return make_cluster(hw, n, max(1, n // 8))
 
 
-def test_one_gpu_is_cache_bytes_over_hbm_bandwidth():
-    sh = DecodeShape(context=1 << 17, **LLAMA70)
+def test_one_gpu_is_cache_bytes_over_hbm_bandwidth_at_long_contexts():
+    sh = DecodeShape(context=1 << 20, **LLAMA70)
     res = simulate_decode(_cluster(1), sh, "gather")
     dev = _cluster(1).node.device
     assert res.comm_ms == pytest.approx(0.0)
-    launches = 2 * sh.layers * dev.launch_s  # the cached block and the new token's diagonal
-    want = sh.cache_bytes(sh.context + 1) / dev.hbm_bw + launches
-    assert res.step_ms == pytest.approx(want * 1e3, rel=0.01)
+    want = sh.cache_bytes(sh.context + 1) / (dev.hbm_bw * DECODE_HBM_EFF)
+    assert res.step_ms == pytest.approx(want * 1e3, rel=0.02)  # the fixed cost hides in the stream
+
+
+def test_h200_decode_steps_priced_within_3_percent_of_the_measured_ones():
+    """benchmarks/gpu_shapes.py on one H200 (torch SDPA, bf16, 8 heads, d=128, 1 new token)."""
+    cluster = make_cluster("h200-sxm", 1)
+    for context, ms in H200_DECODE_ROWS:
+        got = simulate_decode(cluster, DecodeShape(context, **H200_DECODE_SHAPE), "auto").step_ms
+        assert got == pytest.approx(ms, rel=0.03), (context, got, ms)
+
+
+def test_decode_kernel_constants_are_the_fit_and_predict_the_held_out_rows():
+    """The committed constants are fit_decode_kernel's answer on the 4K, 64K and 1M rows; the 16K
+    and 256K rows, not fitted, are priced within 3 % (2.4 % and 1.8 %)."""
+    dev = make_cluster("h200-sxm", 1).node.device
+    fitted = [r for r in H200_DECODE_ROWS if r[0] in (4096, 65536, 1 << 20)]
+    fixed, eff, p, worst = fit_decode_kernel(fitted, dev)
+    assert (fixed, eff, p) == pytest.approx((DECODE_FIXED_S, DECODE_HBM_EFF, DECODE_OVERLAP_P), rel=1e-6)
+    assert worst < 0.01
+    for context, ms in H200_DECODE_ROWS:
+        if (context, ms) not in fitted:
+            got = read_s(2.0 * context * 8 * 128 * 2, dev) * 1e3
+            assert got == pytest.approx(ms, rel=0.03), context
+
+
+def test_priced_through_the_shared_engine():
+    """The lockstep evaluation and the event engine price a decode schedule alike (one engine)."""
+    from tokenloom.parallel.decode_schedule import build_decode_schedule
+    from tokenloom.simulator.decode import DecodeCost
+    from tokenloom.simulator.engine import simulate
+    from tokenloom.simulator.lockstep import plan_from_schedule, simulate_plan
+
+    cluster = _cluster(8)
+    sh = DecodeShape(context=1 << 16, new_tokens=64, **LLAMA70)
+    for strategy in ("gather", "ring", "passkv"):
+        sched = build_decode_schedule(strategy, 8, start=0, replicated=False)
+        lens = {r: 8192 for r in range(8)} | {8 + j: 8 for j in range(8)}
+        cost = DecodeCost(sh, cluster, lens)
+        a = simulate(sched, cost).total_s
+        b = simulate_plan(plan_from_schedule(sched, cost), cluster, cost).total_s
+        assert a == pytest.approx(b, rel=1e-9) and a > 0
 
 
 @pytest.mark.parametrize("strategy", ["gather", "ring", "passkv", "auto"])
@@ -32,8 +73,9 @@ def test_every_strategy_is_priced_and_gpus_divide_the_read(strategy):
     one = simulate_decode(_cluster(1), sh, strategy)
     eight = simulate_decode(_cluster(8), sh, strategy)
     if strategy in ("gather", "auto"):  # every rank reads its share at once; a few KB of messages
-        assert one.compute_ms / 8 <= eight.compute_ms < one.compute_ms / 8 * 1.1  # + launches
-        assert eight.step_ms < one.step_ms / 5
+        # + per layer one kernel's fixed cost and the 7 merges the runtime runs one by one
+        assert one.compute_ms / 8 <= eight.compute_ms < one.compute_ms / 8 * 1.6
+        assert eight.step_ms < one.step_ms / 4
     elif strategy == "ring":  # one new token is one rank's part: it visits the shards in turn
         assert eight.compute_ms > 0.9 * one.compute_ms
     else:  # pass-KV moves the whole cache to the one rank with a query: slower than one GPU
