@@ -19,11 +19,12 @@ import torch
 from tokenloom.kernels.masks import PositionMask
 from tokenloom.kernels.reference import acc_dtype
 
-# Query rows per tile: a tile computes (TILE + window) keys per row for ~window visible, so 128 rows
-# waste ~12% against a 1024-token window (256: ~25%). Measured on one CPU thread, a 4096-row block
-# under a causal 1024 window, fwd+bwd with sdpa tiles: 635 ms at 256 rows, ~570 ms at 128 (the fused
-# op's time per computed pair is the same; 64 rows lost it again to per-call costs).
-TILE = 128
+# Query rows per tile: a tile computes (TILE + window) keys per row for ~window visible (256 rows:
+# 1.25x the visible pairs against a 1024-token window, 128: 1.12x). Measured on one CPU thread
+# (thread time, a 4096-row block under a causal 1024 window, fwd+bwd with sdpa tiles): 256, 192 and
+# 128 rows all take 575-595 ms; the fused op's per-call costs eat what smaller tiles save. The
+# Triton impl does not tile here (its kernels skip hidden key tiles themselves).
+TILE = 256
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"],
                    tuple[torch.Tensor, torch.Tensor]]
