@@ -15,8 +15,10 @@ Side by side in one run, each contender in forked processes that together use ev
   the causal square, merged by their log-sum-exp).
 
 Reported: median ms of the slowest rank per step, its split between attention and communication
-(the argument all-gather included), and the ratio to the single-process baseline. The goals
-(issue 19): decode <= 1.0x, chunked prefill <= 1.1x.
+(the argument agreement included; a decode step's partials ride it), and the ratio to the
+single-process baseline. ``--rounds R`` alternates baseline and tokenloom R times (the machine's
+load moves between them) and reports every round's ratio and their median. The goals (issue 19):
+decode <= 1.0x, chunked prefill <= 1.1x.
 """
 
 from __future__ import annotations
@@ -113,11 +115,26 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--iters", type=int, default=9, help="decode steps timed (prefill: a third)")
     p.add_argument("--strategies", default="gather,ring,passkv", help="for the chunked prefill")
+    p.add_argument("--rounds", type=int, default=1, help="alternate baseline and tokenloom this often")
     a = p.parse_args()
+    ratios: dict[str, list[float]] = {}
+    for _ in range(a.rounds):
+        base, per_rank = _round(a)
+        _report(a, base, per_rank, ratios)
+    if a.rounds > 1:
+        print("median ratio over rounds: " + ", ".join(
+            f"{k} {statistics.median(v):.2f}x ({' '.join(f'{x:.2f}' for x in v)})" for k, v in ratios.items()))
+
+
+def _round(a):
     base = spawn_ranks(1, _baseline, a.context, a.chunk, a.heads, a.head_dim, a.iters,
                        threads=os.cpu_count() or 2, timeout=600)[0]
     per_rank = spawn_ranks(a.world_size, _ranks, a.context, a.chunk, a.heads, a.head_dim, a.iters,
                            a.strategies.split(","), threads=1, timeout=1200)
+    return base, per_rank
+
+
+def _report(a, base, per_rank, ratios) -> None:
     print(f"context {a.context}, heads {a.heads}, head_dim {a.head_dim}, fp32, {a.world_size} CPU ranks "
           f"x 1 thread vs one process x {os.cpu_count()} threads")
     print(f"single-process SDPA, one decode step: full cache {base['decode_full_ms']:.2f} ms "
@@ -129,6 +146,7 @@ def main() -> None:
         slowest = max(per_rank, key=lambda r: r[key][0])[key]
         ref = base["decode_full_ms"] if key.startswith("decode") else base["prefill_ms"]
         print(f"{key:<18} {slowest[0]:9.2f} {slowest[1]:10.2f} {slowest[2]:8.2f} {slowest[0] / ref:7.2f}x")
+        ratios.setdefault(key, []).append(slowest[0] / ref)
 
 
 if __name__ == "__main__":
