@@ -100,7 +100,9 @@ def _full(q, k, v, scale, impl) -> tuple[torch.Tensor, torch.Tensor]:
     # finite and not an all-zero row: the CPU op answers a row whose scores are all -inf (infinite
     # keys) with out = 0, lse = 0 where plain softmax gives nan; a zero row reruns exactly (right,
     # only slower, for a real zero)
-    if all_finite(q, out, lse) and not bool((out == 0).all(-1).any()):
+    checks = torch.stack([out.sum(), lse.sum(), q.sum(dtype=acc), (out == 0).all(-1).any().to(acc)])
+    finite, zero_row = checks[:3].sum(), checks[3]  # one host sync for both
+    if bool(torch.isfinite(finite) & (zero_row == 0)):
         return out, lse
     vis = torch.ones(q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)
     return exact_forward(q, k.transpose(1, 2), v.transpose(1, 2), vis, scale)
