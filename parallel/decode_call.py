@@ -10,7 +10,6 @@ import time
 
 import torch
 
-from tokenloom import kernels
 from tokenloom.comm.communicator import Communicator
 from tokenloom.parallel.decode_runtime import DecodeRunner, Held, Shape
 from tokenloom.parallel.decode_schedule import build_decode_schedule, part_lens, part_of, part_range, part_rank
@@ -94,13 +93,15 @@ class Call:
         return [held.tensors["out"], held.tensors["lse"]]
 
     def merge_payloads(self, partials: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's partial (rank order) merged in rank order on every rank, so that every
-        rank gets bitwise the same output (each then runs the same model on it)."""
+        """Every rank's partial (rank order) merged at once (one stacked log-sum-exp, not N - 1
+        merges one by one), identically on every rank, so that every rank gets bitwise the same
+        output (each then runs the same model on it)."""
         t0 = time.perf_counter()
-        out = torch.zeros_like(partials[0][0])
-        lse = torch.full_like(partials[0][1], float("-inf"))
-        for o, l in partials:
-            kernels.merge_into_(out, lse, o, l)
+        outs = torch.stack([p[0] for p in partials])  # (n, b, t, h, d)
+        lses = torch.stack([p[1] for p in partials])  # (n, b, h, t)
+        lse = torch.logsumexp(lses, 0)
+        weight = torch.exp(lses - lse).masked_fill(torch.isneginf(lses), 0.0)  # empty sides: 0
+        out = (outs * weight.transpose(-1, -2).unsqueeze(-1)).sum(0)
         if self.timing is not None:
             self.timing.attention_s += time.perf_counter() - t0
         return out, lse

@@ -134,8 +134,10 @@ class DecodeCost:
     :class:`~tokenloom.simulator.cost.CostModel` the engine calls): chunk lengths are the agreed
     per-call sizes (old shards, new-token parts), not one dense chunk length."""
 
-    def __init__(self, sh: DecodeShape, cluster: Cluster, lens: dict[int, int]) -> None:
+    def __init__(self, sh: DecodeShape, cluster: Cluster, lens: dict[int, int],
+                 merges_per_kernel: int = 1) -> None:
         self.shape, self.cluster, self.lens = sh, cluster, lens
+        self.merges_per_kernel = max(1, merges_per_kernel)  # > 1: partials merged in one stacked op
         self.world_size = cluster.num_gpus
         self._memo: dict = {}
 
@@ -168,7 +170,7 @@ class DecodeCost:
 
     def merge_s(self, op: Merge) -> float:
         dev = self.cluster.node.device
-        return dev.launch_s + 3 * self.buf_bytes(op.src) / dev.hbm_bw
+        return dev.launch_s / self.merges_per_kernel + 3 * self.buf_bytes(op.src) / dev.hbm_bw
 
     def a2a_pair_bytes(self, op) -> float:
         raise AssertionError("decode schedules have no all-to-all")
@@ -194,7 +196,9 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
     old = part_lens(sh.context, n)
     lens = {r: old[part_of(r, n, 0)] for r in range(n)}
     lens.update({n + j: c for j, c in enumerate(part_lens(sh.new_tokens, n))})
-    cost = DecodeCost(sh, cluster, lens)
+    partial = sh.new_tokens * sh.batch * sh.heads * (sh.head_dim + 1) * 4
+    rides = native and n > 1 and payload_fits_bytes(partial)  # then merged in one stacked op
+    cost = DecodeCost(sh, cluster, lens, n - 1 if rides else 1)
     plan = plan_from_schedule(sched, cost) if lockstep_supported(cluster) else None
     step = (simulate_plan(plan, cluster, cost) if plan is not None else simulate(sched, cost)).total_s
     compute = 0.0  # along the steps: each step's busiest rank (computes and merges)
@@ -202,8 +206,6 @@ def simulate_decode(cluster: Cluster, sh: DecodeShape, strategy: str = "auto",
         compute += max((sum(cost.compute_s(op) for op in steps[s].computes)
                         + sum(cost.merge_s(m) for m in steps[s].merges))
                        for steps in sched.ranks if s < len(steps))
-    partial = sh.new_tokens * sh.batch * sh.heads * (sh.head_dim + 1) * 4
-    rides = native and n > 1 and payload_fits_bytes(partial)
     extra = 0.0 if rides else _allgather_s(MESSAGE_BYTES if n > 1 else 0, cluster)  # the agreement
     if replicated and not native:
         extra += _allgather_s(max(part_lens(sh.new_tokens, n)) * sh.batch * sh.heads

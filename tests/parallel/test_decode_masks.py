@@ -138,3 +138,18 @@ def test_bad_mask_arguments_are_named():
             cached_attention(q, k, v, cache, 0, **kwargs)
         assert e.value.field == field
         assert cache.seq_len(0) == 0  # nothing appended
+
+
+def _replicated_outputs(rank, n):
+    q, k, v = (t.float() for t in _seq(40, 11))
+    cache = ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, n, rank), 64)
+    cached_attention(q[:, :37], k[:, :37], v[:, :37], cache, 0, window_size=(9, 0))
+    return [cached_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache, 0, strategy="gather",
+                             window_size=(9, 0)) for t in (37, 38, 39)]
+
+
+def test_replicated_decode_gives_every_rank_the_same_bits():
+    """Every rank runs the model on the output: the partials are merged identically everywhere."""
+    outs = spawn_ranks(3, _replicated_outputs, timeout=60)
+    for other in outs[1:]:
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(outs[0], other))
