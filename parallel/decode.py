@@ -155,6 +155,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
                 call.steps(0, 1)
             except BaseException:
                 call.rollback()
+                _refuse(comm, len(mine))  # the others must not wait for this rank's message
                 raise
             partial = call.own_partial()
             payload = partial if payload_fits(partial) else None
@@ -187,6 +188,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: S
         out, lse = apply_sinks(out, lse, sinks)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _refuse(comm: Communicator, width: int) -> None:
+    """Send this rank's refusal in the agreement (its own attention failed before the agreement):
+    every other rank raises that this rank refused, instead of waiting for it."""
+    if comm.world_size > 1:
+        posted = post_agreement(comm, [FIELDS.index("arguments") + 1] + [0] * (width - 1))
+        posted[0].wait()
 
 
 def _finish(call, every, strategy, n, start, count, q, k, queries, hardware, timing):

@@ -153,3 +153,23 @@ def test_replicated_decode_gives_every_rank_the_same_bits():
     outs = spawn_ranks(3, _replicated_outputs, timeout=60)
     for other in outs[1:]:
         assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(outs[0], other))
+
+
+def _kernel_fails_on_rank_1(rank, n):
+    from unittest import mock
+
+    q, k, v = (t.float() for t in _seq(4, 2))
+    cache = ShardedKVCache(CacheSpec(1, B, HKV, D, torch.float32, n, rank), 64)
+    boom = mock.patch("tokenloom.parallel.decode_runtime.cache_block", side_effect=RuntimeError("boom"))
+    try:
+        with boom if rank == 1 else mock.patch.dict({}):
+            cached_attention(q, k, v, cache, 0, strategy="gather")
+    except (RuntimeError, UsageError) as exc:
+        return type(exc).__name__, str(exc)[:80], cache.seq_len(0)
+    return "no error", "", cache.seq_len(0)
+
+
+def test_a_kernel_failure_before_the_agreement_raises_on_every_rank_without_hanging():
+    got = spawn_ranks(2, _kernel_fails_on_rank_1, timeout=60)
+    assert got[1][:2] == ("RuntimeError", "boom") and got[0][0] == "UsageError", got
+    assert got[0][2] == got[1][2] == 0  # nothing appended anywhere
