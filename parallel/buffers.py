@@ -181,7 +181,7 @@ def extract(store: dict, buf: Buf, name: str, dims: Dims) -> torch.Tensor:
     held = store.get(buf.key)
     if held is not None and held.chunks == tuple(buf.chunks):
         return held.fields[name]
-    width = {f[0]: f for f in WIRE_FIELDS[buf.kind]}[name][2]
+    width = next(f.width for f in WIRE_FIELDS[buf.kind] if f.name == name)
     out = alloc(buf, dims, fill=True)[name]
     if held is not None:
         lens, sd = dims.chunk_lens, seq_dim(width)

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple, Union
+
+from tokenloom.common.vocab import Word
 
 if TYPE_CHECKING:
     from tokenloom.parallel.layout import SeqLayout
 
 
-class Kind(str, Enum):
-    """What a buffer holds (its wire fields: :data:`WIRE_FIELDS`). Compares equal to its value."""
+class Kind(Word):
+    """What a buffer holds (its wire fields: :data:`WIRE_FIELDS`), and the channel (stream) a send of
+    it travels on. Compares equal to its value."""
 
     Q = "q"
     KV = "kv"
@@ -45,35 +47,40 @@ class Kind(str, Enum):
     DQ = "dq"
     DKV = "dkv"
 
-    def __str__(self) -> str:
-        return self.value
 
-    __format__ = str.__format__
+Channel = Kind  # a P2P op's lane is named after what it carries: the simulator's send streams
 
 
-class Direction(str, Enum):
+class Direction(Word):
     """All-to-all direction: sequence shards -> head shards, or back."""
 
     SEQ2HEAD = "seq2head"
     HEAD2SEQ = "head2seq"
 
-    def __str__(self) -> str:
-        return self.value
 
-    __format__ = str.__format__
+class WireField(NamedTuple):
+    """One tensor of a buffer on the wire. ``heads``: whose head count it has ("q" or "kv");
+    ``width``: "d" for per-token vectors ``(batch, seq, heads, d)``, "1" for per-row statistics
+    ``(batch, heads, seq)``; ``dtype``: "io" travels in the input dtype, "acc" in fp32."""
 
-# kind -> ((field name, head kind "q"|"kv", per-token width "d"|"1", dtype "io"|"acc"), ...)
-# "io" travels in the input dtype, "acc" in fp32. Fields with width "d" are (batch, seq, heads, d);
-# width "1" fields are per-row statistics shaped (batch, heads, seq).
-WIRE_FIELDS: dict[str, tuple[tuple[str, str, str, str], ...]] = {
-    "q": (("q", "q", "d", "io"),),
-    "kv": (("k", "kv", "d", "io"), ("v", "kv", "d", "io")),
-    "out": (("out", "q", "d", "io"), ("lse", "q", "1", "acc")),
-    "qg": (("q", "q", "d", "io"), ("dout", "q", "d", "io"), ("lse", "q", "1", "acc"),
-           ("delta", "q", "1", "acc")),
-    "dout": (("dout", "q", "d", "io"),),
-    "dq": (("dq", "q", "d", "acc"),),
-    "dkv": (("dk", "kv", "d", "acc"), ("dv", "kv", "d", "acc")),
+    name: str
+    heads: str
+    width: str
+    dtype: str
+
+
+def _fields(*specs: str) -> tuple[WireField, ...]:
+    return tuple(WireField(*spec.split()) for spec in specs)
+
+
+WIRE_FIELDS: dict[str, tuple[WireField, ...]] = {
+    Kind.Q: _fields("q q d io"),
+    Kind.KV: _fields("k kv d io", "v kv d io"),
+    Kind.OUT: _fields("out q d io", "lse q 1 acc"),
+    Kind.QG: _fields("q q d io", "dout q d io", "lse q 1 acc", "delta q 1 acc"),
+    Kind.DOUT: _fields("dout q d io"),
+    Kind.DQ: _fields("dq q d acc"),
+    Kind.DKV: _fields("dk kv d acc", "dv kv d acc"),
 }
 PARTIAL_KINDS = ("out", "dq", "dkv")  # results that fold; everything else is input data
 
@@ -111,7 +118,10 @@ class Buf:
 class Send:
     peer: int
     buf: Buf
-    channel: str  # which stream carries it ("q", "out", "kv", ...): the simulator's lanes
+    channel: Channel  # which stream carries it: the simulator's lanes (a plain string is converted)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel", Channel(self.channel))
 
     def __str__(self) -> str:
         return f">{self.peer}:{self.buf}"
@@ -121,7 +131,10 @@ class Send:
 class Recv:
     peer: int
     buf: Buf
-    channel: str
+    channel: Channel
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel", Channel(self.channel))
 
     def __str__(self) -> str:
         return f"<{self.peer}:{self.buf}"
