@@ -1,21 +1,20 @@
 """One :func:`~tokenloom.parallel.decode.cached_attention` call after this rank's own checks:
 append its new tokens, walk the schedule (possibly in two parts around the agreement), undo the
 append on any failure; and the helpers that finish a call (the output gather of replicated
-queries under a sharded schedule, the rank-ordered merge of partials that rode the agreement).
+queries under a sharded schedule, the stacked merge of partials that rode the agreement).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from tokenloom.comm.communicator import Communicator
+from tokenloom.parallel.decode_check import check_decode_schedule
 from tokenloom.parallel.decode_runtime import DecodeRunner, Held, Shape
 from tokenloom.parallel.decode_schedule import build_decode_schedule, part_lens, part_of, part_range, part_rank
-from tokenloom.parallel.decode_check import check_decode_schedule
-
-import functools
 
 
 def new_token_part(rank: int, world_size: int, start: int, count: int) -> tuple[int, int]:
