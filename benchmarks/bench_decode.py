@@ -15,10 +15,8 @@ Side by side in one run, each contender in forked processes that together use ev
   the causal square, merged by their log-sum-exp).
 
 Reported: median ms of the slowest rank per step, its split between attention and communication
-(the argument agreement included; a decode step's partials ride it), the single-process baseline
-run by rank 0 with every core just before each step while the other ranks wait (so both sides of
-each ratio see the same load of a shared machine), and the median of the per-step ratios. The
-baselines measured separately first are printed too. ``--rounds R`` alternates baseline and tokenloom R times (the machine's
+(the argument agreement included; a decode step's partials ride it), and the ratio to the
+single-process baseline. ``--rounds R`` alternates baseline and tokenloom R times (the machine's
 load moves between them) and reports every round's ratio and their median. The goals (issue 19):
 decode <= 1.0x, chunked prefill <= 1.1x.
 """
@@ -78,17 +76,11 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
 
 
 def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):
-    """Each iteration: rank 0 runs the single-process baseline on the same work with every core
-    while the other ranks wait at a barrier, then all ranks run tokenloom's step. Both sides of a
-    ratio are thus measured a few ms apart, under the same load of the shared machine."""
-    import torch.distributed as dist
-
     from tokenloom.parallel.decode import cached_attention, new_token_part
     from tokenloom.parallel.decode_runtime import Timing
     from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
 
     k, v = _kv(context, heads, head_dim)
-    base = _single_process(k, v, context, chunk, heads, head_dim) if rank == 0 else None
     out = {}
     for mode, old, new in (("decode", context, 1), ("prefill", context - chunk, chunk)):
         cache = ShardedKVCache(CacheSpec(1, 1, heads, head_dim, torch.float32, n, rank), context + 1)
@@ -102,9 +94,6 @@ def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):
             a, b = (0, new) if queries == "replicated" else new_token_part(rank, n, old, new)
             rows = []
             for it in range((iters if mode == "decode" else max(1, iters // 3)) + 1):
-                dist.barrier()
-                ref = base[mode]() if base is not None else 0.0
-                dist.barrier()
                 timing = Timing()
                 t0 = time.perf_counter()
                 cached_attention(q[:, a:b], kn[:, a:b], vn[:, a:b], cache, 0, group=None,
@@ -112,37 +101,9 @@ def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):
                 wall = (time.perf_counter() - t0) * 1e3
                 cache.truncate(0, hi - lo, old)  # the same work every iteration
                 if it:
-                    rows.append((wall, timing.attention_s * 1e3, timing.comm_s * 1e3, ref))
-            out[f"{mode}:{strategy}"] = rows
+                    rows.append((wall, timing.attention_s * 1e3, timing.comm_s * 1e3))
+            out[f"{mode}:{strategy}"] = [statistics.median(r[i] for r in rows) for i in range(3)]
     return out
-
-
-def _single_process(k, v, context, chunk, heads, head_dim):
-    """The baselines of :func:`_baseline` as timed callables (every core while they run)."""
-    kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-    q1 = torch.randn(1, heads, 1, head_dim)
-    qc = torch.randn(1, heads, chunk, head_dim)
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    old = context - chunk
-
-    def timed(fn):
-        def run():
-            torch.set_num_threads(os.cpu_count() or 2)
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-            torch.set_num_threads(1)
-            return ms
-        return run
-
-    def prefill():
-        o1, l1 = op(qc, kt[:, :, :old], vt[:, :, :old], 0.0, False)[:2]
-        o2, l2 = op(qc, kt[:, :, old:], vt[:, :, old:], 0.0, True)[:2]
-        lse = torch.logaddexp(l1, l2)
-        return o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]
-
-    return {"decode": timed(lambda: torch.nn.functional.scaled_dot_product_attention(q1, kt, vt)),
-            "prefill": timed(prefill)}
 
 
 def main() -> None:
@@ -180,16 +141,12 @@ def _report(a, base, per_rank, ratios) -> None:
           f"({os.cpu_count()} threads); half the cache, 1 thread {base['decode_half_1thread_ms']:.2f} ms")
     print(f"single-process fused SDPA, chunked prefill {a.chunk} over {a.context - a.chunk}: "
           f"{base['prefill_ms']:.1f} ms")
-    print(f"{'case':<18} {'step ms':>9} {'attention':>10} {'comm':>8} {'SDPA ms':>8} {'vs SDPA':>8}")
+    print(f"{'case':<18} {'step ms':>9} {'attention':>10} {'comm':>8} {'vs SDPA':>8}")
     for key in per_rank[0]:
-        iters = range(len(per_rank[0][key]))
-        walls = [max(r[key][i][0] for r in per_rank) for i in iters]  # the slowest rank
-        slowest = max(per_rank, key=lambda r: statistics.median(x[0] for x in r[key]))[key]
-        refs = [per_rank[0][key][i][3] for i in iters]  # interleaved single-process baseline
-        ratio = statistics.median(w / r for w, r in zip(walls, refs))
-        print(f"{key:<18} {statistics.median(walls):9.2f} {statistics.median(x[1] for x in slowest):10.2f} "
-              f"{statistics.median(x[2] for x in slowest):8.2f} {statistics.median(refs):8.2f} {ratio:7.2f}x")
-        ratios.setdefault(key, []).append(ratio)
+        slowest = max(per_rank, key=lambda r: r[key][0])[key]
+        ref = base["decode_full_ms"] if key.startswith("decode") else base["prefill_ms"]
+        print(f"{key:<18} {slowest[0]:9.2f} {slowest[1]:10.2f} {slowest[2]:8.2f} {slowest[0] / ref:7.2f}x")
+        ratios.setdefault(key, []).append(slowest[0] / ref)
 
 
 if __name__ == "__main__":
