@@ -157,15 +157,21 @@ class DecodeRunner:
     def _compute(self, store: dict, op: Compute) -> None:
         q_held, kv_held = store[op.q_src.key], store[op.kv_src.key]
         sh = self.shape
-        if op.dst.key not in store:  # exists (empty) even when every block is empty
-            store[op.dst.key] = Held(op.dst.chunks, _alloc(op.dst, sh))
         q_offs, kv_offs = sh.offsets(q_held.chunks), sh.offsets(kv_held.chunks)
+        calls = _calls(op.blocks, q_offs, kv_offs)
+        rows = sh.length(q_held.chunks)
+        whole = (len(calls) == 1 and calls[0][0] == (0, rows) and sh.length(op.dst.chunks) == rows)
+        if op.dst.key not in store and not whole:  # exists (empty) even when every block is empty
+            store[op.dst.key] = Held(op.dst.chunks, _alloc(op.dst, sh))
         q0, pos = sh.q_position(q_held.chunks), kv_held.tensors.get("pos")
-        for (qa, qb), (ka, kb), causal in _calls(op.blocks, q_offs, kv_offs):
+        for (qa, qb), (ka, kb), causal in calls:
             out, lse = cache_block(q_held.tensors["q"][:, qa:qb], kv_held.tensors["k"][:, :, ka:kb],
                                    kv_held.tensors["v"][:, :, ka:kb], causal=causal, scale=sh.scale,
                                    impl=sh.impl, softcap=sh.softcap, q_pos=q0 + qa,
                                    k_pos=None if pos is None else pos[ka:kb], left=sh.left)
+            if whole and op.dst.key not in store:  # one call fills a new buffer: no merge, no copy
+                store[op.dst.key] = Held(op.dst.chunks, {"out": out, "lse": lse})
+                continue
             self._fold_rows(store[op.dst.key], op.dst, q_offs, qa, qb, out, lse)
 
     def _fold_rows(self, dst: Held, buf: Buf, q_offs, qa: int, qb: int, out, lse) -> None:
