@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tokenloom.comm.nodes import NODE_NAME
-from tokenloom.simulator.hardware import CATALOG, Link, node_to_dict
+from tokenloom.simulator.hardware import CATALOG, PCIE4_X16_RATE, PCIE_PEER_STREAM, Link, node_to_dict
 
 # Substrings of the NVML device name -> catalog name; first match wins (A100 before A10).
 MODELS = (("h200", "h200-sxm"), ("h100", "h100-sxm"), ("a100", "a100-sxm"), ("a10", "a10-pcie"),
@@ -51,11 +51,13 @@ def node_spec(topo: dict, *, name: str = NODE_NAME, base: str | None = None):
         return replace(model, name=name, device=device, gpus_per_node=n, fabric=fabric, link=link,
                        uplink=None, gpus_per_switch=0)
     per_switch = _pcie_groups(links)
-    pcie = Link(25e9, 10e-6, 0.52)  # PCIe Gen4 x16 per direction, efficiency as seen (REFERENCE §6)
+    # PCIe Gen4 x16 per direction as calibrated (hardware.PCIE4_X16_RATE), one peer stream ~13 GB/s
+    # (REFERENCE §6), the same link the a10-pcie catalog entry uses
+    pcie = Link(PCIE4_X16_RATE, 10e-6, PCIE_PEER_STREAM / PCIE4_X16_RATE)
     # groups meet through the CPU (PHB/NODE/SYS): that peer traffic shares the root complex
     via = "root" if any(links[i][j] in ("PHB", "NODE", "SYS") for i in range(n) for j in range(n)) else "switch"
     return replace(model, name=name, device=device, gpus_per_node=n, fabric="pcie", link=pcie,
-                   uplink=model.uplink or Link(25e9, 2e-6, 1.0), gpus_per_switch=per_switch, p2p_via=via)
+                   uplink=model.uplink or Link(PCIE4_X16_RATE, 2e-6, 1.0), gpus_per_switch=per_switch, p2p_via=via)
 
 
 def hardware_entry(topo: dict, *, name: str = NODE_NAME) -> dict | None:

@@ -220,6 +220,7 @@ H200_SDPA = {"attn_kv_half": 2048.0, "attn_kv_half_bwd": 2435.0, "attn_kv_half_c
 PCIE4_X16_RATE = 25.8e9
 PCIE_ROOT_RATE = 88e9
 PCIE_HOST_COPY_RATE = 19.9e9
+PCIE_PEER_STREAM = 13e9  # one peer-to-peer stream through a PCIe switch (REFERENCE §6)
 
 
 def pcie_box(gpus: int, gpus_per_switch: int, p2p_via: str, name: str = "pcie-gen4") -> NodeSpec:
@@ -249,7 +250,7 @@ CATALOG: dict[str, NodeSpec] = {
     # stream (REFERENCE.md §6; not fitted: no A10 transfer row); full duplex. The TokenRing authors' 4 x A10
     # box (ACA-Lab-SJTU/token-ring README) pairs GPUs on a switch (PIX) and joins them without the host bridge (PXB).
     "a10-pcie": NodeSpec("a10-pcie", Device("a10-pcie", 72, 125e12, 600e9, 0.86, 0.81, 8e-6, **GA102_FA2), 4, "pcie",
-                         link=Link(PCIE4_X16_RATE, 10e-6, 13e9 / PCIE4_X16_RATE),
+                         link=Link(PCIE4_X16_RATE, 10e-6, PCIE_PEER_STREAM / PCIE4_X16_RATE),
                          uplink=Link(PCIE4_X16_RATE, 2e-6, 1.0),
                          gpus_per_switch=2, nic=Link(25e9, 15e-6, 0.9), p2p_via="switch"),
     # MI300X: 8 GPUs, 7 Infinity Fabric links each, 64 GB/s per direction per link.
