@@ -25,13 +25,10 @@ import torch
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import code_of
+from tokenloom.parallel.decode_schedule import AGREE_FIELDS as FIELDS  # noqa: F401 (decode.py reads it here)
+from tokenloom.parallel.decode_schedule import MESSAGE_BYTES, payload_fits_bytes
+from tokenloom.parallel.decode_schedule import MESSAGE_HEADER as _HEADER
 from tokenloom.parallel.kv_cache import ShardedKVCache
-
-FIELDS = ("arguments", "world_size", "cache", "model", "layer_present", "seq_len", "start",
-          "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl", "window_size",
-          "softcap", "sinks")
-MESSAGE_BYTES = 1 << 16  # the vector plus a decode step's partials for up to ~120 heads x d=128
-_HEADER = 8 * (len(FIELDS) + 1)
 
 
 def identity(cache: ShardedKVCache) -> tuple[int, int]:
@@ -56,9 +53,6 @@ def payload_fits(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` ride in the agreement message (by shape and dtype only)."""
     return payload_fits_bytes(sum(t.numel() * t.element_size() for t in tensors))
 
-
-def payload_fits_bytes(num_bytes: float) -> bool:
-    return _HEADER + num_bytes <= MESSAGE_BYTES
 
 
 def post_agreement(comm: Communicator, mine: list[int],

@@ -34,6 +34,20 @@ from __future__ import annotations
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.schedule import Block, Buf, Compute, Merge, Recv, Schedule, Send, Step
 
+# The per-call agreement message (tokenloom.parallel.decode_agree) is MESSAGE_BYTES long whatever the
+# arguments: the agreed vector of AGREE_FIELDS, then a decode step's partials when they fit. Pure
+# numbers here, so the simulator prices the same one-round-trip step the runtime runs.
+AGREE_FIELDS = ("arguments", "world_size", "cache", "model", "layer_present", "seq_len", "start",
+                "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl", "window_size",
+                "softcap", "sinks")
+MESSAGE_BYTES = 1 << 16  # the vector plus a decode step's partials for up to ~120 heads x d=128
+MESSAGE_HEADER = 8 * (len(AGREE_FIELDS) + 1)
+
+
+def payload_fits_bytes(num_bytes: float) -> bool:
+    """Whether ``num_bytes`` of partials ride in the agreement message."""
+    return MESSAGE_HEADER + num_bytes <= MESSAGE_BYTES
+
 DECODE_STRATEGIES = ("gather", "ring", "passkv")
 REPLICATED_OWNER = 0  # replicated queries are one buffer "owned" by rank 0 and held by every rank
 

@@ -13,7 +13,7 @@ one H200 (``benchmarks/gpu_shapes.py``); docs/decode.md lists the rows and the f
 Messages: the engine's links (NVLink/NVSwitch inside a node, the NIC across nodes). Every call also
 agrees its arguments in one fixed-size message; for replicated queries under pass-Q gather the
 partials ride that message, so the agreement costs nothing beyond the schedule's exchange (as the
-runtime does, :mod:`tokenloom.parallel.decode_agree`); ring/pass-KV on replicated queries add an
+runtime does, :mod:`tokenloom.parallel.decode_agree`, sized in ``decode_schedule``); ring/pass-KV on replicated queries add an
 output all-gather. Layers multiply.
 
 :func:`min_gpus_for` answers the capacity question: the fewest GPUs whose per-token time meets a
@@ -26,8 +26,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from tokenloom.common.errors import UsageError
-from tokenloom.parallel.decode_schedule import DECODE_STRATEGIES, build_decode_schedule, part_lens, part_of
-from tokenloom.parallel.decode_agree import MESSAGE_BYTES, payload_fits_bytes
+from tokenloom.parallel.decode_schedule import (DECODE_STRATEGIES, MESSAGE_BYTES, build_decode_schedule, part_lens,
+                                                 part_of, payload_fits_bytes)
 from tokenloom.parallel.schedule import Compute, Merge
 from tokenloom.simulator.engine import simulate
 from tokenloom.simulator.hardware import Cluster, Device
