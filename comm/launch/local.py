@@ -23,6 +23,7 @@ three here), and it survives the death of any rank. Results come back as plain d
 from __future__ import annotations
 
 import contextlib
+import gc
 import datetime
 import multiprocessing as mp
 import os
@@ -83,7 +84,8 @@ def _fork_safe_threads(threads: int) -> int:
     """
     if threads <= 1 or _UNSAFE_TO_FORK_THREADS.get(os.getpid()):
         return 1
-    pid = os.fork()
+    with _no_inherited_garbage():
+        pid = os.fork()
     if pid == 0:  # the canary
         code = 1
         try:
@@ -163,6 +165,25 @@ def run(job: Callable, config: Any, *, world_size: int, timeout_s: float = 60.0,
 
 
 @contextlib.contextmanager
+def _no_inherited_garbage() -> Iterator[None]:
+    """Fork with nothing for the children to garbage-collect that they did not make themselves.
+
+    Unreachable objects still waiting in this process's collector are inherited by a fork, and the
+    child's first collection runs their finalizers there, where their threads do not exist: a
+    dead process group's TCPStore server (``LibUVStoreDaemon``) detaches its thread on
+    destruction and aborts a forked rank with SIGABRT (seen after tests that had made one). So
+    collect here first, where the threads live, and freeze what is left (``gc.freeze``: a child
+    never collects it) until the children are started.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
 def _ranks(world_size: int, worker: Callable, args: tuple) -> Iterator[tuple[str, list, list]]:
     """Fork ``worker(rank, world_size, store_path, *args, conn)`` for every rank; yield the store
     path, the result pipes and the processes; on leaving, however we leave, kill and reap them."""
@@ -171,13 +192,15 @@ def _ranks(world_size: int, worker: Callable, args: tuple) -> Iterator[tuple[str
     store_path = os.path.join(tmpdir.name, "store")
     pipes, procs = [], []
     try:
-        for rank in range(world_size):
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=worker, args=(rank, world_size, store_path, *args, send_end), daemon=True)
-            proc.start()
-            send_end.close()
-            pipes.append(recv_end)
-            procs.append(proc)
+        with _no_inherited_garbage():
+            for rank in range(world_size):
+                recv_end, send_end = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=worker, args=(rank, world_size, store_path, *args, send_end),
+                                   daemon=True)
+                proc.start()
+                send_end.close()
+                pipes.append(recv_end)
+                procs.append(proc)
         yield store_path, pipes, procs
     finally:
         for proc in procs:
