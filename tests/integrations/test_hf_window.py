@@ -14,18 +14,11 @@ transformers = pytest.importorskip("transformers")
 
 from tokenloom.comm.launch.local import spawn_ranks  # noqa: E402
 from tokenloom.integrations import hf  # noqa: E402
+from hf_mask_configs import mask_configs  # noqa: E402  (tests/ is on sys.path)
 
 VOCAB, SEQ, BATCH, WINDOW = 128, 24, 2, 5
 TOL = 1e-10
-CONFIGS = {
-    "Gemma2Config": dict(head_dim=16, attn_logit_softcapping=0.5, sliding_window=WINDOW,
-                         layer_types=["sliding_attention", "full_attention"]),
-    "Gemma3TextConfig": dict(head_dim=16, sliding_window=WINDOW,
-                             layer_types=["sliding_attention", "full_attention"]),
-    "GptOssConfig": dict(head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
-                         layer_types=["sliding_attention", "full_attention"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-}
+CONFIGS = mask_configs(WINDOW)
 
 
 def tiny(arch: str, attn: str):

@@ -54,11 +54,24 @@ def _base_classes() -> tuple[type, type]:
     return Cache, CacheLayerMixin
 
 
+class _NoBatchChange:
+    """What beam search and any batch change call on a cache and its layers: refused in one line."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise UsageError(_BEAMS, field="num_beams")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UsageError(_BEAMS, field="num_beams")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise UsageError(_BEAMS, field="num_beams")
+
+
 @functools.lru_cache(maxsize=1)
 def _layer_class() -> type:
     _, mixin = _base_classes()
 
-    class ShardedLayer(mixin):
+    class ShardedLayer(_NoBatchChange, mixin):
         """One layer's view of the sharded cache: ``update`` returns the new states unchanged
         (the attention function appends them); lengths are the whole sequence's."""
 
@@ -90,14 +103,6 @@ def _layer_class() -> type:
         def reset(self) -> None:
             self.owner.truncate(self.layer, 0, 0)
 
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
 
     return ShardedLayer
 
@@ -141,7 +146,7 @@ def _cache_class() -> type:
     cache_base, _ = _base_classes()
     layer_cls = _layer_class()
 
-    class _TokenloomCache(cache_base):
+    class _TokenloomCache(_NoBatchChange, cache_base):
         """See :func:`TokenloomCache`."""
 
         def __init__(self, sharded: ShardedKVCache, comm: Any, strategy: str, impl: str | None) -> None:
@@ -161,14 +166,6 @@ def _cache_class() -> type:
         def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
             return self.sharded.seq_len(layer_idx)
 
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            raise UsageError(_BEAMS, field="num_beams")
 
         def crop(self, max_length: int) -> None:
             raise UsageError("TokenloomCache: cropping a sharded cache is not supported (assisted "
