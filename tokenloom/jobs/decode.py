@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenloom.common.errors import UsageError
 from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
-from tokenloom.commands.args import arg_int
+from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window
 
 STRATEGIES = ("auto", "gather", "ring", "passkv")
 
@@ -48,9 +48,17 @@ class DecodeRun:
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     check: bool = False
     seed: int = 0
+    window: tuple[int, int] | None = None  # (left, right) as flash-attn's window_size; decode is causal
 
     def validate(self, world_size: int = 1) -> None:
         hkv = self.heads if self.kv_heads is None else self.kv_heads
+        if self.window is not None:
+            from tokenloom.parallel.layout import normalize_window
+
+            try:
+                normalize_window(self.window, True)
+            except UsageError as exc:
+                raise UsageError(f"--window: {exc}", field="window_size") from None
         if hkv < 1 or self.heads % hkv:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
         if self.strategy not in STRATEGIES:
@@ -121,7 +129,7 @@ def job(comm, cfg: DecodeRun) -> dict:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         out = cached_attention(*args, cache, 0, group=comm, strategy=cfg.strategy,
-                               queries=cfg.queries, timing=timing)
+                               queries=cfg.queries, timing=timing, window_size=cfg.window)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         steps.append(((time.perf_counter() - t0) * 1e3, timing.attention_s * 1e3, timing.comm_s * 1e3))
@@ -144,25 +152,35 @@ def job(comm, cfg: DecodeRun) -> dict:
                                      "ok": err == 0.0 and kf.shape == k.shape}
         if rank == 0 or cfg.queries == "sharded":  # replicated: every rank holds every output
             health.set_step("decode check: fp64 reference")
-            result["out_check"] = _errors(parts, q, k, v, cfg.context, dtype)
+            result["out_check"] = _errors(parts, q, k, v, cfg.context, dtype, cfg.window)
     return result
 
 
-def _plain_sdpa(q, k, v):
-    """torch's SDPA in the input dtype with the bottom-right causal mask (new queries at the end)."""
+def _visible(t: int, s: int, window: tuple[int, int] | None):
+    """(t, s) bool: the last ``t`` of ``s`` positions as queries, causal, inside ``window``."""
     import torch
+
+    i = torch.arange(s - t, s).unsqueeze(1)  # the queries' global positions
+    j = torch.arange(s).unsqueeze(0)
+    vis = j <= i
+    if window is not None and window[0] >= 0:
+        vis &= j >= i - window[0]
+    return vis
+
+
+def _plain_sdpa(q, k, v, mask):
+    """torch's SDPA in the input dtype under ``mask`` (new queries at the end)."""
     import torch.nn.functional as F
 
-    t, s = q.shape[1], k.shape[1]
-    mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)
     rep = q.shape[2] // k.shape[2]
     k, v = (x.repeat_interleave(rep, dim=2).transpose(1, 2) for x in (k, v))
     return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
 
 
-def _errors(parts, q, k, v, context: int, dtype) -> tuple[float, float, float]:
-    """Max |error| of this rank's outputs against fp64 single-process attention, next to plain
-    torch's in the same dtype, and the reference's max |value|: ``(err, plain_err, ref_absmax)``."""
+def _errors(parts, q, k, v, context: int, dtype, window=None) -> tuple[float, float, float]:
+    """Max |error| of this rank's outputs against fp64 single-process attention under the same
+    mask (causal, and the window), next to plain torch's in the same dtype, and the reference's
+    max |value|: ``(err, plain_err, ref_absmax)``."""
     from tokenloom.kernels.reference import attention_with_lse
 
     err = plain_err = absmax = 0.0
@@ -170,8 +188,9 @@ def _errors(parts, q, k, v, context: int, dtype) -> tuple[float, float, float]:
         if a == b:
             continue
         kd, vd = k[:, :context + b], v[:, :context + b]  # bottom-right: the queries end the keys
-        ref, _ = attention_with_lse(q[:, a:b].double(), kd.double(), vd.double(), causal=True)
-        plain = _plain_sdpa(q[:, a:b].to(dtype), kd.to(dtype), vd.to(dtype)).double()
+        vis = _visible(b - a, context + b, window)
+        ref, _ = attention_with_lse(q[:, a:b].double(), kd.double(), vd.double(), causal=False, mask=vis)
+        plain = _plain_sdpa(q[:, a:b].to(dtype), kd.to(dtype), vd.to(dtype), vis).double()
         err = max(err, float((out.double() - ref).abs().max()))
         plain_err = max(plain_err, float((plain - ref).abs().max()))
         absmax = max(absmax, float(ref.abs().max()))
@@ -191,6 +210,9 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--queries", choices=("replicated", "sharded"), default="replicated",
                    help="replicated: every rank passes all new tokens (decode, as HF generation); "
                         "sharded: each rank its part of each step (chunked prefill)")
+    a.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
+                   help=WINDOW_HELP + "; decode is causal, so RIGHT changes nothing; a rank whose "
+                        "whole cache share is outside the window reads nothing")
     add_shape_flags(a)
     add_report_flags(a)
 
@@ -199,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> DecodeRun:
     cfg = DecodeRun(context=args.context, new_tokens=args.new_tokens, step_tokens=args.step_tokens,
                     strategy=args.strategy, queries=args.queries, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, check=args.check,
-                    seed=args.seed)
+                    seed=args.seed, window=args.window)
     cfg.validate(args.world_size)
     return cfg
 
