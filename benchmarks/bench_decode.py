@@ -31,6 +31,7 @@ import time
 import torch
 
 from tokenloom.comm.launch.local import spawn_ranks
+from tokenloom.simulator.calibrate import median_time
 
 
 def _kv(total, heads, head_dim, seed=0):
@@ -39,14 +40,8 @@ def _kv(total, heads, head_dim, seed=0):
             torch.randn(1, total, heads, head_dim, generator=g))
 
 
-def _median_ms(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _ms(fn, iters: int) -> float:
+    return 1e3 * median_time(fn, iters)
 
 
 def _baseline(rank, n, context, chunk, heads, head_dim, iters):
@@ -56,10 +51,10 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
     kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     q1 = torch.randn(1, heads, 1, head_dim)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    full = _median_ms(lambda: sdpa(q1, kt, vt), iters)
+    full = _ms(lambda: sdpa(q1, kt, vt), iters)
     half_k, half_v = kt[:, :, :context // 2].contiguous(), vt[:, :, :context // 2].contiguous()
     torch.set_num_threads(1)
-    half = _median_ms(lambda: sdpa(q1, half_k, half_v), iters)
+    half = _ms(lambda: sdpa(q1, half_k, half_v), iters)
     torch.set_num_threads(os.cpu_count() or 2)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     qc = torch.randn(1, heads, chunk, head_dim)
@@ -72,7 +67,7 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
         return o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]
 
     return {"decode_full_ms": full, "decode_half_1thread_ms": half,
-            "prefill_ms": _median_ms(prefill, max(1, iters // 3))}
+            "prefill_ms": _ms(prefill, max(1, iters // 3))}
 
 
 def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):

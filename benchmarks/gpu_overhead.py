@@ -21,19 +21,8 @@ import sys
 
 import torch
 
+from tokenloom.simulator.calibrate import median_time
 from tokenloom.simulator.calibrate_gpu import time_ms
-
-
-def _cpu_ms(fn, iters: int) -> float:
-    import time
-
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
-    timer = time_ms if args.device == "cuda" else _cpu_ms
+    timer = time_ms if args.device == "cuda" else (lambda fn, iters: 1e3 * median_time(fn, iters))
     import tokenloom.kernels as K
     from tokenloom.kernels import sdpa
 

@@ -33,9 +33,10 @@ from tokenloom.simulator.hardware import LOCAL_CPU, Device, Link, NodeSpec, node
 _PING_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)  # bytes
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median of ``repeats`` timed calls after a warm-up: the typical time, as runs see it (the best
-    of a few is too optimistic on a shared or virtual machine, where identical calls vary ~2x)."""
+    of a few is too optimistic on a shared or virtual machine, where identical calls vary ~2x).
+    Seconds, on the host clock: the CPU twin of ``calibrate_gpu.time_ms``; benchmarks use it too."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -56,21 +57,21 @@ def _compute_rank(rank: int, world_size: int, chunks: tuple[int, ...], heads: in
 
     gen = torch.Generator().manual_seed(rank)
     tiny = [torch.randn(1, 16, heads, head_dim, generator=gen) for _ in range(3)]
-    launch = _median_time(lambda: attention_with_lse(*tiny), repeats * 3)
+    launch = median_time(lambda: attention_with_lse(*tiny), repeats * 3)
     rows = []  # (flops, forward s, backward s) per chunk size
     for c in chunks:
         q, dout = (torch.randn(1, c, heads, head_dim, generator=gen) for _ in range(2))
         k, v = (torch.randn(1, 2 * c, heads, head_dim, generator=gen) for _ in range(2))
         fwd = bwd = 0.0
         for kb, vb, causal in ((k[:, :c], v[:, :c], False), (k, v, True)):
-            fwd += _median_time(lambda: attention_with_lse(q, kb, vb, causal=causal), repeats) - launch
+            fwd += median_time(lambda: attention_with_lse(q, kb, vb, causal=causal), repeats) - launch
             out, lse = attention_with_lse(q, kb, vb, causal=causal)
             delta = attention_delta(out, dout)
-            bwd += _median_time(lambda: attention_backward(dout, q, kb, vb, lse, delta, causal=causal),
+            bwd += median_time(lambda: attention_backward(dout, q, kb, vb, lse, delta, causal=causal),
                               repeats) - launch
         rows.append((10.0 * c * c * heads * head_dim, fwd, bwd))
     a, b = torch.ones(1 << 23), torch.ones(1 << 23)  # 32 MiB each
-    add = _median_time(lambda: a.add_(b), repeats)
+    add = median_time(lambda: a.add_(b), repeats)
     return {"launch_s": launch, "mem_bw": 3 * a.numel() * 4 / add, "rows": rows}
 
 
