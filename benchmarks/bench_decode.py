@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--strategies", default="gather,ring,passkv", help="for the chunked prefill")
     p.add_argument("--rounds", type=int, default=1, help="alternate baseline and tokenloom this often")
     a = p.parse_args()
+    if not 0 < a.chunk < a.context:  # the prefill runs over context - chunk cached tokens
+        p.error(f"--chunk must be between 1 and --context - 1 ({a.context - 1}), got {a.chunk}")
     ratios: dict[str, list[float]] = {}
     for _ in range(a.rounds):
         base, per_rank = _round(a)
