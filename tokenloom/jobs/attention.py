@@ -167,15 +167,18 @@ def _check(got: dict, full: list, cfg: AttentionRun, device, dtype) -> dict:
     return checks
 
 
-def window_visible(seq: int, causal: bool, window: tuple[int, int]):
-    """``(seq, seq)`` bool: query i sees key j, written out from positions (flash-attn's rule:
-    ``i - left <= j <= i + right``, -1 unbounded, causal caps ``j <= i``), not from the library."""
+def window_visible(seq: int, causal: bool, window: tuple[int, int], rows: int | None = None):
+    """``(rows, seq)`` bool: query i sees key j, written out from positions (flash-attn's rule:
+    ``i - left <= j <= i + right``, -1 unbounded, causal caps ``j <= i``), not from the library.
+    The queries are the last ``rows`` positions (default all: a square; decode's new tokens end
+    the keys)."""
     import torch
 
-    i = torch.arange(seq).unsqueeze(1)
+    rows = seq if rows is None else rows
+    i = torch.arange(seq - rows, seq).unsqueeze(1)
     j = torch.arange(seq).unsqueeze(0)
     left, right = window
-    vis = torch.ones(seq, seq, dtype=torch.bool)
+    vis = torch.ones(rows, seq, dtype=torch.bool)
     if causal:
         vis &= j <= i
     if left >= 0:

@@ -158,14 +158,9 @@ def job(comm, cfg: DecodeRun) -> dict:
 
 def _visible(t: int, s: int, window: tuple[int, int] | None):
     """(t, s) bool: the last ``t`` of ``s`` positions as queries, causal, inside ``window``."""
-    import torch
+    from tokenloom.jobs.attention import window_visible
 
-    i = torch.arange(s - t, s).unsqueeze(1)  # the queries' global positions
-    j = torch.arange(s).unsqueeze(0)
-    vis = j <= i
-    if window is not None and window[0] >= 0:
-        vis &= j >= i - window[0]
-    return vis
+    return window_visible(s, True, window or (-1, -1), rows=t)
 
 
 def _plain_sdpa(q, k, v, mask):
