@@ -25,7 +25,7 @@ import torch
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.agree import code_of
-from tokenloom.parallel.decode_schedule import AGREE_FIELDS as FIELDS  # noqa: F401 (decode.py reads it here)
+from tokenloom.parallel.decode_schedule import AGREE_FIELDS as FIELDS
 from tokenloom.parallel.decode_schedule import MESSAGE_BYTES, payload_fits_bytes
 from tokenloom.parallel.decode_schedule import MESSAGE_HEADER as _HEADER
 from tokenloom.parallel.kv_cache import ShardedKVCache
