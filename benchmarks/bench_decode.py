@@ -9,6 +9,9 @@ Side by side in one run, each contender in forked processes that together use ev
   each, each holding its share of the cache (pass-Q gather, replicated queries, as HF generation
   runs it). Baseline: torch's SDPA in one process with every core over the whole cache (stored
   heads-first, its fastest layout), and over half of it with one thread (what one rank must read).
+  Also reported, not a goal: tokenloom's own decode kernel in one process with every core over the
+  whole cache in its CPU storage (keys-last), which says how much of the gain is the kernel (the
+  ranks share one memory here; on GPUs each has its own).
 * chunked prefill: ``--chunk`` new tokens over a ``context - chunk`` cache (the new tokens causal
   among themselves). tokenloom: each strategy with sharded queries (each rank holds its part of the
   chunk). Baseline: torch's fused CPU SDPA op in one process on the same work (the cache part and
@@ -56,6 +59,11 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
     torch.set_num_threads(1)
     half = _ms(lambda: sdpa(q1, half_k, half_v), iters)
     torch.set_num_threads(os.cpu_count() or 2)
+    from tokenloom.kernels.decode import cache_block
+
+    kl, vl = (t.permute(0, 2, 3, 1).contiguous().transpose(-1, -2) for t in (k, v))  # keys-last
+    q1s = q1.transpose(1, 2)
+    ours = _ms(lambda: cache_block(q1s, kl, vl, causal=False, scale=head_dim ** -0.5), iters)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     qc = torch.randn(1, heads, chunk, head_dim)
     old = context - chunk
@@ -66,7 +74,7 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
         lse = torch.logaddexp(l1, l2)
         return o1 * torch.exp(l1 - lse)[..., None] + o2 * torch.exp(l2 - lse)[..., None]
 
-    return {"decode_full_ms": full, "decode_half_1thread_ms": half,
+    return {"decode_full_ms": full, "decode_half_1thread_ms": half, "decode_ours_ms": ours,
             "prefill_ms": _ms(prefill, max(1, iters // 3))}
 
 
@@ -135,7 +143,8 @@ def _report(a, base, per_rank, ratios) -> None:
     print(f"context {a.context}, heads {a.heads}, head_dim {a.head_dim}, fp32, {a.world_size} CPU ranks "
           f"x 1 thread vs one process x {os.cpu_count()} threads")
     print(f"single-process SDPA, one decode step: full cache {base['decode_full_ms']:.2f} ms "
-          f"({os.cpu_count()} threads); half the cache, 1 thread {base['decode_half_1thread_ms']:.2f} ms")
+          f"({os.cpu_count()} threads); half the cache, 1 thread {base['decode_half_1thread_ms']:.2f} ms; "
+          f"tokenloom's decode kernel, one process, full cache {base['decode_ours_ms']:.2f} ms")
     print(f"single-process fused SDPA, chunked prefill {a.chunk} over {a.context - a.chunk}: "
           f"{base['prefill_ms']:.1f} ms")
     print(f"{'case':<18} {'step ms':>9} {'attention':>10} {'comm':>8} {'vs SDPA':>8}")

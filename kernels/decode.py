@@ -1,11 +1,19 @@
 """Attention of a few new queries over a KV cache stored heads-first: the decode block kernel.
 
-Decode is memory-bound: one step reads the whole cache once. So the cache is stored
-``(batch, kv_heads, seq, head_dim)`` ("BHSD": each head's keys contiguous, what the fused ops read
-fastest; 3x faster than BSHD views at 32K keys on this CPU) and the ``group`` query heads that share
-a kv head are folded into query rows, so K and V are never copied or repeated (GQA).
+Decode is memory-bound: one step reads the whole cache once. So the cache keeps each head's keys
+contiguous (:mod:`tokenloom.parallel.kv_cache`), and the ``group`` query heads that share a kv head
+are folded into query rows, so K and V are never copied or repeated (GQA). Two storage orders:
 
-:func:`cache_block` takes q ``(batch, t, heads, head_dim)`` (BSHD, as everywhere) and k/v BHSD, and
+* heads-first ``(batch, kv_heads, seq, head_dim)`` ("BHSD"), what the fused ops read fastest (3x
+  faster than BSHD views at 32K keys on this CPU);
+* keys-last ``(batch, kv_heads, head_dim, seq)``, the CPU fp32/fp64 cache: with a few query rows
+  per kv head the step is two batched matrix-vector products, ``q @ K^T`` and ``p @ V`` over
+  keys-last rows, which run at the memory's read rate where the fused CPU op does not (one thread,
+  32K keys, 8 heads, d=64: 6.6 ms against 12.4 ms; ``benchmarks/bench_decode.py``). Many rows
+  (a chunked prefill) are compute-bound: they copy the block heads-first and run the fused op.
+
+:func:`cache_block` takes q ``(batch, t, heads, head_dim)`` (BSHD, as everywhere) and k/v as
+``(batch, kv_heads, seq, head_dim)`` views of either storage (keys-last: ``stride(-2) == 1``), and
 returns ``(out, lse)`` like :func:`tokenloom.kernels.block_forward`: ``out`` ``(batch, t, heads,
 head_dim)`` in the accumulation dtype, ``lse`` ``(batch, heads, t)``.
 
@@ -36,6 +44,10 @@ from tokenloom.kernels.masks import all_finite, exact_forward
 from tokenloom.kernels.reference import acc_dtype
 
 _CPU_FUSED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_GEMV_DTYPES = (torch.float32, torch.float64)
+# query rows per kv head up to which the matrix-vector path beats copy + fused op on a keys-last
+# block (one CPU thread, 32K keys, d=64: 16 rows 33 ms against 47; 64 rows 121 against 106)
+GEMV_ROWS = 32
 
 
 def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -89,11 +101,13 @@ def _full(q, k, v, scale, impl) -> tuple[torch.Tensor, torch.Tensor]:
     if kernels.select_impl(q.device, impl) != "sdpa" or not sdpa.supported(q) or not k.shape[2]:
         return _dispatched(q, k, v, False, scale, impl, None)
     acc = acc_dtype(q.dtype)
-    if q.device.type == "cpu" and q.dtype in _CPU_FUSED and k.stride(-1) == 1:
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out, lse = op(_fold(q, k.shape[1]), k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
-        out, lse = _unfold(out, lse, q.shape[1])
-        out, lse = out.to(acc), lse.to(acc)
+    if _gemv_ok(q, k, v):
+        out, lse = _gemv(q, k, v, scale)
+    elif q.device.type == "cpu" and q.dtype in _CPU_FUSED:
+        if k.stride(-1) == 1 and v.stride(-1) == 1:
+            out, lse = _fused_cpu(q, k, v, scale)
+        else:
+            out, lse = _fused_keys_last(q, k, v, scale)
     else:
         out, lse = sdpa.forward(q, k.transpose(1, 2), v.transpose(1, 2), causal=False,
                                 softmax_scale=scale)
@@ -106,6 +120,76 @@ def _full(q, k, v, scale, impl) -> tuple[torch.Tensor, torch.Tensor]:
         return out, lse
     vis = torch.ones(q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)
     return exact_forward(q, k.transpose(1, 2), v.transpose(1, 2), vis, scale)
+
+
+def _fused_cpu(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(_fold(q, k.shape[1]), k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
+    out, lse = _unfold(out, lse, q.shape[1])
+    acc = acc_dtype(q.dtype)
+    return out.to(acc), lse.to(acc)
+
+
+# keys of a keys-last block copied heads-first at a time, for the fused op (bounds the scratch)
+SCRATCH_KEYS = 32768
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _fused_keys_last(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many rows over a keys-last block (compute-bound): the fused op on heads-first copies of at
+    most ``SCRATCH_KEYS`` keys at a time, merged by log-sum-exp. The copies go to reused buffers
+    (fresh pages cost more than the transpose here: 55 against 22 ms for 8 heads x 30K keys x 64)."""
+    from tokenloom import kernels
+
+    out = lse = None
+    for a in range(0, k.shape[2], SCRATCH_KEYS):
+        b = min(a + SCRATCH_KEYS, k.shape[2])
+        o, s = _fused_cpu(q, _heads_first(k[:, :, a:b], "k"), _heads_first(v[:, :, a:b], "v"), scale)
+        if out is None:
+            out, lse = o, s
+        else:
+            kernels.merge_into_(out, lse, o, s)
+    assert out is not None and lse is not None
+    return out, lse
+
+
+def _heads_first(t: torch.Tensor, slot: str) -> torch.Tensor:
+    """A contiguous BHSD copy of a keys-last view in this module's ``slot`` buffer, one 2-D
+    transpose per head (4x faster than ``contiguous()`` on the 4-D view here)."""
+    key = (slot, t.dtype, t.device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < t.numel():
+        buf = _scratch[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    out = buf[:t.numel()].view(t.shape)
+    for b in range(t.shape[0]):
+        for h in range(t.shape[1]):
+            out[b, h].copy_(t[b, h])
+    return out
+
+
+def _gemv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    rows = q.shape[1] * (q.shape[2] // k.shape[1])
+    return (q.device.type == "cpu" and q.dtype in _GEMV_DTYPES and k.dtype == q.dtype == v.dtype
+            and k.stride(-2) == 1 and v.stride(-2) == 1 and rows <= GEMV_ROWS)
+
+
+def _gemv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every key of a keys-last block: scores by one batched product over K's
+    rows, an in-place softmax, and the output by one over V's (each read once, in order)."""
+    b, t, h, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    qf = _fold(q, hkv).reshape(b * hkv, -1, d)
+    kt = k.transpose(-1, -2).reshape(b * hkv, d, s)  # views of the keys-last storage
+    vt = v.transpose(-1, -2).reshape(b * hkv, d, s)
+    p = torch.bmm(qf, kt).mul_(scale)
+    m = p.amax(-1, keepdim=True)
+    p.sub_(m).exp_()  # a row of -inf or +inf scores becomes nan here: caught by the caller
+    denom = p.sum(-1, keepdim=True)
+    out = torch.bmm(p, vt.transpose(-1, -2)).div_(denom)
+    lse = (m + denom.log()).squeeze(-1)
+    rows = qf.shape[1]
+    return _unfold(out.view(b, hkv, rows, d), lse.view(b, hkv, rows), t)
 
 
 def _keys(t: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:

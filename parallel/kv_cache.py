@@ -1,9 +1,13 @@
 """A sharded KV cache: each rank holds its share of every layer's keys and values.
 
-Per layer, rank r holds ``keys``/``values`` ``(batch, local_len, kv_heads, head_dim)`` (stored
-heads-first, ``(batch, kv_heads, capacity, head_dim)``: a decode step reads each head's keys as one
-contiguous run, see :mod:`tokenloom.kernels.decode`) and the global
-position of each local token (``positions``, int64, in local order). The cache knows the whole
+Per layer, rank r holds ``keys``/``values`` ``(batch, local_len, kv_heads, head_dim)`` and the global
+position of each local token (``positions``, int64, in local order). Storage is chosen for the
+decode kernel (:mod:`tokenloom.kernels.decode`): each head's keys one contiguous run, either
+heads-first ``(batch, kv_heads, capacity, head_dim)`` (what the fused GPU ops read) or, for fp32/fp64
+on CPU, keys-last ``(batch, kv_heads, head_dim, capacity)``, where a one-token step is two
+matrix-vector products that stream the shard at the memory's rate (1.8x the fused CPU op per rank,
+``benchmarks/bench_decode.py``). Readers get the same ``(batch, kv_heads, local_len, head_dim)``
+view either way (:meth:`ShardedKVCache.keys_heads_first`). The cache knows the whole
 sequence length of each layer (``seq_len``): the next token's position. Tokens come in two ways:
 
 * :meth:`ShardedKVCache.fill`: a sequence-parallel prefill hands this rank's K/V shard over as it is
@@ -97,14 +101,19 @@ class ShardedKVCache:
         max_tokens: the longest sequence it will hold (prompt plus generated tokens).
         device: where the shards live.
         memory_limit: bytes this rank may use; None: the device's free memory now.
+        keys_last: store ``(batch, kv_heads, head_dim, capacity)`` (see module docstring); None:
+            on CPU for fp32/fp64.
     """
 
     def __init__(self, spec: CacheSpec, max_tokens: int, *, device: torch.device | str = "cpu",
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, keys_last: bool | None = None) -> None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise UsageError(f"max_tokens must be a positive integer, got {max_tokens!r}",
                              field="max_tokens")
         self.spec, self.max_tokens, self.device = spec, max_tokens, torch.device(device)
+        if keys_last is None:
+            keys_last = self.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
+        self.keys_last = bool(keys_last)
         self.memory_limit = free_memory(self.device) if memory_limit is None else int(memory_limit)
         need = estimate_bytes(spec, max_tokens)
         if need > self.memory_limit:
@@ -140,11 +149,18 @@ class ShardedKVCache:
         return self.values_heads_first(layer).transpose(1, 2)
 
     def keys_heads_first(self, layer: int) -> torch.Tensor:
-        """``(batch, kv_heads, local_len, head_dim)`` view of the storage."""
-        return self._k[layer][:, :, :self._len[layer]]
+        """``(batch, kv_heads, local_len, head_dim)`` view of the storage (keys-last storage:
+        ``stride(-2) == 1``)."""
+        return self._view(self._k[layer], self._len[layer])
 
     def values_heads_first(self, layer: int) -> torch.Tensor:
-        return self._v[layer][:, :, :self._len[layer]]
+        return self._view(self._v[layer], self._len[layer])
+
+    def _view(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[..., :n].transpose(-1, -2) if self.keys_last else t[:, :, :n]
+
+    def _capacity(self, layer: int) -> int:
+        return self._k[layer].shape[3 if self.keys_last else 2] if layer in self._k else 0
 
     def positions(self, layer: int) -> torch.Tensor:
         return self._pos[layer][:self._len[layer]]
@@ -158,7 +174,7 @@ class ShardedKVCache:
         """Make room for ``extra`` more local tokens in ``layer`` (checked against the memory
         limit and ``max_tokens``; raises UsageError before anything is written)."""
         have = self._len.get(layer, 0)
-        cap = self._k[layer].shape[2] if layer in self._k else 0
+        cap = self._capacity(layer)
         if have + extra <= cap and layer in self._k:
             return
         spec = self.spec
@@ -168,13 +184,14 @@ class ShardedKVCache:
             raise UsageError(f"KV cache layer {layer}: growing to {new_cap} local tokens needs "
                              f"{_gib(self._allocated + grow)}, more than the limit of "
                              f"{_gib(self.memory_limit)}", field="max_tokens")
-        shape = (spec.batch, spec.kv_heads, new_cap, spec.head_dim)
+        shape = ((spec.batch, spec.kv_heads, spec.head_dim, new_cap) if self.keys_last
+                 else (spec.batch, spec.kv_heads, new_cap, spec.head_dim))
         k = torch.empty(shape, dtype=spec.dtype, device=self.device)
         v = torch.empty(shape, dtype=spec.dtype, device=self.device)
         pos = torch.empty(new_cap, dtype=torch.int64, device=self.device)
         if layer in self._k:
-            k[:, :, :have] = self._k[layer][:, :, :have]
-            v[:, :, :have] = self._v[layer][:, :, :have]
+            self._view(k, have).copy_(self._view(self._k[layer], have))
+            self._view(v, have).copy_(self._view(self._v[layer], have))
             pos[:have] = self._pos[layer][:have]
         self._k[layer], self._v[layer], self._pos[layer] = k, v, pos
         self._allocated += grow
@@ -206,8 +223,8 @@ class ShardedKVCache:
                              f"max_tokens={self.max_tokens}", field="max_tokens")
         self.reserve(layer, n)
         have = self._len.get(layer, 0)
-        self._k[layer][:, :, have:have + n] = k.transpose(1, 2)
-        self._v[layer][:, :, have:have + n] = v.transpose(1, 2)
+        self._view(self._k[layer], have + n)[:, :, have:] = k.transpose(1, 2)
+        self._view(self._v[layer], have + n)[:, :, have:] = v.transpose(1, 2)
         self._pos[layer][have:have + n] = positions.to(self.device, torch.int64)
         self._len[layer] = have + n
         self._seq[layer] = seq_len
