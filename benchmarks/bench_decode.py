@@ -78,7 +78,7 @@ def _baseline(rank, n, context, chunk, heads, head_dim, iters):
             "prefill_ms": _ms(prefill, max(1, iters // 3))}
 
 
-def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):
+def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies, order):
     from tokenloom.parallel.decode import cached_attention, new_token_part
     from tokenloom.parallel.decode_runtime import Timing
     from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
@@ -86,7 +86,8 @@ def _ranks(rank, n, context, chunk, heads, head_dim, iters, strategies):
     k, v = _kv(context, heads, head_dim)
     out = {}
     for mode, old, new in (("decode", context, 1), ("prefill", context - chunk, chunk)):
-        cache = ShardedKVCache(CacheSpec(1, 1, heads, head_dim, torch.float32, n, rank), context + 1)
+        cache = ShardedKVCache(CacheSpec(1, 1, heads, head_dim, torch.float32, n, rank), context + 1,
+                               keys_last={"auto": None, "keys-last": True, "heads-first": False}[order])
         lo, hi = new_token_part(rank, n, 0, old)
         cache.append(0, k[:, lo:hi], v[:, lo:hi], torch.arange(lo, hi), old)
         g = torch.Generator().manual_seed(1)
@@ -119,6 +120,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=9, help="decode steps timed (prefill: a third)")
     p.add_argument("--strategies", default="gather,ring,passkv", help="for the chunked prefill")
     p.add_argument("--rounds", type=int, default=1, help="alternate baseline and tokenloom this often")
+    p.add_argument("--cache-order", choices=("auto", "keys-last", "heads-first"), default="auto",
+                   help="the cache's storage order (auto: keys-last for fp32 on CPU)")
     a = p.parse_args()
     if not 0 < a.chunk < a.context:  # the prefill runs over context - chunk cached tokens
         p.error(f"--chunk must be between 1 and --context - 1 ({a.context - 1}), got {a.chunk}")
@@ -135,7 +138,7 @@ def _round(a):
     base = spawn_ranks(1, _baseline, a.context, a.chunk, a.heads, a.head_dim, a.iters,
                        threads=os.cpu_count() or 2, timeout=600)[0]
     per_rank = spawn_ranks(a.world_size, _ranks, a.context, a.chunk, a.heads, a.head_dim, a.iters,
-                           a.strategies.split(","), threads=1, timeout=1200)
+                           a.strategies.split(","), a.cache_order, threads=1, timeout=1200)
     return base, per_rank
 
 

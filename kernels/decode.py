@@ -38,6 +38,9 @@ Paths:
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 
 from tokenloom.kernels.masks import all_finite, exact_forward
@@ -46,8 +49,9 @@ from tokenloom.kernels.reference import acc_dtype
 _CPU_FUSED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _GEMV_DTYPES = (torch.float32, torch.float64)
 # query rows per kv head up to which the matrix-vector path beats copy + fused op on a keys-last
-# block (one CPU thread, 32K keys, d=64: 16 rows 33 ms against 47; 64 rows 121 against 106)
-GEMV_ROWS = 32
+# block (one CPU thread, 8 heads x 32K keys x 64: 64 rows ~105 ms against ~130; 256 rows ~400
+# against ~290)
+GEMV_ROWS = 64
 
 
 def _fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -101,13 +105,11 @@ def _full(q, k, v, scale, impl) -> tuple[torch.Tensor, torch.Tensor]:
     if kernels.select_impl(q.device, impl) != "sdpa" or not sdpa.supported(q) or not k.shape[2]:
         return _dispatched(q, k, v, False, scale, impl, None)
     acc = acc_dtype(q.dtype)
-    if _gemv_ok(q, k, v):
-        out, lse = _gemv(q, k, v, scale)
-    elif q.device.type == "cpu" and q.dtype in _CPU_FUSED:
+    if q.device.type == "cpu" and q.dtype in _CPU_FUSED:
         if k.stride(-1) == 1 and v.stride(-1) == 1:
             out, lse = _fused_cpu(q, k, v, scale)
         else:
-            out, lse = _fused_keys_last(q, k, v, scale)
+            out, lse = _keys_last_cpu(q, k, v, scale)
     else:
         out, lse = sdpa.forward(q, k.transpose(1, 2), v.transpose(1, 2), causal=False,
                                 softmax_scale=scale)
@@ -130,21 +132,30 @@ def _fused_cpu(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return out.to(acc), lse.to(acc)
 
 
-# keys of a keys-last block copied heads-first at a time, for the fused op (bounds the scratch)
-SCRATCH_KEYS = 32768
+# bytes of scratch (scores, or heads-first copies of K and of V) per key chunk of a keys-last block
+SCRATCH_BYTES = 64 << 20
 _scratch: dict[tuple, torch.Tensor] = {}
+_copied: dict[tuple, tuple] = {}  # what each copy buffer holds now (see _heads_first)
 
 
-def _fused_keys_last(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Many rows over a keys-last block (compute-bound): the fused op on heads-first copies of at
-    most ``SCRATCH_KEYS`` keys at a time, merged by log-sum-exp. The copies go to reused buffers
-    (fresh pages cost more than the transpose here: 55 against 22 ms for 8 heads x 30K keys x 64)."""
+def _keys_last_cpu(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every key of a keys-last block on CPU, a key chunk at a time (chunks merged
+    by log-sum-exp; one chunk unless the scratch would pass ``SCRATCH_BYTES``). Up to
+    ``GEMV_ROWS`` rows per kv head: :func:`_gemv`. More (compute-bound): the fused op on
+    heads-first copies of the chunk."""
     from tokenloom import kernels
 
+    rows = q.shape[1] * (q.shape[2] // k.shape[1])
+    gemv = rows <= GEMV_ROWS and q.dtype in _GEMV_DTYPES
+    per_key = k.shape[0] * k.shape[1] * (rows if gemv else k.shape[3]) * k.element_size()
+    step = max(1, SCRATCH_BYTES // per_key)
     out = lse = None
-    for a in range(0, k.shape[2], SCRATCH_KEYS):
-        b = min(a + SCRATCH_KEYS, k.shape[2])
-        o, s = _fused_cpu(q, _heads_first(k[:, :, a:b], "k"), _heads_first(v[:, :, a:b], "v"), scale)
+    for a in range(0, k.shape[2], step):
+        kc, vc = k[:, :, a:a + step], v[:, :, a:a + step]
+        if gemv:
+            o, s = _gemv(q, kc, vc, scale)
+        else:
+            o, s = _fused_cpu(q, _heads_first(kc, "k"), _heads_first(vc, "v"), scale)
         if out is None:
             out, lse = o, s
         else:
@@ -153,42 +164,52 @@ def _fused_keys_last(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def _heads_first(t: torch.Tensor, slot: str) -> torch.Tensor:
-    """A contiguous BHSD copy of a keys-last view in this module's ``slot`` buffer, one 2-D
-    transpose per head (4x faster than ``contiguous()`` on the 4-D view here)."""
-    key = (slot, t.dtype, t.device)
+def _buffer(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reused scratch tensor (fresh pages cost more than the work here: a transposing copy of 8
+    heads x 30K keys x 64 fp32 took 55 ms into new memory against 18 ms into reused)."""
+    n = math.prod(shape)
+    key = (slot, like.dtype, like.device)
     buf = _scratch.get(key)
-    if buf is None or buf.numel() < t.numel():
-        buf = _scratch[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
-    out = buf[:t.numel()].view(t.shape)
-    for b in range(t.shape[0]):
-        for h in range(t.shape[1]):
-            out[b, h].copy_(t[b, h])
+    if buf is None or buf.numel() < n:
+        _scratch.pop(key, None)  # free the old buffer before allocating the new one
+        _copied.pop(key, None)
+        buf = _scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def _heads_first(t: torch.Tensor, slot: str) -> torch.Tensor:
+    """A contiguous BHSD copy of a keys-last view in a reused buffer. A view copied before is not
+    copied again while its storage is unchanged (the gather schedule attends its shard twice a
+    call: the own queries, the peers'); the storage is held by a weak reference, so a freed cache
+    can never match."""
+    base = t._base if t._base is not None else t
+    key = (slot, t.dtype, t.device)
+    ident = (base._version, t.data_ptr(), tuple(t.shape), t.stride())
+    held = _copied.get(key)
+    if held is not None and held[0]() is base and held[1] == ident:
+        return held[2]
+    out = _buffer(slot, tuple(t.shape), t)
+    out.copy_(t)
+    _copied[key] = (weakref.ref(base), ident, out)
     return out
-
-
-def _gemv_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    rows = q.shape[1] * (q.shape[2] // k.shape[1])
-    return (q.device.type == "cpu" and q.dtype in _GEMV_DTYPES and k.dtype == q.dtype == v.dtype
-            and k.stride(-2) == 1 and v.stride(-2) == 1 and rows <= GEMV_ROWS)
 
 
 def _gemv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query over every key of a keys-last block: scores by one batched product over K's
-    rows, an in-place softmax, and the output by one over V's (each read once, in order)."""
+    """A few query rows over a keys-last block: scores by one batched product over K's rows (into
+    a reused buffer), an in-place softmax, the output by one over V's (each read once, in order)."""
     b, t, h, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     qf = _fold(q, hkv).reshape(b * hkv, -1, d)
+    rows = qf.shape[1]
     kt = k.transpose(-1, -2).reshape(b * hkv, d, s)  # views of the keys-last storage
     vt = v.transpose(-1, -2).reshape(b * hkv, d, s)
-    p = torch.bmm(qf, kt).mul_(scale)
+    p = torch.bmm(qf, kt, out=_buffer("scores", (b * hkv, rows, s), q)).mul_(scale)
     m = p.amax(-1, keepdim=True)
     p.sub_(m).exp_()  # a row of -inf or +inf scores becomes nan here: caught by the caller
     denom = p.sum(-1, keepdim=True)
     out = torch.bmm(p, vt.transpose(-1, -2)).div_(denom)
     lse = (m + denom.log()).squeeze(-1)
-    rows = qf.shape[1]
     return _unfold(out.view(b, hkv, rows, d), lse.view(b, hkv, rows), t)
 
 

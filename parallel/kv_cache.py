@@ -89,6 +89,16 @@ def free_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def odd_lines(n: int, itemsize: int, line: int = 64) -> int:
+    """The least ``m >= n`` whose row of ``m`` items spans an odd number of cache lines. Keys-last
+    rows are read across (a copy heads-first reads every row at once); rows a multiple of 4 KiB
+    apart all fall in one cache set, which made that copy 3x slower (61440 fp32 keys: 56 ms
+    against 20 for 61456, 8 heads x 32K keys x 64 on this CPU)."""
+    per = max(1, line // itemsize)
+    lines = -(-n // per)
+    return (lines + 1 - lines % 2) * per
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -179,6 +189,8 @@ class ShardedKVCache:
             return
         spec = self.spec
         new_cap = min(max(have + extra, 2 * cap, 64), max(self.max_tokens, have + extra))
+        if self.keys_last:
+            new_cap = odd_lines(new_cap, torch.empty((), dtype=spec.dtype).element_size())
         grow = (new_cap - cap) * (spec.token_bytes() + 8)
         if self._allocated + grow > self.memory_limit:
             raise UsageError(f"KV cache layer {layer}: growing to {new_cap} local tokens needs "

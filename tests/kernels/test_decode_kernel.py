@@ -32,9 +32,12 @@ def _qkv(b, t, h, hkv, s, d, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b,t,h,hkv", [(1, 1, 4, 4), (2, 1, 8, 2), (1, 3, 4, 1), (2, 5, 8, 2)])
 @pytest.mark.parametrize("keys_last", [True, False])
-def test_cache_block_matches_fp64_on_both_storage_orders(dtype, b, t, h, hkv, keys_last, monkeypatch):
-    monkeypatch.setattr(decode, "SCRATCH_KEYS", 40)  # several heads-first copies, lse-merged
+@pytest.mark.parametrize("scratch", ["whole", "chunks"])
+def test_cache_block_matches_fp64_on_both_storage_orders(dtype, b, t, h, hkv, keys_last, scratch,
+                                                         monkeypatch):
     q, k, v = _qkv(b, t, h, hkv, 97, 16, dtype)
+    if scratch == "chunks":  # keys-last blocks in chunks of a few keys, lse-merged
+        monkeypatch.setattr(decode, "SCRATCH_BYTES", 24 * b * hkv * k.element_size())
     kk, vv = (_keys_last(k), _keys_last(v)) if keys_last else (k, v)
     out, lse = cache_block(q, kk, vv, causal=False, scale=0.3)
     ref, ref_lse = attention_with_lse(q.double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
@@ -50,15 +53,33 @@ def test_each_path_is_the_one_that_ran(monkeypatch):
     head, or heads-first storage, take the fused op (a path that silently never ran would leave
     the test above proving only one of them)."""
     seen = []
-    real_gemv, real_copy = decode._gemv, decode._fused_keys_last
+    real_gemv, real_copy = decode._gemv, decode._heads_first
     monkeypatch.setattr(decode, "_gemv", lambda *a: seen.append("gemv") or real_gemv(*a))
-    monkeypatch.setattr(decode, "_fused_keys_last", lambda *a: seen.append("copy") or real_copy(*a))
+    monkeypatch.setattr(decode, "_heads_first", lambda *a: seen.append("copy") or real_copy(*a))
     q, k, v = _qkv(1, 2, 4, 2, 50, 8, torch.float32)  # 4 rows per kv head
     cache_block(q, _keys_last(k), _keys_last(v), causal=False, scale=0.3)
     cache_block(q, k, v, causal=False, scale=0.3)
     q, k, v = _qkv(1, GEMV_ROWS, 4, 2, 50, 8, torch.float32)  # 2 * GEMV_ROWS rows per kv head
     cache_block(q, _keys_last(k), _keys_last(v), causal=False, scale=0.3)
-    assert seen == ["gemv", "copy"]
+    assert seen == ["gemv", "copy", "copy"]  # K and V copied heads-first
+
+
+def test_heads_first_copies_are_reused_only_while_the_storage_is_unchanged():
+    store = torch.randn(1, 2, 8, 30)
+    view = store[..., :20].transpose(-1, -2)
+    first = decode._heads_first(view, "k")
+    assert torch.equal(first, view) and first.is_contiguous()
+    assert decode._heads_first(view, "k") is first  # the same view again: no second copy
+    assert decode._heads_first(store[..., :20].transpose(-1, -2), "k") is first  # an equal view
+    store[0, 1, 3, 7] += 1.0  # an in-place write (as an append): copied again
+    again = decode._heads_first(view, "k")
+    assert torch.equal(again, view)
+    other = decode._heads_first(store[..., :19].transpose(-1, -2), "k")  # another shape
+    assert torch.equal(other, store[..., :19].transpose(-1, -2))
+    del store, view, first, again, other
+    fresh = torch.zeros(1, 2, 8, 30)  # may reuse the freed address: still never a stale match
+    assert torch.equal(decode._heads_first(fresh[..., :19].transpose(-1, -2), "k"),
+                       torch.zeros(1, 2, 19, 8))
 
 
 @pytest.mark.parametrize("case", ["all_keys_neg_inf", "v_inf_behind_neg_inf_score", "q_nan", "k_inf"])
@@ -118,4 +139,18 @@ def test_both_storage_orders_hold_the_same_tokens_through_growth_and_rollback():
     assert a.keys_heads_first(1).stride(-2) == 1 and b.keys_heads_first(1).stride(-1) == 1
     assert torch.equal(a.keys(1), b.keys(1)) and torch.equal(a.values(1), b.values(1))
     assert torch.equal(a.positions(1), b.positions(1))
-    assert a.allocated_bytes == b.allocated_bytes
+    for c in caches:  # counted (capacities differ: keys-last rows are padded to odd cache lines)
+        assert c.allocated_bytes >= (total + 2) * (c.spec.token_bytes() + 8)
+
+
+def test_keys_last_rows_span_an_odd_number_of_cache_lines():
+    from tokenloom.parallel.kv_cache import odd_lines
+
+    for n in (1, 15, 16, 17, 4096, 61440, 65536, 99999):
+        for itemsize in (4, 8):
+            m = odd_lines(n, itemsize)
+            assert m >= n and (m * itemsize) % 64 == 0 and (m * itemsize // 64) % 2 == 1
+            assert m - n < 2 * 64 // itemsize  # never more than two lines of padding
+    cache = ShardedKVCache(CacheSpec(1, 1, 2, 8, torch.float32, 1, 0), 1 << 16)
+    cache.append(0, *torch.randn(2, 1, 4096, 2, 8), torch.arange(4096), 4096)
+    assert (cache.keys_heads_first(0).stride(-1) * 4 // 64) % 2 == 1
