@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenloom.common.errors import UsageError
 from tokenloom.jobs import add_report_flags, add_shape_flags, emit_report, torch_dtype
-from tokenloom.commands.args import WINDOW_HELP, arg_int, arg_window
+from tokenloom.commands.args import WINDOW_HELP, arg_float, arg_int, arg_window
 
 STRATEGIES = ("auto", "gather", "ring", "passkv")
 
@@ -49,6 +49,7 @@ class DecodeRun:
     check: bool = False
     seed: int = 0
     window: tuple[int, int] | None = None  # (left, right) as flash-attn's window_size; decode is causal
+    softcap: float | None = None  # scores c * tanh(s / c) (Gemma 2)
 
     def validate(self, world_size: int = 1) -> None:
         hkv = self.heads if self.kv_heads is None else self.kv_heads
@@ -59,6 +60,9 @@ class DecodeRun:
                 normalize_window(self.window, True)
             except UsageError as exc:
                 raise UsageError(f"--window: {exc}", field="window_size") from None
+        if self.softcap is not None and not 0.0 < self.softcap < float("inf"):
+            raise UsageError(f"--softcap must be a positive finite number, got {self.softcap}",
+                             field="softcap")
         if hkv < 1 or self.heads % hkv:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
         if self.strategy not in STRATEGIES:
@@ -129,7 +133,8 @@ def job(comm, cfg: DecodeRun) -> dict:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         out = cached_attention(*args, cache, 0, group=comm, strategy=cfg.strategy,
-                               queries=cfg.queries, timing=timing, window_size=cfg.window)
+                               queries=cfg.queries, timing=timing, window_size=cfg.window,
+                               softcap=cfg.softcap)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         steps.append(((time.perf_counter() - t0) * 1e3, timing.attention_s * 1e3, timing.comm_s * 1e3))
@@ -152,7 +157,7 @@ def job(comm, cfg: DecodeRun) -> dict:
                                      "ok": err == 0.0 and kf.shape == k.shape}
         if rank == 0 or cfg.queries == "sharded":  # replicated: every rank holds every output
             health.set_step("decode check: fp64 reference")
-            result["out_check"] = _errors(parts, q, k, v, cfg.context, dtype, cfg.window)
+            result["out_check"] = _errors(parts, q, k, v, cfg.context, dtype, cfg.window, cfg.softcap)
     return result
 
 
@@ -163,19 +168,26 @@ def _visible(t: int, s: int, window: tuple[int, int] | None):
     return window_visible(s, True, window or (-1, -1), rows=t)
 
 
-def _plain_sdpa(q, k, v, mask):
-    """torch's SDPA in the input dtype under ``mask`` (new queries at the end)."""
+def _plain_sdpa(q, k, v, mask, softcap=None):
+    """Plain torch in the input dtype under ``mask`` (new queries at the end): its SDPA, or (it
+    cannot cap) the soft-capped scores written out."""
+    import torch
     import torch.nn.functional as F
 
     rep = q.shape[2] // k.shape[2]
-    k, v = (x.repeat_interleave(rep, dim=2).transpose(1, 2) for x in (k, v))
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
+    q, k, v = (x.repeat_interleave(r, dim=2).transpose(1, 2) for x, r in ((q, 1), (k, rep), (v, rep)))
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v).transpose(1, 2)
 
 
-def _errors(parts, q, k, v, context: int, dtype, window=None) -> tuple[float, float, float]:
+def _errors(parts, q, k, v, context: int, dtype, window=None, softcap=None
+            ) -> tuple[float, float, float]:
     """Max |error| of this rank's outputs against fp64 single-process attention under the same
-    mask (causal, and the window), next to plain torch's in the same dtype, and the reference's
-    max |value|: ``(err, plain_err, ref_absmax)``."""
+    mask (causal, and the window) and soft-cap, next to plain torch's in the same dtype, and the
+    reference's max |value|: ``(err, plain_err, ref_absmax)``."""
     from tokenloom.kernels.reference import attention_with_lse
 
     err = plain_err = absmax = 0.0
@@ -184,8 +196,9 @@ def _errors(parts, q, k, v, context: int, dtype, window=None) -> tuple[float, fl
             continue
         kd, vd = k[:, :context + b], v[:, :context + b]  # bottom-right: the queries end the keys
         vis = _visible(b - a, context + b, window)
-        ref, _ = attention_with_lse(q[:, a:b].double(), kd.double(), vd.double(), causal=False, mask=vis)
-        plain = _plain_sdpa(q[:, a:b].to(dtype), kd.to(dtype), vd.to(dtype), vis).double()
+        ref, _ = attention_with_lse(q[:, a:b].double(), kd.double(), vd.double(), causal=False,
+                                    mask=vis, softcap=softcap)
+        plain = _plain_sdpa(q[:, a:b].to(dtype), kd.to(dtype), vd.to(dtype), vis, softcap).double()
         err = max(err, float((out.double() - ref).abs().max()))
         plain_err = max(plain_err, float((plain - ref).abs().max()))
         absmax = max(absmax, float(ref.abs().max()))
@@ -208,6 +221,9 @@ def add_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--window", type=arg_window, default=None, metavar="LEFT[,RIGHT]",
                    help=WINDOW_HELP + "; decode is causal, so RIGHT changes nothing; a rank whose "
                         "whole cache share is outside the window reads nothing")
+    a.add_argument("--softcap", type=arg_float(0.0, lo_open=True), default=None, metavar="C",
+                   help="soft-cap the scores to C * tanh(s / C) (Gemma 2 uses 50); --check compares "
+                        "with fp64 under the same cap")
     add_shape_flags(a)
     add_report_flags(a)
 
@@ -216,7 +232,7 @@ def config_from_args(args: argparse.Namespace) -> DecodeRun:
     cfg = DecodeRun(context=args.context, new_tokens=args.new_tokens, step_tokens=args.step_tokens,
                     strategy=args.strategy, queries=args.queries, heads=args.heads, kv_heads=args.kv_heads,
                     head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, check=args.check,
-                    seed=args.seed, window=args.window)
+                    seed=args.seed, window=args.window, softcap=args.softcap)
     cfg.validate(args.world_size)
     return cfg
 
