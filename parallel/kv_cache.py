@@ -241,6 +241,22 @@ class ShardedKVCache:
         self._len[layer] = have + n
         self._seq[layer] = seq_len
 
+    def reorder_batch(self, index: Any, layer: int | None = None) -> None:
+        """Rows of the batch in a new order, ``new[i] = old[index[i]]`` (beam search keeps the
+        beams it continues), in ``layer`` or every layer. Positions are the same for every row,
+        so only K and V move. Every rank must pass the same index: under HF generation they do,
+        because every rank computes bitwise the same logits (the partials merge identically)."""
+        batch = self.spec.batch
+        idx = torch.as_tensor(index)
+        if (idx.dim() != 1 or idx.numel() != batch or idx.dtype.is_floating_point
+                or idx.dtype == torch.bool or bool(((idx < 0) | (idx >= batch)).any())):
+            raise UsageError(f"reorder_batch: the index must be {batch} integers in 0..{batch - 1} "
+                             f"(one source row per batch row), got {idx.tolist()!r}", field="beam_idx")
+        idx = idx.to(self.device, torch.int64)
+        for i in (list(self._k) if layer is None else [layer] if layer in self._k else []):
+            self._k[i] = self._k[i].index_select(0, idx)
+            self._v[i] = self._v[i].index_select(0, idx)
+
     def truncate(self, layer: int, local_len: int, seq_len: int) -> None:
         """Undo appends back to ``local_len`` local tokens and ``seq_len`` global ones (rollback)."""
         if local_len == 0 and seq_len == 0:

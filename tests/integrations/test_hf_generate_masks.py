@@ -65,13 +65,19 @@ def test_layers_with_windows_softcap_sinks_generate_the_single_process_tokens(ar
             assert float((torch.as_tensor(got) - logits).abs().max()) < 1e-6, strategy  # generate stores fp32 logits
 
 
-def test_beam_search_is_refused_in_one_line():
+def test_a_cache_built_for_the_wrong_batch_is_refused_in_one_line():
+    """Beam search runs prompts x num_beams rows: a cache built for the prompts alone is refused
+    with what to build instead (hf_cache.generate builds the right one)."""
     model = tiny("Gemma3TextConfig")
-    with pytest.raises(UsageError, match="beam search") as e:
-        hf_cache.generate(model, _prompt(), max_new_tokens=2, num_beams=2)
-    assert e.value.field == "num_beams" and "\n" not in str(e.value)
     cache = hf_cache.TokenloomCache(model.config, max_tokens=PROMPT + 2, dtype=torch.float64)
-    with cache.attached(model), pytest.raises(UsageError, match="beam search") as e:
+    with cache.attached(model), pytest.raises(UsageError, match="num_beams") as e:
         model.generate(_prompt(), cache=cache, max_new_tokens=2, num_beams=2, do_sample=False,
                        pad_token_id=0)
-    assert "\n" not in str(e.value)
+    assert e.value.field == "batch" and "\n" not in str(e.value)
+    for call in (lambda: cache.batch_repeat_interleave(2), lambda: cache.batch_select_indices([0])):
+        with pytest.raises(UsageError, match="batch size") as e:
+            call()
+        assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="num_beams") as e:
+        hf_cache.generate(model, _prompt(), max_new_tokens=2, num_beams=0)
+    assert e.value.field == "num_beams"

@@ -25,10 +25,12 @@ Per-layer sliding windows (Gemma 2/3, GPT-OSS: transformers passes each layer's
 cached tokens' positions; the mask transformers builds for a layer must be exactly causal (plus
 that layer's window).
 
-Limits (refused, on every rank, with a one-line UsageError naming what is unsupported): padding
-masks, left padding included (a batch must be unpadded: pass no ``attention_mask`` or an all-ones
-one), beam search (``num_beams > 1``: the cache would be reordered across beams) and any other change
-of the batch, cropping. Greedy decoding and sampling are supported.
+Greedy decoding, sampling and beam search are supported (beam search reorders every rank's
+shard by the same beam index: every rank computes bitwise the same logits). Limits (refused, on
+every rank, with a one-line UsageError naming what is unsupported): padding masks, left padding
+included (a batch must be unpadded: pass no ``attention_mask`` or an all-ones one), a change of
+the batch size after the cache was built (``batch_repeat_interleave``/``batch_select_indices``),
+cropping.
 
 transformers is imported only when a function here is called.
 """
@@ -44,8 +46,8 @@ import torch
 from tokenloom.common.errors import UsageError
 from tokenloom.parallel.kv_cache import CacheSpec, ShardedKVCache
 
-_BEAMS = ("TokenloomCache: beam search (num_beams > 1) is not supported: a sharded cache is not "
-          "reordered across beams; use greedy decoding or sampling")
+_REBATCH = ("TokenloomCache: changing the batch size of a sharded cache is not supported (build it "
+            "with batch = prompts x max(num_beams, num_return_sequences), as hf_cache.generate does)")
 
 
 def _base_classes() -> tuple[type, type]:
@@ -55,16 +57,13 @@ def _base_classes() -> tuple[type, type]:
 
 
 class _NoBatchChange:
-    """What beam search and any batch change call on a cache and its layers: refused in one line."""
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise UsageError(_BEAMS, field="num_beams")
+    """What a batch size change calls on a cache and its layers: refused in one line."""
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise UsageError(_BEAMS, field="num_beams")
+        raise UsageError(_REBATCH, field="batch")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise UsageError(_BEAMS, field="num_beams")
+        raise UsageError(_REBATCH, field="batch")
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,6 +101,9 @@ def _layer_class() -> type:
 
         def reset(self) -> None:
             self.owner.truncate(self.layer, 0, 0)
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.owner.reorder_batch(beam_idx, self.layer)
 
 
     return ShardedLayer
@@ -166,6 +168,10 @@ def _cache_class() -> type:
         def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
             return self.sharded.seq_len(layer_idx)
 
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            """Beam search: every layer's rows in the beams' new order (on every rank alike)."""
+            self.sharded.reorder_batch(beam_idx)
+
 
         def crop(self, max_length: int) -> None:
             raise UsageError("TokenloomCache: cropping a sharded cache is not supported (assisted "
@@ -189,8 +195,9 @@ def _cache_class() -> type:
 
             if query.shape[0] != self.sharded.spec.batch:
                 raise UsageError(f"TokenloomCache was built for batch {self.sharded.spec.batch} but "
-                                 f"the model runs batch {query.shape[0]}: beam search (num_beams > "
-                                 f"1) and batch changes are not supported", field="batch")
+                                 f"the model runs batch {query.shape[0]}: build it with batch = "
+                                 f"prompts x max(num_beams, num_return_sequences) "
+                                 f"(hf_cache.generate does)", field="batch")
             window = window_size_of(kwargs.get("sliding_window"), True)
             _check_causal_mask(attention_mask, query.shape[2], key.shape[2],
                                self.sharded.seq_len(module.layer_idx), window[0] if window else -1)
@@ -235,9 +242,15 @@ def _check_causal_mask(mask: Any, num_new: int, num_keys: int, cached: int, left
 
 def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy: str = "auto",
              max_new_tokens: int = 16, memory_limit: int | None = None, **kwargs: Any) -> torch.Tensor:
-    """``model.generate`` with a fresh :func:`TokenloomCache` (the same tokens on every rank)."""
-    if kwargs.get("num_beams", 1) != 1:
-        raise UsageError(_BEAMS, field="num_beams")
+    """``model.generate`` with a fresh :func:`TokenloomCache` (the same tokens on every rank),
+    built for the batch generate runs: the prompts times ``max(num_beams, num_return_sequences)``
+    (from ``kwargs`` or the model's generation config)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    expand = [kwargs[name] if name in kwargs else getattr(config, name, None) or 1
+              for name in ("num_beams", "num_return_sequences")]
+    for name, value in zip(("num_beams", "num_return_sequences"), expand):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"generate: {name} must be a positive integer, got {value!r}", field=name)
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool((mask == 1).all()):
         raise UsageError("generate: a padding attention_mask (left padding included) is not "
@@ -247,7 +260,7 @@ def generate(model: Any, input_ids: torch.Tensor, *, group: Any = None, strategy
                          field="input_ids")
     dtype = next(model.parameters()).dtype
     cache = TokenloomCache(model.config, max_tokens=input_ids.shape[1] + max_new_tokens, group=group,
-                           strategy=strategy, batch=input_ids.shape[0], dtype=dtype,
+                           strategy=strategy, batch=input_ids.shape[0] * max(expand), dtype=dtype,
                            device=input_ids.device, memory_limit=memory_limit)
     import inspect
 
