@@ -44,6 +44,21 @@ def float_code(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits_code(*tensors: "torch.Tensor") -> int:
+    """A code of the tensors' exact bits, equal on every rank that holds bitwise the same values
+    (an integer sum of the bit patterns: the same whatever order or thread count sums them, where
+    a float sum is not). One host sync for all of them."""
+    sums = [t.detach().contiguous().view(_BITS[t.element_size()]).sum(dtype=torch.int64)
+            for t in tensors]
+    code = 0
+    for s in torch.stack(sums).tolist():
+        code = (code * 1_000_003 + s) % (1 << 62)
+    return code
+
+
 @dataclass(frozen=True)
 class Agreed:
     """One rank's encoded arguments, ready to compare (``values`` in :data:`FIELDS` order)."""

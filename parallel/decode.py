@@ -32,7 +32,7 @@ import torch
 from tokenloom.comm.communicator import Communicator
 from tokenloom.common.errors import UsageError
 from tokenloom.kernels.masks import poison_dead_rows
-from tokenloom.parallel.agree import check_scale, check_softcap, code_of, float_code
+from tokenloom.parallel.agree import bits_code, check_scale, check_softcap, code_of, float_code
 from tokenloom.parallel.decode_agree import (
     FIELDS, describe, identity, payload_fits, payload_of, post_agreement, wait_agreement)
 from tokenloom.parallel.decode_call import Call, new_token_part
@@ -254,7 +254,7 @@ def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax
     mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
             start_ok, count, q.shape[2], code_of(f"{strategy}|{hardware}"), QUERY_MODES.index(queries),
             float_code(scale), code_of(repr(impl)), code_of(repr(window)), float_code(cap or 0.0),
-            sink_code, cache.local_len(layer)]
+            sink_code, bits_code(q, k, v) if queries == "replicated" else 0, cache.local_len(layer)]
     return mine, None, start_ok, count, scale, (cap, window[0] if window else -1)
 
 

@@ -5,7 +5,8 @@ to every other rank, posted as P2P so that it returns a handle: decode attends i
 the vectors travel. Then every rank sees every rank's values and raises the same way: a rank's own
 bad argument raises its own message, the others name the ranks that refused; a disagreement names
 the field, each rank's value and what it means (a cache from another layout, model, world size; a
-rank lacking the layer). Fixed size, so a disagreement can never turn into a size mismatch.
+rank lacking the layer; with replicated queries, new tokens whose bits differ). Fixed size, so a
+disagreement can never turn into a size mismatch.
 
 The message is :data:`MESSAGE_BYTES` long whatever the arguments: the vector, then room for a
 *payload*. Decode (replicated queries, pass-Q gather) puts its own partial ``(out, lse)`` there
@@ -104,7 +105,8 @@ def wait_agreement(comm: Communicator, mine: list[int], error: UsageError | None
         raise UsageError(f"cached_attention: other ranks refused their arguments ({what}); see their "
                          f"errors", field=next(iter(failed.values())))
     sharded = mine[FIELDS.index("queries")] == 1
-    for name in [f for f in FIELDS[1:] if f != "new_tokens"] + ["new_tokens"]:
+    last = ["new_tokens", "replicated_inputs"]  # the values themselves only once shapes agree
+    for name in [f for f in FIELDS[1:] if f not in last] + last:
         column = [row[FIELDS.index(name)] for row in every]
         if name == "new_tokens" and sharded:
             continue  # each rank's own part, checked by the caller against the agreed total
@@ -112,7 +114,10 @@ def wait_agreement(comm: Communicator, mine: list[int], error: UsageError | None
             shown = "; ".join(f"rank {r}: {c}" for r, c in enumerate(column))
             what = {"cache": "a cache from another layout, world size or size",
                     "model": "a cache from another model",
-                    "layer_present": "a rank whose cache lacks this layer"}.get(name, name)
+                    "layer_present": "a rank whose cache lacks this layer",
+                    "replicated_inputs": "with queries='replicated' every rank must pass the same "
+                                         "q, k, v; when generating by sampling, seed every rank "
+                                         "alike"}.get(name, name)
             raise UsageError(f"cached_attention: ranks disagree on {name} ({what}): {shown}; "
                              f"this rank's cache: {local}", field=name)
     return every

@@ -39,7 +39,7 @@ from tokenloom.parallel.schedule import Block, Buf, Compute, Merge, Recv, Schedu
 # numbers here, so the simulator prices the same one-round-trip step the runtime runs.
 AGREE_FIELDS = ("arguments", "world_size", "cache", "model", "layer_present", "seq_len", "start",
                 "new_tokens", "heads", "strategy", "queries", "softmax_scale", "impl", "window_size",
-                "softcap", "sinks")
+                "softcap", "sinks", "replicated_inputs")
 MESSAGE_BYTES = 1 << 16  # the vector plus a decode step's partials for up to ~120 heads x d=128
 MESSAGE_HEADER = 8 * (len(AGREE_FIELDS) + 1)
 

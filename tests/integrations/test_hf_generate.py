@@ -146,3 +146,30 @@ def test_sequence_parallel_prefill_fills_the_cache_then_generates(world_size, st
     for ids, local in spawn_ranks(world_size, _sp_prefill_then_generate, strategy, layout, timeout=120):
         assert ids == want
         assert local == 4  # each rank prefilled only its shard of the prompt
+
+
+def _sample(rank, n, seeds):
+    model = tiny_model()
+    torch.manual_seed(seeds[rank])
+    try:
+        out = hf_cache.generate(model, _prompt(2), max_new_tokens=NEW, do_sample=True, top_k=0,
+                                temperature=1.5, pad_token_id=0)
+    except UsageError as exc:
+        return exc.field, str(exc)
+    return out.tolist(), None
+
+
+def test_sampling_gives_the_single_process_tokens_and_diverged_ranks_are_refused():
+    """Sampling with every rank seeded alike gives the single-process tokens; ranks seeded apart
+    would sample different tokens and silently attend to different sequences: every rank refuses
+    (the new tokens' bits are agreed under replicated queries)."""
+    model = tiny_model()
+    torch.manual_seed(11)
+    want = model.generate(_prompt(2), max_new_tokens=NEW, do_sample=True, top_k=0,
+                          temperature=1.5, pad_token_id=0).tolist()
+    greedy = tiny_model().generate(_prompt(2), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert want != greedy.tolist()  # it sampled
+    for got, err in spawn_ranks(2, _sample, [11, 11], timeout=120):
+        assert err is None and got == want, err
+    for field, err in spawn_ranks(2, _sample, [11, 12], timeout=120):
+        assert field == "replicated_inputs" and "seed every rank alike" in err, err

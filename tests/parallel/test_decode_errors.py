@@ -41,6 +41,11 @@ def _bad(rank, n, case):
             cache.truncate(1, 0, 0)  # this rank's cache lost layer 1
     before = [(cache.local_len(l), cache.seq_len(l)) for l in range(2)]
     q1, k1, v1 = _new(2 if case in ("count", "max_tokens") and rank == 0 else 1, seed=1)
+    if case == "diverged" and rank == 1:  # another token (a rank that sampled with another seed)
+        q1, k1, v1 = _new(1, seed=2)
+    if case == "one_bit" and rank == 1:  # the same token but for one bit of one value
+        v1 = v1.clone()
+        v1.view(torch.int32)[0, 0, 1, 3] ^= 1
     if case == "max_tokens":
         q1, k1, v1 = _new(2, seed=1)  # 8 + 2 > 9 on every rank
     kwargs = {}
@@ -61,7 +66,9 @@ def _bad(rank, n, case):
 @pytest.mark.parametrize("case,field", [("world_size", "cache"), ("layout", "cache"),
                                         ("model", "model"), ("positions", "start"),
                                         ("lacks_layer", "layer_present"), ("count", "new_tokens"),
-                                        ("sharded_count", "new_tokens"), ("max_tokens", "max_tokens")])
+                                        ("sharded_count", "new_tokens"), ("max_tokens", "max_tokens"),
+                                        ("diverged", "replicated_inputs"),
+                                        ("one_bit", "replicated_inputs")])
 def test_bad_input_is_a_named_error_on_every_rank_and_nothing_is_appended(case, field):
     for got, message, unchanged in spawn_ranks(2, _bad, case, timeout=60):
         assert got == field, message
