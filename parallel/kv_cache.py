@@ -70,8 +70,10 @@ class CacheSpec:
 
 def estimate_bytes(spec: CacheSpec, max_tokens: int) -> int:
     """Bytes this rank needs for ``max_tokens`` tokens over all layers (its even share, plus one
-    token per rank for the append rule's rounding, plus positions)."""
-    local = math.ceil(max_tokens / spec.world_size) + spec.world_size
+    token per rank for the append rule's rounding, plus two cache lines of padding per row of a
+    keys-last layer, plus positions)."""
+    itemsize = torch.empty((), dtype=spec.dtype).element_size()
+    local = math.ceil(max_tokens / spec.world_size) + spec.world_size + 2 * max(1, 64 // itemsize)
     return spec.num_layers * local * (spec.token_bytes() + 8)
 
 
