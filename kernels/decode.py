@@ -1,4 +1,4 @@
-"""Attention of a few new queries over a KV cache stored heads-first: the decode block kernel.
+"""Attention of a few new queries over a KV cache in either storage order: the decode block kernel.
 
 Decode is memory-bound: one step reads the whole cache once. So the cache keeps each head's keys
 contiguous (:mod:`tokenloom.parallel.kv_cache`), and the ``group`` query heads that share a kv head
@@ -39,6 +39,7 @@ Paths:
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 import torch
@@ -132,10 +133,17 @@ def _fused_cpu(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return out.to(acc), lse.to(acc)
 
 
-# bytes of scratch (scores, or heads-first copies of K and of V) per key chunk of a keys-last block
+# bytes of scratch (scores, or heads-first copies of K and of V) per key chunk of a keys-last block;
+# the buffers stay allocated for the next call, per thread (three slots: at most 3 x this)
 SCRATCH_BYTES = 64 << 20
-_scratch: dict[tuple, torch.Tensor] = {}
-_copied: dict[tuple, tuple] = {}  # what each copy buffer holds now (see _heads_first)
+_local = threading.local()
+
+
+def _held() -> tuple[dict, dict]:
+    """This thread's scratch buffers and what each copy buffer holds now (see _heads_first)."""
+    if not hasattr(_local, "scratch"):
+        _local.scratch, _local.copied = {}, {}
+    return _local.scratch, _local.copied
 
 
 def _keys_last_cpu(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,11 +177,12 @@ def _buffer(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     heads x 30K keys x 64 fp32 took 55 ms into new memory against 18 ms into reused)."""
     n = math.prod(shape)
     key = (slot, like.dtype, like.device)
-    buf = _scratch.get(key)
+    scratch, copied = _held()
+    buf = scratch.get(key)
     if buf is None or buf.numel() < n:
-        _scratch.pop(key, None)  # free the old buffer before allocating the new one
-        _copied.pop(key, None)
-        buf = _scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+        scratch.pop(key, None)  # free the old buffer before allocating the new one
+        copied.pop(key, None)
+        buf = scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
     return buf[:n].view(shape)
 
 
@@ -185,12 +194,12 @@ def _heads_first(t: torch.Tensor, slot: str) -> torch.Tensor:
     base = t._base if t._base is not None else t
     key = (slot, t.dtype, t.device)
     ident = (base._version, t.data_ptr(), tuple(t.shape), t.stride())
-    held = _copied.get(key)
+    held = _held()[1].get(key)
     if held is not None and held[0]() is base and held[1] == ident:
         return held[2]
     out = _buffer(slot, tuple(t.shape), t)
     out.copy_(t)
-    _copied[key] = (weakref.ref(base), ident, out)
+    _held()[1][key] = (weakref.ref(base), ident, out)
     return out
 
 

@@ -154,3 +154,29 @@ def test_keys_last_rows_span_an_odd_number_of_cache_lines():
     cache = ShardedKVCache(CacheSpec(1, 1, 2, 8, torch.float32, 1, 0), 1 << 16)
     cache.append(0, *torch.randn(2, 1, 4096, 2, 8), torch.arange(4096), 4096)
     assert (cache.keys_heads_first(0).stride(-1) * 4 // 64) % 2 == 1
+
+
+def test_scratch_is_per_thread():
+    """Two threads decoding at once each get their own buffers (a shared one would be overwritten
+    between one thread's copy and its use)."""
+    import threading
+
+    q, k, v = _qkv(1, GEMV_ROWS + 1, 4, 2, 300, 8, torch.float64)  # the copy path
+    want = cache_block(q, _keys_last(k), _keys_last(v), causal=False, scale=0.3)
+    errs, bufs = [], []
+
+    def run(seed):
+        qq = q + seed
+        ref = attention_with_lse(qq, k.transpose(1, 2), v.transpose(1, 2), causal=False, softmax_scale=0.3)[0]
+        for _ in range(20):
+            out, _ = cache_block(qq, _keys_last(k), _keys_last(v), causal=False, scale=0.3)
+            errs.append(float((out - ref).abs().max()))
+        bufs.append(id(decode._held()[0][("k", torch.float64, torch.device("cpu"))]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(errs) < 1e-12 and len(errs) == 40 and len(set(bufs)) == 2
+    assert want[0].shape == q.shape
