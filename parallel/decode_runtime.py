@@ -3,8 +3,11 @@ block kernels. It decides nothing: chunk lengths come from the agreed sizes, the
 to send, attend and merge. Step semantics as in :mod:`tokenloom.parallel.schedule`: post every comm
 of the step, run the computes, wait, run the merges. Partials travel in the accumulation dtype
 (fp32, fp64 for fp64 inputs) so that merging on another rank loses nothing. Keys and values are
-heads-first ``(batch, kv_heads, seq, head_dim)`` here, as the cache stores them; queries and
-outputs BSHD, lse ``(batch, heads, seq)``.
+``(batch, kv_heads, seq, head_dim)`` views here, of either storage order the cache keeps
+(:mod:`tokenloom.parallel.kv_cache`); on the wire they travel in the order the CPU fp32/fp64 cache
+stores them, keys-last (:attr:`Shape.keys_last_wire`, decided by agreed values only), so a shard
+leaves as a plain copy of its rows, not a transpose. Queries and outputs BSHD, lse
+``(batch, heads, seq)``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ class Shape:
     left: int = -1  # a causal sliding window's left reach (-1: none); kv buffers then carry "pos"
     start: int = 0  # position of the call's first new token
 
+    @property
+    def keys_last_wire(self) -> bool:
+        """K and V travel ``(batch, kv_heads, head_dim, seq)``: as the CPU fp32/fp64 cache
+        stores them (the dtype is agreed, and every rank of a group is on one device type)."""
+        return self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+
+    def wire(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as it travels: K/V keys-last when :attr:`keys_last_wire` (a view; the sender
+        makes it contiguous, a received buffer already is)."""
+        return t.transpose(-1, -2) if name in ("k", "v") and self.keys_last_wire else t
+
     def q_position(self, chunks: tuple[int, ...]) -> int:
         """Position of the first row of a query buffer (its parts are consecutive new tokens)."""
         n = len(self.lens) // 2
@@ -81,9 +95,10 @@ def _alloc(buf: Buf, sh: Shape) -> dict[str, torch.Tensor]:
     if buf.kind == "q":
         return {"q": torch.empty(sh.batch, n, sh.heads, sh.head_dim, dtype=sh.dtype, device=sh.device)}
     if buf.kind == "kv":
-        shape = (sh.batch, sh.kv_heads, n, sh.head_dim)
-        kv = {"k": torch.empty(shape, dtype=sh.dtype, device=sh.device),
-              "v": torch.empty(shape, dtype=sh.dtype, device=sh.device)}
+        shape = ((sh.batch, sh.kv_heads, sh.head_dim, n) if sh.keys_last_wire
+                 else (sh.batch, sh.kv_heads, n, sh.head_dim))
+        kv = {name: sh.wire(name, torch.empty(shape, dtype=sh.dtype, device=sh.device))
+              for name in ("k", "v")}  # (batch, kv_heads, n, head_dim) views either way
         if sh.left >= 0:
             kv["pos"] = torch.empty(n, dtype=torch.int64, device=sh.device)
         return kv
@@ -141,12 +156,13 @@ class DecodeRunner:
                 held = store[op.buf.key]
                 for name, t in self._slice(held, op.buf.chunks).items():
                     if t.numel():
-                        ops.append(P2P("send", op.peer, t.contiguous()))
+                        ops.append(P2P("send", op.peer, self.shape.wire(name, t).contiguous()))
             else:
                 assert isinstance(op, Recv), op
                 tensors = _alloc(op.buf, self.shape)
                 landing[op.buf.key] = Held(op.buf.chunks, tensors)
-                ops.extend(P2P("recv", op.peer, t) for t in tensors.values() if t.numel())
+                ops.extend(P2P("recv", op.peer, self.shape.wire(name, t))
+                           for name, t in tensors.items() if t.numel())
         return ops, landing
 
     def _slice(self, held: Held, chunks: tuple[int, ...]) -> dict[str, torch.Tensor]:

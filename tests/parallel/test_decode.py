@@ -20,16 +20,18 @@ def _seq(total, seed, dtype=torch.float64):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _cache(rank, n, dtype, layers=1, layout="appended", max_tokens=4096):
-    return ShardedKVCache(CacheSpec(layers, B, HKV, D, dtype, n, rank, layout=layout), max_tokens)
+def _cache(rank, n, dtype, layers=1, layout="appended", max_tokens=4096, keys_last=None):
+    return ShardedKVCache(CacheSpec(layers, B, HKV, D, dtype, n, rank, layout=layout), max_tokens,
+                          keys_last=keys_last)
 
 
-def _decode_run(rank, n, strategy, queries, prompt, steps, dtype, fill):
+def _decode_run(rank, n, strategy, queries, prompt, steps, dtype, fill, orders=None):
     """Prompt by zigzag prefill fill (fill=True) or one chunked prefill; then decode chunks."""
     total = prompt + sum(steps)
     q, k, v = _seq(total, seed=prompt + 7 * n)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
-    cache = _cache(rank, n, dtype, layout="zigzag" if fill else "appended")
+    cache = _cache(rank, n, dtype, layout="zigzag" if fill else "appended",
+                   keys_last=None if orders is None else orders[rank])
     errs = []
     if fill:
         pos = prefill_positions(rank, n, prompt, layout="zigzag")
@@ -68,6 +70,20 @@ def test_decode_matches_fp64_single_process(world_size, strategy, queries):
         for errs in per_rank:
             assert max(errs[:-1]) < 2e-5, errs
             assert errs[-1] < 1e-6, errs  # the filled cache is the single-process one (fp32 copy)
+
+
+@pytest.mark.parametrize("strategy,queries", [("passkv", "sharded"), ("ring", "sharded"),
+                                              ("gather", "replicated")])
+def test_ranks_whose_caches_use_different_storage_orders(strategy, queries):
+    """K/V travel keys-last whatever each rank stores: a heads-first rank sends transposed rows, a
+    keys-last rank receives them as its own; the answer is the same (fp32 and fp64)."""
+    for dtype, tol, cache_tol in ((torch.float32, 2e-5, 1e-6), (torch.float64, 2e-5, 1e-6),
+                                  (torch.bfloat16, 3e-2, 6e-2)):  # bf16: heads-first on the wire
+        per_rank = spawn_ranks(3, _decode_run, strategy, queries, 13, [1, 2, 9], dtype, False,
+                               [True, False, True], timeout=60)
+        for errs in per_rank:
+            assert max(errs[:-1]) < tol, (dtype, errs)
+            assert errs[-1] < cache_tol, (dtype, errs)
 
 
 def test_fp64_is_exact_to_rounding():
