@@ -194,12 +194,13 @@ def _heads_first(t: torch.Tensor, slot: str) -> torch.Tensor:
     base = t._base if t._base is not None else t
     key = (slot, t.dtype, t.device)
     ident = (base._version, t.data_ptr(), tuple(t.shape), t.stride())
-    held = _held()[1].get(key)
+    copied = _held()[1]
+    held = copied.get(key)
     if held is not None and held[0]() is base and held[1] == ident:
         return held[2]
     out = _buffer(slot, tuple(t.shape), t)
     out.copy_(t)
-    _held()[1][key] = (weakref.ref(base), ident, out)
+    copied[key] = (weakref.ref(base), ident, out)
     return out
 
 

@@ -21,6 +21,7 @@ from tokenloom import kernels
 from tokenloom.kernels.decode import cache_block
 from tokenloom.comm.communicator import P2P, Communicator
 from tokenloom.kernels.reference import acc_dtype
+from tokenloom.parallel.kv_cache import keys_last_default
 from tokenloom.parallel.schedule import Buf, Compute, Recv, Schedule, Send
 
 Key = tuple
@@ -53,9 +54,9 @@ class Shape:
 
     @property
     def keys_last_wire(self) -> bool:
-        """K and V travel ``(batch, kv_heads, head_dim, seq)``: as the CPU fp32/fp64 cache
-        stores them (the dtype is agreed, and every rank of a group is on one device type)."""
-        return self.device.type == "cpu" and self.dtype in (torch.float32, torch.float64)
+        """K and V travel ``(batch, kv_heads, head_dim, seq)`` where the cache stores them so by
+        default (the dtype is agreed, and every rank of a group is on one device type)."""
+        return keys_last_default(self.device, self.dtype)
 
     def wire(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` as it travels: K/V keys-last when :attr:`keys_last_wire` (a view; the sender

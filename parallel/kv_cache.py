@@ -62,18 +62,20 @@ class CacheSpec:
         if not 0 <= self.rank < self.world_size:
             raise UsageError(f"rank {self.rank} is outside world_size {self.world_size}", field="rank")
 
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
     def token_bytes(self) -> int:
         """Bytes of K and V for one token of one layer."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.batch * self.kv_heads * self.head_dim * itemsize
+        return 2 * self.batch * self.kv_heads * self.head_dim * self.itemsize
 
 
 def estimate_bytes(spec: CacheSpec, max_tokens: int) -> int:
     """Bytes this rank needs for ``max_tokens`` tokens over all layers (its even share, plus one
     token per rank for the append rule's rounding, plus two cache lines of padding per row of a
     keys-last layer, plus positions)."""
-    itemsize = torch.empty((), dtype=spec.dtype).element_size()
-    local = math.ceil(max_tokens / spec.world_size) + spec.world_size + 2 * max(1, 64 // itemsize)
+    local = math.ceil(max_tokens / spec.world_size) + spec.world_size + 2 * max(1, 64 // spec.itemsize)
     return spec.num_layers * local * (spec.token_bytes() + 8)
 
 
@@ -89,6 +91,13 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def keys_last_default(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a cache on ``device`` in ``dtype`` is stored keys-last by default: on CPU for
+    fp32/fp64, where the decode kernel's matrix-vector path reads that order at the memory's rate
+    (see the module docstring); the decode runtime sends K/V in the same order."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 def odd_lines(n: int, itemsize: int, line: int = 64) -> int:
@@ -123,9 +132,7 @@ class ShardedKVCache:
             raise UsageError(f"max_tokens must be a positive integer, got {max_tokens!r}",
                              field="max_tokens")
         self.spec, self.max_tokens, self.device = spec, max_tokens, torch.device(device)
-        if keys_last is None:
-            keys_last = self.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
-        self.keys_last = bool(keys_last)
+        self.keys_last = keys_last_default(self.device, spec.dtype) if keys_last is None else bool(keys_last)
         self.memory_limit = free_memory(self.device) if memory_limit is None else int(memory_limit)
         need = estimate_bytes(spec, max_tokens)
         if need > self.memory_limit:
@@ -192,7 +199,7 @@ class ShardedKVCache:
         spec = self.spec
         new_cap = min(max(have + extra, 2 * cap, 64), max(self.max_tokens, have + extra))
         if self.keys_last:
-            new_cap = odd_lines(new_cap, torch.empty((), dtype=spec.dtype).element_size())
+            new_cap = odd_lines(new_cap, spec.itemsize)
         grow = (new_cap - cap) * (spec.token_bytes() + 8)
         if self._allocated + grow > self.memory_limit:
             raise UsageError(f"KV cache layer {layer}: growing to {new_cap} local tokens needs "

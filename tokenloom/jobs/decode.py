@@ -60,9 +60,12 @@ class DecodeRun:
                 normalize_window(self.window, True)
             except UsageError as exc:
                 raise UsageError(f"--window: {exc}", field="window_size") from None
-        if self.softcap is not None and not 0.0 < self.softcap < float("inf"):
-            raise UsageError(f"--softcap must be a positive finite number, got {self.softcap}",
-                             field="softcap")
+        from tokenloom.parallel.agree import check_softcap
+
+        try:
+            check_softcap(self.softcap)
+        except UsageError as exc:
+            raise UsageError(f"--softcap: {exc}", field="softcap") from None
         if hkv < 1 or self.heads % hkv:
             raise UsageError(f"--kv-heads ({hkv}) must divide --heads ({self.heads})", field="kv_heads")
         if self.strategy not in STRATEGIES:
