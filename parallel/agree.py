@@ -44,18 +44,17 @@ def float_code(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits_code(*tensors: "torch.Tensor") -> int:
-    """A code of the tensors' exact bits, equal on every rank that holds bitwise the same values
-    (an integer sum of the bit patterns: the same whatever order or thread count sums them, where
-    a float sum is not). One host sync for all of them."""
-    sums = [t.detach().contiguous().view(_BITS[t.element_size()]).sum(dtype=torch.int64)
-            for t in tensors]
-    code = 0
-    for s in torch.stack(sums).tolist():
-        code = (code * 1_000_003 + s) % (1 << 62)
+def bits_code(*tensors: "torch.Tensor") -> "torch.Tensor":
+    """A code of the tensors' exact bits, equal on every rank that holds bitwise the same values:
+    a 0-dim int64 tensor on their device, with no host sync (the agreement message carries it).
+    Integer sums of the bit patterns (read as int32, int16 for 2-byte types: no overflow below
+    2^32 elements), the same whatever order or thread count sums them, where a float sum is not;
+    combined by shift and xor."""
+    code = torch.zeros((), dtype=torch.int64, device=tensors[0].device)
+    for t in tensors:
+        bits = t.detach().contiguous().view(torch.int32 if t.element_size() >= 4 else torch.int16
+                                            if t.element_size() == 2 else torch.int8)
+        code = (code << 1) ^ bits.sum(dtype=torch.int64)
     return code
 
 

@@ -254,7 +254,8 @@ def _local_vector(q, k, v, cache, layer, comm, start, queries, strategy, softmax
     mine = [0, comm.world_size, ident, model, int(cache.has_layer(layer)), cache.seq_len(layer),
             start_ok, count, q.shape[2], code_of(f"{strategy}|{hardware}"), QUERY_MODES.index(queries),
             float_code(scale), code_of(repr(impl)), code_of(repr(window)), float_code(cap or 0.0),
-            sink_code, bits_code(q, k, v) if queries == "replicated" else 0, cache.local_len(layer)]
+            sink_code, bits_code(q, k, v) if queries == "replicated" and comm.world_size > 1 else 0,
+            cache.local_len(layer)]
     return mine, None, start_ok, count, scale, (cap, window[0] if window else -1)
 
 

@@ -56,15 +56,20 @@ def payload_fits(tensors: list[torch.Tensor]) -> bool:
 
 
 
-def post_agreement(comm: Communicator, mine: list[int],
+def post_agreement(comm: Communicator, mine: list,
                    payload: list[torch.Tensor] | None = None) -> Any:
     """Post the exchange of every rank's fixed-size message (one to and from each peer; an
-    all-gather that returns a handle, so this rank can work while it is in flight). ``payload``:
-    tensors that fit (:func:`payload_fits`), carried after the vector."""
+    all-gather that returns a handle, so this rank can work while it is in flight). ``mine``: ints,
+    or 0-dim int64 tensors still on the device. ``payload``: tensors that fit
+    (:func:`payload_fits`), carried after the vector."""
     if comm.world_size == 1:
         return None
     msg = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=comm.device)
-    msg[:_HEADER].view(torch.int64).copy_(torch.tensor(mine, dtype=torch.int64))
+    head = msg[:_HEADER].view(torch.int64)
+    head.copy_(torch.tensor([x if isinstance(x, int) else 0 for x in mine], dtype=torch.int64))
+    for i, x in enumerate(mine):
+        if isinstance(x, torch.Tensor):  # a value still on the device (bits_code): no host sync
+            head[i] = x
     at = _HEADER
     for t in payload or ():
         nbytes = t.numel() * t.element_size()

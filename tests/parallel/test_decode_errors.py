@@ -119,3 +119,25 @@ def test_checker_proves_every_strategy_and_refuses_broken_schedules():
     with pytest.raises(DecodeScheduleError, match="twice"):
         check_decode_schedule(dataclasses.replace(sched, ranks=ranks), _spans(3, 10, [2, 2, 2]))
     assert isinstance(sched, Schedule)
+
+
+def test_bits_code_sees_one_bit_and_ignores_how_it_is_summed():
+    from tokenloom.parallel.agree import bits_code
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x = torch.randn(3, 257, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+        code = bits_code(x, x[:1])
+        assert isinstance(code, torch.Tensor) and code.dim() == 0 and code.dtype == torch.int64
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = bits_code(x, x[:1])
+        finally:
+            torch.set_num_threads(threads)
+        assert int(one) == int(code)
+        assert int(bits_code(x.transpose(0, 1), x[:1])) == int(code)  # values, not layout
+        flipped = x.clone()
+        raw = flipped.view(torch.int16)
+        raw.view(-1)[777] ^= 1
+        assert int(bits_code(flipped, x[:1])) != int(code), dtype
+        assert int(bits_code(x[:1], x)) != int(code)  # which tensor holds what matters
