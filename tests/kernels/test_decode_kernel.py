@@ -82,9 +82,15 @@ def test_heads_first_copies_are_reused_only_while_the_storage_is_unchanged():
                        torch.zeros(1, 2, 19, 8))
 
 
-@pytest.mark.parametrize("case", ["all_keys_neg_inf", "v_inf_behind_neg_inf_score", "q_nan", "k_inf"])
-@pytest.mark.parametrize("t", [1, GEMV_ROWS + 1])
-def test_keys_last_paths_are_exact_on_non_finite_inputs(case, t):
+@pytest.mark.parametrize("case", ["all_keys_neg_inf", "v_inf_behind_neg_inf_score", "q_nan", "k_inf",
+                                  "finite"])
+@pytest.mark.parametrize("t", [1, 2, GEMV_ROWS + 1])
+@pytest.mark.parametrize("keys_last", [True, False])
+def test_full_block_paths_are_exact_on_non_finite_inputs(case, t, keys_last):
+    """The full-block paths check their result instead of scanning the cache: every case equals
+    the exact visible-pairs path (the CPU fused op alone answers all -inf scores with 0 and lse 0:
+    swallowed), on both storage orders (heads-first: the fused op; keys-last: the matrix-vector
+    path and the heads-first copies)."""
     q, k, v = _qkv(1, t, 4, 2, 60, 8, torch.float32)
     q = q.abs()
     if case == "all_keys_neg_inf":
@@ -92,10 +98,11 @@ def test_keys_last_paths_are_exact_on_non_finite_inputs(case, t):
     elif case == "v_inf_behind_neg_inf_score":
         k[0, 0, 7, 0], v[0, 0, 7, 3] = float("-inf"), float("inf")
     elif case == "q_nan":
-        q[0, 0, 2, 5] = float("nan")
-    else:
+        q[0, t - 1, 2, 5] = float("nan")
+    elif case == "k_inf":
         k[0, 1, 11, 2] = float("inf")
-    out, lse = cache_block(q, _keys_last(k), _keys_last(v), causal=False, scale=0.4)
+    kk, vv = (_keys_last(k), _keys_last(v)) if keys_last else (k, v)
+    out, lse = cache_block(q, kk, vv, causal=False, scale=0.4)
     vis = torch.ones(t, 60, dtype=torch.bool)
     want, want_lse = exact_forward(q, k.transpose(1, 2), v.transpose(1, 2), vis, 0.4)
     torch.testing.assert_close(out, want, equal_nan=True)
